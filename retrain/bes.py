@@ -1,0 +1,216 @@
+"""The training backend: the BatchJobs protocol and its BES v2.0 adapter."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import requests
+
+from retrain.errors import RemoteError
+from retrain.http import call, json_of
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2.0"
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """An AzureBlobDataReference in SAS mode. The token is a secret: never log it."""
+
+    base_location: str
+    relative_location: str
+    sas_token: str
+
+    def to_bes(self) -> dict[str, str | None]:
+        """The reference as BES and Classic management expect it (PascalCase, unused = null)."""
+        return {
+            "ConnectionString": None,
+            "BaseLocation": self.base_location,
+            "RelativeLocation": self.relative_location,
+            "SasBlobToken": self.sas_token,
+        }
+
+    @property
+    def path(self) -> str:
+        """'container/blob', without the leading slash some writers add."""
+        return self.relative_location.lstrip("/")
+
+    def __repr__(self) -> str:
+        return f"BlobRef({self.base_location!r}, {self.relative_location!r}, sas=<redacted>)"
+
+
+class JobState(enum.Enum):
+    """BES job states, in the order of the service's enum (0-4)."""
+
+    NOT_STARTED = "NotStarted"
+    RUNNING = "Running"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    FINISHED = "Finished"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job will not change state again."""
+        return self in (JobState.FAILED, JobState.CANCELLED, JobState.FINISHED)
+
+
+_BY_NUMBER = list(JobState)
+_BY_NAME = {s.value.casefold(): s for s in JobState} | {"canceled": JobState.CANCELLED}
+
+
+def parse_state(value: Any) -> JobState:
+    """Normalise StatusCode: an int, a numeric string, or a name in any case, spaces or not."""
+    if isinstance(value, bool):
+        raise RemoteError(f"BES status: unknown StatusCode {value!r}")
+    if isinstance(value, int) and 0 <= value < len(_BY_NUMBER):
+        return _BY_NUMBER[value]
+    if isinstance(value, str):
+        text = "".join(value.split()).casefold()
+        if text.isdigit() and int(text) < len(_BY_NUMBER):
+            return _BY_NUMBER[int(text)]
+        if text in _BY_NAME:
+            return _BY_NAME[text]
+    raise RemoteError(f"BES status: unknown StatusCode {value!r}")
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What a status GET said about a job."""
+
+    state: JobState
+    details: str | None
+    outputs: dict[str, BlobRef]
+
+
+class BatchJobs(Protocol):
+    """Submit, start, watch and cancel a training job."""
+
+    def submit(
+        self,
+        *,
+        inputs: dict[str, BlobRef],
+        outputs: dict[str, BlobRef],
+        global_parameters: dict[str, str],
+    ) -> str: ...
+
+    def start(self, job_id: str) -> None: ...
+
+    def status(self, job_id: str) -> JobStatus: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+
+class BesClient:
+    """BES v2.0 over HTTPS: `Authorization: Bearer <key>`, `api-version=2.0` on every call."""
+
+    def __init__(
+        self,
+        jobs_url: str,
+        api_key: str,
+        *,
+        session: requests.Session,
+        timeout: tuple[float, float],
+    ) -> None:
+        self._jobs_url = jobs_url.rstrip("/")
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        self._session = session
+        self._timeout = timeout
+
+    def _url(self, suffix: str = "") -> str:
+        return f"{self._jobs_url}{suffix}?api-version={API_VERSION}"
+
+    def _job(self, job_id: str) -> str:
+        if not _JOB_ID.match(job_id):
+            raise RemoteError(f"BES: refusing to use malformed job id {job_id!r}")
+        return f"/{job_id}"
+
+    def submit(
+        self,
+        *,
+        inputs: dict[str, BlobRef],
+        outputs: dict[str, BlobRef],
+        global_parameters: dict[str, str],
+    ) -> str:
+        """Create a job (it stays NotStarted until `start`); returns its id."""
+        body = {
+            "Inputs": {name: ref.to_bes() for name, ref in inputs.items()},
+            "Outputs": {name: ref.to_bes() for name, ref in outputs.items()},
+            "GlobalParameters": dict(global_parameters),
+        }
+        response = call(
+            self._session,
+            "POST",
+            self._url(),
+            what="BES submit",
+            timeout=self._timeout,
+            headers=self._headers,
+            json_body=body,
+            send_body=True,
+        )
+        job_id = json_of(response, what="BES submit")
+        if not isinstance(job_id, str) or not _JOB_ID.match(job_id.strip('"')):
+            raise RemoteError(f"BES submit: expected a job id string, got {job_id!r:.80}")
+        return job_id.strip('"')
+
+    def start(self, job_id: str) -> None:
+        """Start a submitted job."""
+        call(
+            self._session,
+            "POST",
+            self._url(self._job(job_id) + "/start"),
+            what=f"BES start {job_id}",
+            timeout=self._timeout,
+            headers=self._headers,
+            json_body={},
+            send_body=True,
+        )
+
+    def status(self, job_id: str) -> JobStatus:
+        """GET the job; a finished job's outputs carry fresh read-only SAS tokens."""
+        what = f"BES status {job_id}"
+        response = call(
+            self._session,
+            "GET",
+            self._url(self._job(job_id)),
+            what=what,
+            timeout=self._timeout,
+            headers=self._headers,
+        )
+        body = json_of(response, what=what)
+        if not isinstance(body, dict):
+            raise RemoteError(f"{what}: expected a JSON object, got {type(body).__name__}")
+        code = body.get("StatusCode", body.get("Status Code"))
+        if code is None:
+            raise RemoteError(f"{what}: the response has no StatusCode")
+        state = parse_state(code)
+        outputs: dict[str, BlobRef] = {}
+        for name, ref in (body.get("Results") or {}).items():
+            if isinstance(ref, dict) and ref.get("BaseLocation") and ref.get("RelativeLocation"):
+                outputs[name] = BlobRef(
+                    str(ref["BaseLocation"]),
+                    str(ref["RelativeLocation"]),
+                    str(ref.get("SasBlobToken") or ""),
+                )
+        details = body.get("Details")
+        return JobStatus(state, str(details) if details is not None else None, outputs)
+
+    def cancel(self, job_id: str) -> None:
+        """DELETE the job (cancels it if running)."""
+        call(
+            self._session,
+            "DELETE",
+            self._url(self._job(job_id)),
+            what=f"BES delete {job_id}",
+            timeout=self._timeout,
+            headers=self._headers,
+        )

@@ -1,0 +1,131 @@
+"""Evaluate Model CSV parsing and the promotion gate. Pure: numbers in, a decision out."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from retrain.errors import EvaluationError
+from retrain.settings import GateSpec, metric_key
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The rows of an Evaluate Model output: the retrained model, and the champion if scored."""
+
+    challenger: Metrics
+    champion: Metrics | None = None
+
+
+def parse_evaluation_csv(text: str) -> Evaluation:
+    """Parse an Evaluate Model CSV by column name.
+
+    One data row scores the retrained model; a second row (Evaluate Model's right input) scores
+    the current model on the same hold-out data. Columns that are not numbers are ignored.
+    """
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    rows = [row for row in reader if any(cell.strip() for cell in row)]
+    if not rows:
+        raise EvaluationError("the evaluation output is empty")
+    header = [" ".join(name.split()) for name in rows[0]]
+    data = rows[1:]
+    if not data:
+        raise EvaluationError("the evaluation output has a header but no data row")
+    if len(data) > 2:
+        raise EvaluationError(
+            f"the evaluation output has {len(data)} data rows; expected 1 (the retrained model) "
+            "or 2 (retrained model, then the current model on the same data)"
+        )
+    parsed = [_row(header, row, number) for number, row in enumerate(data, start=2)]
+    if not parsed[0]:
+        raise EvaluationError(f"no numeric metric in the evaluation output (columns: {header})")
+    return Evaluation(challenger=parsed[0], champion=parsed[1] if len(parsed) > 1 else None)
+
+
+def _row(header: list[str], row: list[str], line: int) -> Metrics:
+    if len(row) != len(header):
+        raise EvaluationError(
+            f"line {line} of the evaluation output has {len(row)} cells, the header {len(header)}"
+        )
+    metrics: Metrics = {}
+    for name, cell in zip(header, row, strict=True):
+        try:
+            metrics[name] = float(cell.strip())
+        except ValueError:
+            continue
+    return metrics
+
+
+def lookup(metrics: Mapping[str, float], name: str) -> float | None:
+    """A metric by name, compared case-insensitively; None when absent."""
+    wanted = metric_key(name)
+    for key, value in metrics.items():
+        if metric_key(key) == wanted:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether to promote, and why, in words an on-call engineer can act on."""
+
+    promote: bool
+    reason: str
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def decide(gate: GateSpec, challenger: Metrics, champion: Metrics | None) -> Decision:
+    """Apply the gate: floors first, then improvement and allowed regression vs the champion."""
+    primary = lookup(challenger, gate.metric)
+    if primary is None:
+        return Decision(False, f"the evaluation has no {gate.metric!r} column (the gate metric)")
+    if not math.isfinite(primary):
+        return Decision(False, f"{gate.metric} of the retrained model is {primary}, not a number")
+    for metric, bound in gate.floors.items():
+        value = lookup(challenger, metric)
+        if value is None or not math.isfinite(value):
+            return Decision(False, f"floor metric {metric!r} is missing or not finite")
+        higher = gate.higher(metric)
+        if (value < bound) if higher else (value > bound):
+            relation = "below the floor" if higher else "above the ceiling"
+            return Decision(False, f"{metric} {_fmt(value)} is {relation} {_fmt(bound)}")
+    if champion is None:
+        return Decision(
+            True, f"no champion to beat; {gate.metric} {_fmt(primary)} meets the floors"
+        )
+    current = lookup(champion, gate.metric)
+    if current is None or math.isnan(current):
+        return Decision(
+            False,
+            f"the champion's {gate.metric} is unknown, so the retrained model cannot be "
+            "shown to be better; promote it by hand if intended",
+        )
+    higher = gate.higher(gate.metric)
+    gain = primary - current if higher else current - primary
+    if not gain > gate.min_improvement:
+        return Decision(
+            False,
+            f"not better: {gate.metric} {_fmt(primary)} vs champion {_fmt(current)} "
+            f"(needs an improvement above {_fmt(gate.min_improvement)})",
+        )
+    for metric, margin in gate.max_regression.items():
+        new, old = lookup(challenger, metric), lookup(champion, metric)
+        if new is None or not math.isfinite(new):
+            return Decision(False, f"regression metric {metric!r} is missing or not finite")
+        if old is None or math.isnan(old):
+            continue
+        loss = old - new if gate.higher(metric) else new - old
+        if loss > margin:
+            return Decision(
+                False,
+                f"{metric} regressed: {_fmt(new)} vs champion {_fmt(old)} (allowed {_fmt(margin)})",
+            )
+    return Decision(True, f"better: {gate.metric} {_fmt(primary)} vs champion {_fmt(current)}")

@@ -1,0 +1,67 @@
+"""Routing and validation of arriving training files. Pure: a name and a head of bytes in."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+
+from retrain.errors import InputRejected
+from retrain.settings import ModelSpec
+
+MAX_NAME = 1024
+
+
+def route(name: str, models: Iterable[ModelSpec]) -> ModelSpec:
+    """The model whose data prefix holds this blob."""
+    for spec in models:
+        if name.startswith(spec.prefix):
+            return spec
+    raise InputRejected(f"{name!r} is under no model's data prefix")
+
+
+def validate(spec: ModelSpec, name: str, *, size: int, head: bytes) -> list[str]:
+    """Check an arriving file from its size and first bytes; returns its header columns."""
+    if len(name) > MAX_NAME:
+        raise InputRejected(f"the blob name is {len(name)} characters; at most {MAX_NAME}")
+    if any(part in ("", ".", "..") for part in name[len(spec.prefix) :].split("/")):
+        raise InputRejected("the blob name has an empty, '.' or '..' path segment")
+    suffix = name.rsplit(".", 1)[-1].casefold() if "." in name.rsplit("/", 1)[-1] else ""
+    if suffix not in spec.formats:
+        raise InputRejected(
+            f"not a {' or '.join(f.upper() for f in spec.formats)} file by its name "
+            f"(extension {('.' + suffix) if suffix else 'missing'})"
+        )
+    if size == 0:
+        raise InputRejected("the file is empty")
+    if size > spec.max_bytes:
+        raise InputRejected(
+            f"the file is {size} bytes; the limit for {spec.name} is {spec.max_bytes}"
+        )
+    if b"\x00" in head:
+        raise InputRejected("the file contains NUL bytes: binary data, not delimited text")
+    newline = head.find(b"\n")
+    if newline < 0 and size > len(head):
+        raise InputRejected(f"the first line is longer than {len(head)} bytes: no header found")
+    first = head if newline < 0 else head[:newline]
+    try:
+        header_text = first.decode("utf-8-sig").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise InputRejected(f"the header is not valid UTF-8 (byte {exc.start})") from exc
+    delimiter = "\t" if suffix == "tsv" else ","
+    columns = [c.strip() for c in next(csv.reader([header_text], delimiter=delimiter), [])]
+    if not any(columns):
+        raise InputRejected("the first line is blank: no header found")
+    other = "," if delimiter == "\t" else "\t"
+    if len(columns) == 1 and other in header_text:
+        raise InputRejected(
+            f"the header has one column but contains {other!r}: wrong delimiter for a "
+            f".{suffix} file"
+        )
+    if spec.columns is not None:
+        missing = [c for c in spec.columns if c not in columns]
+        if missing:
+            raise InputRejected(f"the header lacks columns {missing}; it has {columns}")
+    rest = b"" if newline < 0 else head[newline + 1 :]
+    if size <= len(head) and not rest.strip():
+        raise InputRejected("the file has a header but no data rows")
+    return columns

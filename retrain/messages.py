@@ -1,0 +1,78 @@
+"""Queue payloads. Every message is frozen, versioned and rejects unknown fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from retrain.errors import MessageError
+from retrain.settings import ModelName
+
+MAX_MESSAGE_BYTES = 48 * 1024  # storage queues cap a message at 64 KiB, base64 costs a third
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    model: ModelName
+
+
+class CheckBatch(_Message):
+    """Look at the model's open batch: seal it into a run once quiet, or wait."""
+
+    kind: Literal["check-batch"] = "check-batch"
+    batch_id: str = Field(min_length=1, max_length=64)
+    arrivals: int = Field(ge=0)
+    """How many files the batch had when this check was scheduled."""
+
+
+class TrackRun(_Message):
+    """Advance a run's training: submit, start, or poll its BES job."""
+
+    kind: Literal["track-run"] = "track-run"
+    run_id: str = Field(min_length=1, max_length=64)
+    poll: int = Field(default=0, ge=0)
+
+
+class EvaluateRun(_Message):
+    """Read a finished run's evaluation, apply the gate, promote or keep the champion."""
+
+    kind: Literal["evaluate-run"] = "evaluate-run"
+    run_id: str = Field(min_length=1, max_length=64)
+
+
+JobsMessage = Annotated[CheckBatch | TrackRun, Field(discriminator="kind")]
+_jobs = TypeAdapter[CheckBatch | TrackRun](JobsMessage)
+
+
+def _check_size(body: bytes | str) -> bytes:
+    raw = body.encode("utf-8") if isinstance(body, str) else body
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return raw
+
+
+def parse_jobs(body: bytes | str) -> CheckBatch | TrackRun:
+    """Parse a message from the jobs queue."""
+    raw = _check_size(body)
+    try:
+        return _jobs.validate_json(raw)
+    except ValidationError as exc:
+        raise MessageError(f"not a jobs-queue message: {_summary(exc)}") from exc
+
+
+def parse_evaluation(body: bytes | str) -> EvaluateRun:
+    """Parse a message from the evaluations queue."""
+    raw = _check_size(body)
+    try:
+        return EvaluateRun.model_validate_json(raw)
+    except ValidationError as exc:
+        raise MessageError(f"not an evaluations-queue message: {_summary(exc)}") from exc
+
+
+def _summary(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+    )

@@ -1,0 +1,348 @@
+"""Settings: one validated object built on first use, plus the per-model specs it carries."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import itertools
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from retrain.errors import ConfigError
+
+ModelName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+SettingName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+_HIGHER_IS_BETTER = {
+    "accuracy": True,
+    "precision": True,
+    "recall": True,
+    "f-score": True,
+    "auc": True,
+    "coefficient of determination": True,
+    "mean absolute error": False,
+    "root mean squared error": False,
+    "relative absolute error": False,
+    "relative squared error": False,
+    "negative log likelihood": False,
+    "average log loss": False,
+    "training log loss": False,
+    "mean zero one error": False,
+}
+
+
+def metric_key(name: str) -> str:
+    """Normalise an Evaluate Model column name for comparison (case, BOM, spaces)."""
+    return " ".join(name.replace("\ufeff", "").split()).casefold()
+
+
+def known_direction(metric: str) -> bool | None:
+    """True when higher is better for a known Evaluate Model metric, False when lower is."""
+    return _HIGHER_IS_BETTER.get(metric_key(metric))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a URL host is this machine (plain http is allowed only there)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_https(url: AnyHttpUrl) -> AnyHttpUrl:
+    if url.scheme != "https" and not is_loopback(url.host or ""):
+        raise ValueError(
+            f"{url} uses plain http; use https (http is accepted only for loopback emulators)"
+        )
+    return url
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BesSpec(_Spec):
+    """Where and how to run the training web service through BES v2.0."""
+
+    jobs_url: AnyHttpUrl
+    """The `.../jobs` URL from the training service's API help page (no query string)."""
+    api_key_setting: SettingName
+    input_name: str = "input1"
+    model_output: str = "output1"
+    evaluation_output: str = "output2"
+    global_parameters: dict[str, str] = Field(default_factory=dict)
+
+    _https = field_validator("jobs_url")(_require_https)
+
+    @field_validator("jobs_url")
+    @classmethod
+    def _jobs_path(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        if not (url.path or "").rstrip("/").endswith("/jobs"):
+            raise ValueError(f"{url} must be the BES '.../jobs' URL of the training web service")
+        if url.query:
+            raise ValueError(f"{url} must not carry a query string; api-version is added per call")
+        return url
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> BesSpec:
+        if self.model_output == self.evaluation_output:
+            raise ValueError("model_output and evaluation_output must name different outputs")
+        return self
+
+
+class GateSpec(_Spec):
+    """When a retrained model is good enough to replace the champion."""
+
+    metric: str
+    """The Evaluate Model column that decides (e.g. 'AUC', 'Root Mean Squared Error')."""
+    higher_is_better: bool | None = None
+    """Needed only for a metric this app does not know."""
+    min_improvement: float = Field(default=0.0, ge=0)
+    """The challenger must beat the champion's metric by more than this (absolute)."""
+    floors: dict[str, float] = Field(default_factory=dict)
+    """Absolute bounds: at least this for higher-is-better metrics, at most for the others."""
+    max_regression: dict[str, float] = Field(default_factory=dict)
+    """Other metrics may get worse than the champion's by at most this much (absolute)."""
+    directions: dict[str, bool] = Field(default_factory=dict)
+    """Higher-is-better flags for floor or regression metrics this app does not know."""
+
+    def higher(self, metric: str) -> bool:
+        """Direction of a gate metric; validated at load so every gate metric has one."""
+        if metric_key(metric) == metric_key(self.metric) and self.higher_is_better is not None:
+            return self.higher_is_better
+        for name, flag in self.directions.items():
+            if metric_key(name) == metric_key(metric):
+                return flag
+        known = known_direction(metric)
+        if known is None:
+            raise ValueError(
+                f"metric {metric!r} is not a known Evaluate Model metric; set its direction "
+                "('higher_is_better' for the gate metric, 'directions' for the others)"
+            )
+        return known
+
+    @model_validator(mode="after")
+    def _directions_known(self) -> GateSpec:
+        for metric in [self.metric, *self.floors, *self.max_regression]:
+            self.higher(metric)
+        for metric, margin in self.max_regression.items():
+            if margin < 0:
+                raise ValueError(f"max_regression[{metric!r}] must be >= 0")
+        return self
+
+
+class ClassicTarget(_Spec):
+    """A non-default endpoint of a Classic predictive web service, updated by PATCH."""
+
+    kind: Literal["classic"] = "classic"
+    endpoint_url: AnyHttpUrl
+    """`https://<region>management.azureml.net/workspaces/<ws>/webservices/<id>/endpoints/<name>`."""
+    api_key_setting: SettingName
+    resource_name: str = Field(min_length=1)
+    """The trained model's Resource Name, e.g. 'Housing Model [trained model]'."""
+
+    _https = field_validator("endpoint_url")(_require_https)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_shape(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        parts = [p for p in (url.path or "").split("/") if p]
+        if (
+            len(parts) != 6
+            or parts[0] != "workspaces"
+            or parts[2] != "webservices"
+            or (parts[4] != "endpoints")
+        ):
+            raise ValueError(
+                f"{url} is not an endpoint management URL "
+                "(.../workspaces/<ws>/webservices/<id>/endpoints/<name>)"
+            )
+        if parts[5].casefold() == "default":
+            raise ValueError(
+                "the default endpoint cannot be patched; add a non-default endpoint to the "
+                "predictive web service and point endpoint_url at it"
+            )
+        return url
+
+
+class ModelSpec(_Spec):
+    """One model this app keeps fresh."""
+
+    name: ModelName
+    data_prefix: str | None = None
+    """Blob prefix in the data container; defaults to '<name>/'."""
+    formats: tuple[Literal["csv", "tsv"], ...] = ("csv", "tsv")
+    columns: list[str] | None = None
+    """Header columns every training file must have (extra columns are allowed)."""
+    max_bytes: int = Field(default=5 * 1024**3, gt=0)
+    bes: BesSpec
+    gate: GateSpec
+    target: ClassicTarget
+    promotion: Literal["auto"] = "auto"
+    quiet_period: timedelta = timedelta(seconds=60)
+    max_wait: timedelta = timedelta(minutes=15)
+    job_deadline: timedelta = timedelta(hours=6)
+
+    @property
+    def prefix(self) -> str:
+        """The data prefix, always ending in '/'."""
+        prefix = self.data_prefix if self.data_prefix is not None else self.name
+        return prefix.rstrip("/") + "/"
+
+    @model_validator(mode="after")
+    def _windows(self) -> ModelSpec:
+        if self.max_wait < self.quiet_period:
+            raise ValueError("max_wait must be at least quiet_period")
+        if self.job_deadline <= timedelta(0):
+            raise ValueError("job_deadline must be positive")
+        return self
+
+
+class Settings(BaseSettings):
+    """Every app setting the functions read, validated once."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    storage_connection: SecretStr = Field(validation_alias="AzureWebJobsStorage")
+    data_container: str = Field(validation_alias="RETRAIN_DATA_CONTAINER")
+    jobs_queue: str = Field(validation_alias="RETRAIN_JOBS_QUEUE")
+    evaluations_queue: str = Field(validation_alias="RETRAIN_EVALUATIONS_QUEUE")
+    artifacts_container: str = Field(
+        default="retrain-artifacts", validation_alias="RETRAIN_ARTIFACTS_CONTAINER"
+    )
+    state_container: str = Field(
+        default="retrain-state", validation_alias="RETRAIN_STATE_CONTAINER"
+    )
+    quarantine_container: str = Field(
+        default="retrain-quarantine", validation_alias="RETRAIN_QUARANTINE_CONTAINER"
+    )
+    models_json: str | None = Field(default=None, validation_alias="RETRAIN_MODELS")
+    models_file: Path | None = Field(default=None, validation_alias="RETRAIN_MODELS_FILE")
+    poll_first_delay: timedelta = Field(
+        default=timedelta(seconds=30), validation_alias="RETRAIN_POLL_FIRST_DELAY"
+    )
+    poll_max_delay: timedelta = Field(
+        default=timedelta(minutes=10), validation_alias="RETRAIN_POLL_MAX_DELAY"
+    )
+    http_connect_timeout: float = Field(
+        default=5.0, gt=0, validation_alias="RETRAIN_HTTP_CONNECT_TIMEOUT"
+    )
+    http_read_timeout: float = Field(
+        default=60.0, gt=0, validation_alias="RETRAIN_HTTP_READ_TIMEOUT"
+    )
+
+    @field_validator(
+        "data_container", "artifacts_container", "state_container", "quarantine_container"
+    )
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if not (3 <= len(value) <= 63) or not all(
+            c.islower() or c.isdigit() or c == "-" for c in value
+        ):
+            raise ValueError(f"{value!r} is not a valid container name (3-63 of a-z, 0-9, -)")
+        return value
+
+    @model_validator(mode="after")
+    def _delays(self) -> Settings:
+        if self.poll_first_delay <= timedelta(0) or self.poll_max_delay < self.poll_first_delay:
+            raise ValueError("need 0 < RETRAIN_POLL_FIRST_DELAY <= RETRAIN_POLL_MAX_DELAY")
+        return self
+
+    @functools.cached_property
+    def models(self) -> dict[str, ModelSpec]:
+        """The model specs from RETRAIN_MODELS (JSON) or RETRAIN_MODELS_FILE, by name."""
+        return load_models(self.models_json, self.models_file)
+
+
+def _describe(exc: ValidationError, *, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or source
+        lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_models(raw: str | None, path: Path | None) -> dict[str, ModelSpec]:
+    """Parse the model specs; every problem names the setting and the field."""
+    if raw and path:
+        raise ConfigError("set RETRAIN_MODELS or RETRAIN_MODELS_FILE, not both")
+    if path is not None:
+        source = f"RETRAIN_MODELS_FILE ({path})"
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read the file: {exc.strerror}") from exc
+    else:
+        source = "RETRAIN_MODELS"
+    if not raw:
+        raise ConfigError(
+            "no models configured: set RETRAIN_MODELS to a JSON list of model specs "
+            "or RETRAIN_MODELS_FILE to a file holding one (see README, Configuration)"
+        )
+    try:
+        data: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc}") from exc
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{source} must be a non-empty JSON list of model specs")
+    models: dict[str, ModelSpec] = {}
+    for index, item in enumerate(data):
+        label = item.get("name", f"#{index}") if isinstance(item, dict) else f"#{index}"
+        try:
+            spec = ModelSpec.model_validate(item)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{source}, model {label!r}: {_describe(exc, source=source)}"
+            ) from exc
+        if spec.name in models:
+            raise ConfigError(f"{source}: model {spec.name!r} is configured twice")
+        models[spec.name] = spec
+    prefixes = sorted((m.prefix, m.name) for m in models.values())
+    for (p1, n1), (p2, n2) in itertools.pairwise(prefixes):
+        if p2.startswith(p1):
+            raise ConfigError(
+                f"{source}: data prefixes of {n1!r} ({p1}) and {n2!r} ({p2}) overlap; "
+                "a blob must belong to exactly one model"
+            )
+    return models
+
+
+def read_secret(setting: str, *, purpose: str) -> SecretStr:
+    """Read a secret from the app setting a model spec names (Key Vault references work)."""
+    value = os.environ.get(setting)
+    if not value:
+        raise ConfigError(f"app setting {setting} ({purpose}) is not set")
+    return SecretStr(value)
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The app's settings, validated on first use and then cached."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(
+            "invalid app settings: "
+            + _describe(exc, source="settings")
+            + " (see local.settings.example.json)"
+        ) from exc
+    _ = settings.models
+    return settings

@@ -1,0 +1,268 @@
+"""Azure Storage adapters: versioned JSON documents, training data access, and delayed messages."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple, Protocol
+
+from azure.core.exceptions import (
+    AzureError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+from azure.storage.queue import QueueServiceClient, TextBase64EncodePolicy
+from pydantic import BaseModel
+
+from retrain.bes import BlobRef
+from retrain.errors import ConfigError, RemoteError, StateConflict
+
+log = logging.getLogger(__name__)
+
+HEAD_BYTES = 64 * 1024
+"""How much of an arriving file is read to validate it: enough for any sane header line."""
+
+
+class Versioned(NamedTuple):
+    """A JSON document and the ETag it was read at."""
+
+    doc: dict[str, Any]
+    etag: str
+
+
+class DocumentStore(Protocol):
+    """JSON documents with optimistic concurrency: every write is conditional."""
+
+    def read(self, key: str) -> Versioned | None: ...
+
+    def create(self, key: str, doc: dict[str, Any]) -> str:
+        """Create `key` only if absent (StateConflict otherwise); returns the new ETag."""
+        ...
+
+    def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
+        """Overwrite `key` only if still at `etag` (StateConflict otherwise)."""
+        ...
+
+    def keys(self, prefix: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class BlobHead:
+    """What validation needs from an arriving blob: identity, size and its first bytes."""
+
+    etag: str
+    size: int
+    head: bytes
+
+
+class DataStore(Protocol):
+    """Access to training data and the app's own artifacts."""
+
+    def head(self, container: str, name: str) -> BlobHead | None:
+        """The blob's ETag, size and first HEAD_BYTES, or None if it no longer exists."""
+        ...
+
+    def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
+        """Copy the blob to the quarantine container with the reason in metadata."""
+        ...
+
+    def read_text(self, container: str, name: str, *, max_bytes: int) -> str: ...
+
+    def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
+        """A SAS reference to one blob: read-only, or create/write for job outputs."""
+        ...
+
+
+class Outbox(Protocol):
+    """Sends queue messages, optionally invisible for a while."""
+
+    def send(self, queue: str, message: BaseModel, *, delay: timedelta = timedelta(0)) -> None: ...
+
+
+def _wrap(what: str, exc: AzureError) -> RemoteError:
+    return RemoteError(
+        f"storage {what}: {type(exc).__name__}: {exc.message or ''}"[:400], retryable=True
+    )
+
+
+class BlobDocumentStore:
+    """Documents as JSON blobs in one container; conditional writes on ETags."""
+
+    def __init__(self, service: BlobServiceClient, container: str) -> None:
+        self._container = service.get_container_client(container)
+        self._ready = False
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            with contextlib.suppress(ResourceExistsError):
+                self._container.create_container()
+            self._ready = True
+
+    def read(self, key: str) -> Versioned | None:
+        try:
+            stream = self._container.download_blob(key)
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise _wrap(f"read {key}", exc) from exc
+        return Versioned(json.loads(stream.readall()), str(stream.properties.etag))
+
+    def create(self, key: str, doc: dict[str, Any]) -> str:
+        self._ensure()
+        try:
+            result = self._container.get_blob_client(key).upload_blob(_dump(doc), overwrite=False)
+        except ResourceExistsError as exc:
+            raise StateConflict(f"{key} already exists") from exc
+        except AzureError as exc:
+            raise _wrap(f"create {key}", exc) from exc
+        return str(result["etag"])
+
+    def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
+        from azure.core import MatchConditions
+
+        try:
+            result = self._container.get_blob_client(key).upload_blob(
+                _dump(doc),
+                overwrite=True,
+                etag=etag,
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except (ResourceModifiedError, ResourceNotFoundError) as exc:
+            raise StateConflict(f"{key} changed since it was read") from exc
+        except AzureError as exc:
+            raise _wrap(f"replace {key}", exc) from exc
+        return str(result["etag"])
+
+    def keys(self, prefix: str) -> list[str]:
+        try:
+            return [b.name for b in self._container.list_blobs(name_starts_with=prefix)]
+        except ResourceNotFoundError:
+            return []
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+class BlobData:
+    """Training data, quarantine and artifacts in the app's storage account (account-key SAS)."""
+
+    def __init__(self, service: BlobServiceClient) -> None:
+        self._service = service
+        credential = service.credential
+        name = getattr(credential, "account_name", None)
+        key = getattr(credential, "account_key", None)
+        if not name or not key:
+            raise ConfigError(
+                "AzureWebJobsStorage must be a connection string with AccountKey: the app mints "
+                "blob-scoped SAS tokens for BES inputs and outputs"
+            )
+        self._account, self._key = str(name), str(key)
+        self._created: set[str] = set()
+
+    def head(self, container: str, name: str) -> BlobHead | None:
+        blob = self._service.get_blob_client(container, name)
+        try:
+            stream = blob.download_blob(offset=0, length=HEAD_BYTES)
+            head = stream.readall()
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise _wrap(f"read {container}/{name}", exc) from exc
+        return BlobHead(str(stream.properties.etag), int(stream.properties.size), head)
+
+    def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
+        self._ensure(target)
+        source = self._service.get_blob_client(container, name)
+        sas = generate_blob_sas(
+            self._account,
+            container,
+            name,
+            account_key=self._key,
+            permission=BlobSasPermissions(read=True),
+            expiry=_in(timedelta(hours=1)),
+        )
+        copy = self._service.get_blob_client(target, f"{container}/{name}")
+        try:
+            copy.start_copy_from_url(
+                f"{source.url}?{sas}",
+                metadata={"reason": _ascii(reason)[:1000], "source": _ascii(f"{container}/{name}")},
+            )
+        except ResourceNotFoundError:
+            log.warning("quarantine: %s/%s vanished before it could be copied", container, name)
+        except AzureError as exc:
+            raise _wrap(f"quarantine {container}/{name}", exc) from exc
+
+    def read_text(self, container: str, name: str, *, max_bytes: int) -> str:
+        blob = self._service.get_blob_client(container, name)
+        try:
+            stream = blob.download_blob(offset=0, length=max_bytes + 1)
+            data = stream.readall()
+        except ResourceNotFoundError as exc:
+            raise RemoteError(f"{container}/{name} does not exist") from exc
+        except AzureError as exc:
+            raise _wrap(f"read {container}/{name}", exc) from exc
+        if len(data) > max_bytes:
+            raise RemoteError(f"{container}/{name} is larger than {max_bytes} bytes")
+        return data.decode("utf-8-sig", errors="replace")
+
+    def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
+        if write:
+            self._ensure(container)
+        permission = (
+            BlobSasPermissions(create=True, write=True) if write else BlobSasPermissions(read=True)
+        )
+        sas = generate_blob_sas(
+            self._account,
+            container,
+            name,
+            account_key=self._key,
+            permission=permission,
+            expiry=expires,
+            start=_in(timedelta(minutes=-5)),
+        )
+        return BlobRef(self._service.url.rstrip("/") + "/", f"{container}/{name}", "?" + sas)
+
+    def _ensure(self, container: str) -> None:
+        if container in self._created:
+            return
+        with contextlib.suppress(ResourceExistsError):
+            self._service.create_container(container)
+        self._created.add(container)
+
+
+def _in(delta: timedelta) -> datetime:
+    from datetime import UTC
+
+    return datetime.now(UTC) + delta
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+class QueueOutbox:
+    """Storage queues, base64-encoded as the Functions queue trigger expects by default."""
+
+    def __init__(self, service: QueueServiceClient) -> None:
+        self._service = service
+
+    def send(self, queue: str, message: BaseModel, *, delay: timedelta = timedelta(0)) -> None:
+        client = self._service.get_queue_client(
+            queue, message_encode_policy=TextBase64EncodePolicy()
+        )
+        body = message.model_dump_json()
+        seconds = max(0, min(int(delay.total_seconds()), 7 * 24 * 3600 - 1))
+        try:
+            client.send_message(body, visibility_timeout=seconds or None)
+        except ResourceNotFoundError:
+            with contextlib.suppress(ResourceExistsError):
+                client.create_queue()
+            client.send_message(body, visibility_timeout=seconds or None)
+        except AzureError as exc:
+            raise _wrap(f"enqueue to {queue}", exc) from exc

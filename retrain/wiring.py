@@ -1,0 +1,67 @@
+"""Composition root: settings in, a Retrainer with real adapters out. Built on first use."""
+
+from __future__ import annotations
+
+import functools
+
+from retrain.bes import BatchJobs, BesClient
+from retrain.clock import SystemClock
+from retrain.deploy import ClassicEndpoint, DeployTarget
+from retrain.http import make_session
+from retrain.ledger import Ledger
+from retrain.pipeline import Places, Retrainer, Timing
+from retrain.settings import ModelSpec, Settings, get_settings, read_secret
+from retrain.storage import BlobData, BlobDocumentStore, QueueOutbox
+
+
+def build(settings: Settings) -> Retrainer:
+    """Assemble the pipeline from settings; nothing here talks to the network yet."""
+    from azure.storage.blob import BlobServiceClient
+    from azure.storage.queue import QueueServiceClient
+
+    connection = settings.storage_connection.get_secret_value()
+    blobs = BlobServiceClient.from_connection_string(connection)
+    queues = QueueServiceClient.from_connection_string(connection)
+    session = make_session()
+    timeout = (settings.http_connect_timeout, settings.http_read_timeout)
+
+    def jobs_for(spec: ModelSpec) -> BatchJobs:
+        key = read_secret(spec.bes.api_key_setting, purpose=f"BES API key of model {spec.name}")
+        return BesClient(
+            str(spec.bes.jobs_url), key.get_secret_value(), session=session, timeout=timeout
+        )
+
+    def target_for(spec: ModelSpec) -> DeployTarget:
+        target = spec.target
+        key = read_secret(target.api_key_setting, purpose=f"endpoint API key of model {spec.name}")
+        return ClassicEndpoint(
+            str(target.endpoint_url),
+            key.get_secret_value(),
+            target.resource_name,
+            session=session,
+            timeout=timeout,
+        )
+
+    return Retrainer(
+        models=settings.models,
+        ledger=Ledger(BlobDocumentStore(blobs, settings.state_container)),
+        data=BlobData(blobs),
+        outbox=QueueOutbox(queues),
+        jobs_for=jobs_for,
+        target_for=target_for,
+        places=Places(
+            data_container=settings.data_container,
+            artifacts_container=settings.artifacts_container,
+            quarantine_container=settings.quarantine_container,
+            jobs_queue=settings.jobs_queue,
+            evaluations_queue=settings.evaluations_queue,
+        ),
+        timing=Timing(settings.poll_first_delay, settings.poll_max_delay),
+        clock=SystemClock(),
+    )
+
+
+@functools.cache
+def retrainer() -> Retrainer:
+    """The app's Retrainer, built once per worker process."""
+    return build(get_settings())
