@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
@@ -257,7 +258,8 @@ class QueueOutbox:
             queue, message_encode_policy=TextBase64EncodePolicy()
         )
         body = message.model_dump_json()
-        seconds = max(0, min(int(delay.total_seconds()), 7 * 24 * 3600 - 1))
+        # Round up: a check scheduled for the end of a quiet period must not arrive before it.
+        seconds = max(0, min(math.ceil(delay.total_seconds()), 7 * 24 * 3600 - 1))
         try:
             client.send_message(body, visibility_timeout=seconds or None)
         except ResourceNotFoundError:

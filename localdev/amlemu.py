@@ -1,0 +1,522 @@
+"""A local emulator of Azure ML Studio (classic) BES v2.0 and endpoint management.
+
+It follows the contracts in the REST spec (Bearer keys, api-version=2.0 on BES, PascalCase,
+StatusCode names, `.ilearner` outputs, no PATCH of `default`) and really trains: it reads the
+input through the reference it is given, fits a small model, writes the `.ilearner` and an
+Evaluate Model CSV, and serves predictions from each endpoint's current model.
+
+Run it: `python -m localdev.amlemu --config emulator.json --port 8765`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from azure.storage.blob import BlobClient, BlobSasPermissions, generate_blob_sas
+
+from localdev import learn
+
+log = logging.getLogger("amlemu")
+
+
+@dataclass
+class TrainingService:
+    """A training web service reachable through BES."""
+
+    workspace: str
+    service: str
+    api_key: str
+    label_parameter: str = "Label Column"
+    champion_endpoint: str | None = None
+    """If set, the Evaluate Model output also scores this endpoint's model (a second row)."""
+
+
+@dataclass
+class Endpoint:
+    """A Classic predictive web service endpoint with one updatable trained-model resource."""
+
+    workspace: str
+    webservice: str
+    name: str
+    api_key: str
+    resource_name: str
+    model: dict[str, Any] | None = None
+    location: dict[str, Any] | None = None
+
+    @property
+    def service_id(self) -> str:
+        """The id RRS calls use for this endpoint."""
+        return f"{self.webservice}-{self.name}"
+
+
+@dataclass
+class Job:
+    """One BES job."""
+
+    id: str
+    service: TrainingService
+    request: dict[str, Any]
+    state: str = "NotStarted"
+    details: str | None = None
+    results: dict[str, Any] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Faults:
+    """Faults to inject. One-shot HTTP faults are consumed in order by matching requests."""
+
+    job_seconds: float = 0.0
+    hang_jobs: bool = False
+    fail_jobs: int = 0
+    fail_details: str = "Module execution encountered an internal error (injected)."
+    http: list[dict[str, Any]] = field(default_factory=list)
+    """Each: {"status": 429, "retry_after": 1, "method": "GET", "path": "/jobs"}; or
+    {"drop": true, ...} to close the connection without answering."""
+
+
+class Emulator:
+    """The emulator's state; the HTTP server is a thin layer over it."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.account_key: str | None = config.get("account_key")
+        self.services = {
+            (s["workspace"], s["service"]): TrainingService(**s)
+            for s in config.get("training_services", [])
+        }
+        self.endpoints: dict[tuple[str, str, str], Endpoint] = {}
+        for e in config.get("endpoints", []):
+            ep = Endpoint(**e)
+            self.endpoints[(ep.workspace, ep.webservice, ep.name)] = ep
+            default_key = (ep.workspace, ep.webservice, "default")
+            if default_key not in self.endpoints:
+                self.endpoints[default_key] = Endpoint(
+                    ep.workspace, ep.webservice, "default", ep.api_key, ep.resource_name
+                )
+        self.jobs: dict[str, Job] = {}
+        self.faults = Faults()
+        self.calls: list[tuple[str, str, int]] = []
+        self.lock = threading.Lock()
+
+    # ---- faults and observation
+
+    def take_fault(self, method: str, path: str) -> dict[str, Any] | None:
+        """The next one-shot HTTP fault matching this request, removed from the list."""
+        with self.lock:
+            for i, fault in enumerate(self.faults.http):
+                if fault.get("method", method) == method and fault.get("path", "") in path:
+                    return self.faults.http.pop(i)
+        return None
+
+    def count(self, method: str, pattern: str, status: int | None = None) -> int:
+        """How many calls matched (method, regex on path, status)."""
+        rx = re.compile(pattern)
+        return sum(
+            1
+            for m, p, s in self.calls
+            if m == method and rx.search(p) and (status is None or s == status)
+        )
+
+    # ---- BES
+
+    def submit(self, service: TrainingService, body: dict[str, Any]) -> str:
+        """Register a job in NotStarted; nothing runs until start."""
+        for name, ref in (body.get("Outputs") or {}).items():
+            if not isinstance(ref, dict) or not ref.get("RelativeLocation"):
+                raise BadRequest(f"output {name!r}: missing RelativeLocation")
+        if not isinstance(body.get("Inputs"), dict):
+            raise BadRequest("Inputs must be an object keyed by web service input name")
+        job = Job(uuid.uuid4().hex, service, body)
+        with self.lock:
+            self.jobs[job.id] = job
+        return job.id
+
+    def start(self, job: Job) -> None:
+        """Run the job in the background."""
+        with self.lock:
+            if job.state != "NotStarted":
+                return
+            job.state = "Running"
+        threading.Thread(target=self._run, args=(job,), daemon=True).start()
+
+    def _run(self, job: Job) -> None:
+        wait = None if self.faults.hang_jobs else self.faults.job_seconds
+        if job.cancel.wait(wait):
+            return
+        with self.lock:
+            fail = self.faults.fail_jobs > 0
+            if fail:
+                self.faults.fail_jobs -= 1
+        try:
+            results = self._fail(self.faults.fail_details) if fail else self._train(job)
+        except JobError as exc:
+            job.state, job.details = "Failed", str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of the job is reported, like BES
+            job.state, job.details = "Failed", f"{type(exc).__name__}: {exc}"
+        else:
+            job.state, job.results = "Finished", results
+        job.done.set()
+
+    @staticmethod
+    def _fail(details: str) -> dict[str, Any]:
+        raise JobError(details)
+
+    def _train(self, job: Job) -> dict[str, Any]:
+        service, body = job.service, job.request
+        params = body.get("GlobalParameters") or {}
+        label = params.get(service.label_parameter)
+        if not label:
+            raise JobError(f"global parameter {service.label_parameter!r} (the label) is not set")
+        inputs = body.get("Inputs") or {}
+        if len(inputs) != 1:
+            raise JobError(f"expected exactly one input, got {sorted(inputs)}")
+        ref = next(iter(inputs.values()))
+        text = _blob(ref).download_blob().readall().decode("utf-8-sig")
+        delimiter = "\t" if ref["RelativeLocation"].endswith(".tsv") else ","
+        try:
+            table = learn.read_table(text, label, delimiter=delimiter)
+        except (ValueError, StopIteration) as exc:
+            raise JobError(f"Error 0000: cannot read the training data: {exc}") from exc
+        train_rows, holdout = learn.split(len(table.rows))
+        model = learn.fit(table, train_rows)
+        rows = [learn.evaluate(model, table, holdout)]
+        champion = self.endpoint_by_id(service.workspace, service.champion_endpoint)
+        if (
+            champion is not None
+            and champion.model
+            and (champion.model["features"] == model["features"])
+        ):
+            rows.append(learn.evaluate(champion.model, table, holdout))
+        outputs = body.get("Outputs") or {}
+        results: dict[str, Any] = {}
+        for name, out in outputs.items():
+            location = out["RelativeLocation"]
+            if location.endswith(".ilearner"):
+                payload = json.dumps(model).encode()
+            elif location.endswith((".csv", ".tsv")):
+                payload = learn.evaluation_csv(rows).encode()
+            else:
+                raise JobError(f"output {name!r}: unsupported extension in {location!r}")
+            _blob(out).upload_blob(payload, overwrite=True)
+            results[name] = self._result_ref(out)
+        return results
+
+    def _result_ref(self, out: dict[str, Any]) -> dict[str, Any]:
+        base = out.get("BaseLocation") or ""
+        relative = out["RelativeLocation"].lstrip("/")
+        token = out.get("SasBlobToken")
+        if self.account_key and base:
+            account = (
+                urlsplit(base).path.strip("/") or (urlsplit(base).hostname or "").split(".")[0]
+            )
+            container, _, name = relative.partition("/")
+            token = "?" + generate_blob_sas(
+                account,
+                container,
+                name,
+                account_key=self.account_key,
+                permission=BlobSasPermissions(read=True),
+                expiry=datetime.now(UTC) + timedelta(hours=24, minutes=5),
+            )
+        return {
+            "ConnectionString": None,
+            "BaseLocation": base,
+            "RelativeLocation": relative,
+            "SasBlobToken": token,
+        }
+
+    def endpoint_by_id(self, workspace: str, service_id: str | None) -> Endpoint | None:
+        """The endpoint with this RRS service id."""
+        for ep in self.endpoints.values():
+            if ep.workspace == workspace and ep.service_id == service_id:
+                return ep
+        return None
+
+    # ---- Classic management
+
+    def patch(self, ep: Endpoint, body: dict[str, Any]) -> None:
+        """Swap the trained model of a non-default endpoint."""
+        if ep.name == "default":
+            raise BadRequest(
+                "Default endpoints are kept in sync with the experiment; the "
+                "trained model of the default endpoint cannot be replaced."
+            )
+        resources = body.get("Resources")
+        if not isinstance(resources, list) or not resources:
+            raise BadRequest("Resources must be a non-empty list")
+        for resource in resources:
+            if resource.get("Name") != ep.resource_name:
+                raise BadRequest(f"Resource {resource.get('Name')!r} was not found")
+            location = resource.get("Location") or {}
+            if not str(location.get("RelativeLocation", "")).endswith(".ilearner"):
+                raise BadRequest("The URL for the retraining model is invalid")
+            try:
+                model = json.loads(_blob(location).download_blob().readall())
+            except Exception as exc:  # any read failure is a bad location
+                raise BadRequest("The URL for the retraining model is invalid") from exc
+            ep.model = model
+            ep.location = {
+                "BaseLocation": location.get("BaseLocation"),
+                "RelativeLocation": str(location["RelativeLocation"]).lstrip("/"),
+                "SasBlobToken": None,
+            }
+
+    def describe(self, ep: Endpoint, host: str) -> dict[str, Any]:
+        """The endpoint as GET returns it."""
+        return {
+            "Name": ep.name,
+            "WebServiceId": ep.webservice,
+            "WorkspaceId": ep.workspace,
+            "ApiLocation": f"{host}/workspaces/{ep.workspace}/services/{ep.service_id}",
+            "Resources": [
+                {"Name": ep.resource_name, "Kind": "TrainedModel", "Location": ep.location}
+            ],
+        }
+
+    def score(self, ep: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        """RRS: score rows with the endpoint's current model."""
+        if ep.model is None:
+            raise BadRequest("the endpoint has no trained model yet")
+        table = (body.get("Inputs") or {}).get("input1") or {}
+        names, values = table.get("ColumnNames") or [], table.get("Values") or []
+        index = {n: i for i, n in enumerate(names)}
+        missing = [f for f in ep.model["features"] if f not in index]
+        if missing:
+            raise BadRequest(f"missing feature(s): {missing}")
+        scored = [
+            [*row, learn.predict(ep.model, [float(row[index[f]]) for f in ep.model["features"]])]
+            for row in values
+        ]
+        return {
+            "Results": {
+                "output1": {
+                    "type": "table",
+                    "value": {"ColumnNames": [*names, "Scored Labels"], "Values": scored},
+                }
+            }
+        }
+
+
+class BadRequest(Exception):
+    """A 400 with a message, as the service would answer."""
+
+
+class JobError(Exception):
+    """The job failed; the message becomes the status Details."""
+
+
+def _blob(ref: dict[str, Any]) -> BlobClient:
+    relative = str(ref["RelativeLocation"]).lstrip("/")
+    if ref.get("ConnectionString"):
+        container, _, name = relative.partition("/")
+        return BlobClient.from_connection_string(ref["ConnectionString"], container, name)
+    sas = ref.get("SasBlobToken") or ""
+    return BlobClient.from_blob_url(f"{ref['BaseLocation']}{relative}{sas}")
+
+
+_BES = re.compile(r"^/workspaces/([^/]+)/services/([^/]+)/jobs(?:/([^/]+))?(/start)?/?$")
+_EP = re.compile(r"^/workspaces/([^/]+)/webservices/([^/]+)/endpoints/([^/]+)/?$")
+_RRS = re.compile(r"^/workspaces/([^/]+)/services/([^/]+)/execute/?$")
+
+
+def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
+    """The request handler class bound to one emulator."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s %s", self.command, urlsplit(self.path).path)
+
+        def _send(
+            self, status: int, body: Any = None, headers: dict[str, str] | None = None
+        ) -> None:
+            data = b"" if body is None else json.dumps(body).encode()
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if body is not None:
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            emu.calls.append((self.command, urlsplit(self.path).path, status))
+
+        def _body(self) -> Any:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            if not raw:
+                return None
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise BadRequest(f"body is not JSON: {exc}") from exc
+
+        def _authorized(self, key: str) -> bool:
+            if self.headers.get("Authorization") == f"Bearer {key}":
+                return True
+            self._send(401, {"error": {"code": "Unauthorized", "message": "Invalid API key"}})
+            return False
+
+        def _handle(self) -> None:
+            parts = urlsplit(self.path)
+            path, query = parts.path, parse_qs(parts.query)
+            body = self._body()
+            fault = emu.take_fault(self.command, path)
+            if fault and fault.get("drop"):
+                emu.calls.append((self.command, path, 0))
+                self.close_connection = True
+                self.connection.close()
+                return
+            if fault:
+                headers = (
+                    {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
+                )
+                self._send(int(fault["status"]), {"error": {"code": "Injected"}}, headers)
+                return
+            if path.startswith("/_emulator/"):
+                self._control(path, body)
+                return
+            if m := _BES.match(path):
+                self._bes(m, query, body)
+            elif m := _EP.match(path):
+                self._endpoint(m, body)
+            elif m := _RRS.match(path):
+                ep = emu.endpoint_by_id(m.group(1), m.group(2))
+                if ep is None:
+                    self._send(404, {"error": {"code": "NotFound"}})
+                elif self._authorized(ep.api_key):
+                    self._send(200, emu.score(ep, body or {}))
+            else:
+                self._send(404, {"error": {"code": "NotFound", "message": path}})
+
+        def _bes(self, m: re.Match[str], query: dict[str, list[str]], body: Any) -> None:
+            service = emu.services.get((m.group(1), m.group(2)))
+            if service is None:
+                self._send(404, {"error": {"code": "WebServiceNotFound"}})
+                return
+            if not self._authorized(service.api_key):
+                return
+            if query.get("api-version") != ["2.0"]:
+                self._send(
+                    400,
+                    {"error": {"code": "BadArgument", "message": "api-version=2.0 is required"}},
+                )
+                return
+            job_id, start = m.group(3), m.group(4)
+            if job_id is None:
+                if self.command != "POST":
+                    self._send(405, {"error": {"code": "MethodNotAllowed"}})
+                    return
+                self._send(200, emu.submit(service, body or {}))
+                return
+            job = emu.jobs.get(job_id)
+            if job is None or job.service is not service:
+                self._send(404, {"error": {"code": "JobNotFound"}})
+            elif start and self.command == "POST":
+                emu.start(job)
+                self._send(200)
+            elif self.command == "GET":
+                self._send(
+                    200, {"StatusCode": job.state, "Results": job.results, "Details": job.details}
+                )
+            elif self.command == "DELETE":
+                job.cancel.set()
+                if job.state in ("NotStarted", "Running"):
+                    job.state = "Cancelled"
+                del emu.jobs[job_id]
+                self._send(200)
+            else:
+                self._send(405, {"error": {"code": "MethodNotAllowed"}})
+
+        def _endpoint(self, m: re.Match[str], body: Any) -> None:
+            ep = emu.endpoints.get((m.group(1), m.group(2), m.group(3)))
+            if ep is None:
+                self._send(404, {"error": {"code": "EndpointNotFound"}})
+                return
+            if not self._authorized(ep.api_key):
+                return
+            if self.command == "GET":
+                host = f"http://{self.headers.get('Host')}"
+                self._send(200, emu.describe(ep, host))
+            elif self.command == "PATCH":
+                emu.patch(ep, body or {})
+                self._send(200)
+            else:
+                self._send(405, {"error": {"code": "MethodNotAllowed"}})
+
+        def _control(self, path: str, body: Any) -> None:
+            if path == "/_emulator/faults" and self.command == "POST":
+                for k, v in (body or {}).items():
+                    setattr(emu.faults, k, v)
+                self._send(200, {})
+            elif path == "/_emulator/calls":
+                self._send(200, [list(c) for c in emu.calls])
+            else:
+                self._send(404, {"error": {"code": "NotFound"}})
+
+        def _dispatch(self) -> None:
+            try:
+                self._handle()
+            except BadRequest as exc:
+                self._send(400, {"error": {"code": "BadArgument", "message": str(exc)}})
+
+        do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
+
+    return Handler
+
+
+class EmulatorServer:
+    """The emulator on a loopback port, served from a background thread."""
+
+    def __init__(self, emulator: Emulator, port: int = 0) -> None:
+        self.emulator = emulator
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(emulator))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:8765."""
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> EmulatorServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for job in self.emulator.jobs.values():
+            job.cancel.set()
+
+
+def main() -> None:
+    """Serve the emulator until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="JSON file with services and endpoints")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    with open(args.config, encoding="utf-8") as fh:
+        config = json.load(fh)
+    logging.basicConfig(level=logging.INFO)
+    server = EmulatorServer(Emulator(config), args.port)
+    log.info("Azure ML emulator on %s", server.url)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

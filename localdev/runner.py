@@ -1,0 +1,240 @@
+"""A local runner for the function app, for machines without Azure Functions Core Tools.
+
+What it emulates, from the app's own metadata: the blob trigger (a container scan with
+receipts on name + ETag, like the polling trigger), the queue triggers (base64 bodies,
+`dequeue_count`, re-delivery after a failure, and `<queue>-poison` after `maxDequeueCount`
+from host.json), and `%SETTING%` binding expressions resolved from the environment.
+What it does not: Event Grid delivery, concurrency limits, function timeouts, scale-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import azure.functions as func
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.functions.queue import QueueMessage
+from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import (
+    QueueClient,
+    QueueServiceClient,
+    TextBase64DecodePolicy,
+    TextBase64EncodePolicy,
+)
+
+log = logging.getLogger("runner")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _resolve(expr: str, env: Mapping[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in env:
+            raise KeyError(f"binding expression %{name}% needs app setting {name}")
+        return env[name]
+
+    return re.sub(r"%([^%]+)%", sub, expr)
+
+
+@dataclass
+class _Trigger:
+    name: str
+    kind: str
+    target: str
+    arg: str
+    call: Callable[..., Any]
+
+
+class LocalRunner:
+    """Drives the registered functions against Azurite, one polling round at a time."""
+
+    def __init__(
+        self,
+        app: func.FunctionApp,
+        *,
+        env: Mapping[str, str] | None = None,
+        host_json: Path = ROOT / "host.json",
+        failure_visibility: timedelta | None = None,
+        lease: timedelta = timedelta(minutes=2),
+    ) -> None:
+        self.env = dict(os.environ if env is None else env)
+        host = json.loads(host_json.read_text(encoding="utf-8"))
+        queues = host.get("extensions", {}).get("queues", {})
+        self.max_dequeue = int(queues.get("maxDequeueCount", 5))
+        self.batch_size = int(queues.get("batchSize", 16))
+        if failure_visibility is None:
+            h, m, s = (int(x) for x in queues.get("visibilityTimeout", "00:00:00").split(":"))
+            failure_visibility = timedelta(hours=h, minutes=m, seconds=s)
+        self.failure_visibility = failure_visibility
+        self.lease = lease
+        self.triggers: list[_Trigger] = []
+        connections = set()
+        for fn in app.get_functions():
+            trigger: Any = fn.get_trigger()  # binding metadata classes differ per trigger
+            kind = trigger.get_binding_name()
+            connections.add(trigger.connection)
+            if kind == "blobTrigger":
+                target = _resolve(trigger.path, self.env).split("/", 1)[0]
+            elif kind == "queueTrigger":
+                target = _resolve(trigger.queue_name, self.env)
+            else:
+                raise ValueError(f"the local runner does not emulate {kind} triggers")
+            self.triggers.append(
+                _Trigger(
+                    str(fn.get_function_name()), kind, target, trigger.name, fn.get_user_function()
+                )
+            )
+        if connections != {"AzureWebJobsStorage"}:
+            raise ValueError(f"the local runner supports AzureWebJobsStorage only: {connections}")
+        conn = self.env["AzureWebJobsStorage"]
+        self.blobs = BlobServiceClient.from_connection_string(conn)
+        self.queues = QueueServiceClient.from_connection_string(conn)
+        self.receipts: set[tuple[str, str, str]] = set()
+        self.invocations: list[tuple[str, str, bool]] = []
+        for t in self.triggers:
+            self._create(t)
+
+    def _create(self, t: _Trigger) -> None:
+        try:
+            if t.kind == "blobTrigger":
+                self.blobs.create_container(t.target)
+            else:
+                self.queues.create_queue(t.target)
+                self.queues.create_queue(f"{t.target}-poison")
+        except ResourceExistsError:
+            pass
+
+    def _queue(self, name: str) -> QueueClient:
+        return self.queues.get_queue_client(
+            name,
+            message_encode_policy=TextBase64EncodePolicy(),
+            message_decode_policy=TextBase64DecodePolicy(),
+        )
+
+    def deliver_blob(self, trigger: str, container: str, name: str) -> bool:
+        """Invoke the blob function for one blob now (a delivery, duplicate or not)."""
+        t = next(t for t in self.triggers if t.name == trigger)
+        client = self.blobs.get_blob_client(container, name)
+        return self._invoke(t, name, {t.arg: client})
+
+    def _invoke(self, t: _Trigger, what: str, kwargs: dict[str, Any]) -> bool:
+        try:
+            t.call(**kwargs)
+        except Exception:
+            log.exception("function %s failed on %s", t.name, what)
+            self.invocations.append((t.name, what, False))
+            return False
+        self.invocations.append((t.name, what, True))
+        return True
+
+    def step(self) -> int:
+        """One polling round over every trigger; returns how many invocations it made."""
+        count = 0
+        for t in self.triggers:
+            count += self._scan(t) if t.kind == "blobTrigger" else self._drain(t)
+        return count
+
+    def _scan(self, t: _Trigger) -> int:
+        count = 0
+        container = self.blobs.get_container_client(t.target)
+        try:
+            listing = list(container.list_blobs())
+        except ResourceNotFoundError:
+            return 0
+        for props in listing:
+            receipt = (t.target, props.name, str(props.etag))
+            if receipt in self.receipts:
+                continue
+            if self.deliver_blob(t.name, t.target, props.name):
+                self.receipts.add(receipt)
+            count += 1
+        return count
+
+    def _drain(self, t: _Trigger) -> int:
+        queue = self._queue(t.target)
+        messages = list(
+            queue.receive_messages(
+                max_messages=self.batch_size, visibility_timeout=int(self.lease.total_seconds())
+            )
+        )
+        for msg in messages:
+            body = msg.content
+            message = QueueMessage(  # type: ignore[no-untyped-call]
+                id=msg.id,
+                body=body.encode("utf-8") if isinstance(body, str) else body,
+                dequeue_count=msg.dequeue_count,
+                pop_receipt=msg.pop_receipt,
+            )
+            if self._invoke(t, f"message {msg.id}", {t.arg: message}):
+                queue.delete_message(msg)
+            elif (msg.dequeue_count or 0) >= self.max_dequeue:
+                log.error(
+                    "message %s moved to %s-poison after %d attempts",
+                    msg.id,
+                    t.target,
+                    msg.dequeue_count,
+                )
+                self._queue(f"{t.target}-poison").send_message(body)
+                queue.delete_message(msg)
+            else:
+                queue.update_message(
+                    msg, visibility_timeout=int(self.failure_visibility.total_seconds())
+                )
+        return len(messages)
+
+    def pending(self) -> int:
+        """Messages still in the trigger queues, visible or not (delayed polls count)."""
+        total = 0
+        for t in self.triggers:
+            if t.kind == "queueTrigger":
+                props = self._queue(t.target).get_queue_properties()
+                total += props.approximate_message_count or 0
+        return total
+
+    def run_until_idle(self, *, timeout: float = 60.0, interval: float = 0.1) -> None:
+        """Poll like the host until no queue holds a message and no blob is new."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.step() == 0 and self.pending() == 0 and self.step() == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still busy after {timeout} s ({self.pending()} messages)")
+            time.sleep(interval)  # the host's own polling interval, not a wait for a result
+
+    def run_forever(self, *, interval: float = 0.5) -> None:
+        """Serve until interrupted."""
+        while True:
+            if self.step() == 0:
+                time.sleep(interval)
+
+
+def main() -> None:
+    """Run the app locally against the storage in AzureWebJobsStorage."""
+    parser = argparse.ArgumentParser(description="Run the function app against Azurite.")
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=ROOT / "local.settings.json",
+        help="local.settings.json whose Values become app settings",
+    )
+    args = parser.parse_args()
+    values = json.loads(args.settings.read_text(encoding="utf-8")).get("Values", {})
+    os.environ.update({k: str(v) for k, v in values.items() if k not in os.environ})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from function_app import app
+
+    LocalRunner(app).run_forever()
+
+
+if __name__ == "__main__":
+    main()
