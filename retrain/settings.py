@@ -260,6 +260,11 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a valid container name (3-63 of a-z, 0-9, -)")
         return value
 
+    @field_validator("models_json", "models_file", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _delays(self) -> Settings:
         if self.poll_first_delay <= timedelta(0) or self.poll_max_delay < self.poll_first_delay:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Protocol
 
 from azure.core.exceptions import (
     AzureError,
+    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
@@ -170,12 +171,22 @@ class BlobData:
         blob = self._service.get_blob_client(container, name)
         try:
             stream = blob.download_blob(offset=0, length=HEAD_BYTES)
-            head = stream.readall()
+            return BlobHead(str(stream.properties.etag), int(stream.properties.size),
+                            stream.readall())
+        except ResourceNotFoundError:
+            return None
+        except HttpResponseError as exc:
+            if exc.status_code != 416:  # a range read of an empty blob is 'InvalidRange'
+                raise _wrap(f"read {container}/{name}", exc) from exc
+        except AzureError as exc:
+            raise _wrap(f"read {container}/{name}", exc) from exc
+        try:
+            props = blob.get_blob_properties()
         except ResourceNotFoundError:
             return None
         except AzureError as exc:
             raise _wrap(f"read {container}/{name}", exc) from exc
-        return BlobHead(str(stream.properties.etag), int(stream.properties.size), head)
+        return BlobHead(str(props.etag), int(props.size), b"")
 
     def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
         self._ensure(target)

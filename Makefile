@@ -1,0 +1,35 @@
+# The two commands the README names: `make demo` and `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint emulator run clean
+
+setup: .venv/.installed node_modules/.installed
+
+.venv/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
+demo: setup
+	$(PY) -m localdev.demo
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+emulator: setup
+	$(PY) -m localdev.amlemu --config localdev/emulator.example.json --port 8765
+
+run: setup
+	$(PY) -m localdev.runner --settings local.settings.json
+
+clean:
+	rm -rf .venv node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,110 @@
+"""End-to-end harness: the function app under the local runner, the emulator, Azurite."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.blob import BlobServiceClient
+
+from localdev import stack
+from localdev.amlemu import Emulator, EmulatorServer
+from localdev.runner import LocalRunner
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Stack:
+    """A running stack for one test, isolated by container and queue names."""
+
+    runner: LocalRunner
+    emulator: Emulator
+    emulator_url: str
+    settings: dict[str, str]
+    blobs: BlobServiceClient
+
+    def upload(self, name: str, data: str | bytes) -> None:
+        """Drop a file into the data container."""
+        self.blobs.get_blob_client(self.settings["RETRAIN_DATA_CONTAINER"], name).upload_blob(
+            data, overwrite=True
+        )
+
+    def _doc(self, key: str) -> dict[str, Any] | None:
+        client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)
+        if not client.exists():
+            return None
+        result: dict[str, Any] = json.loads(client.download_blob().readall())
+        return result
+
+    def runs(self, model: str = "housing") -> list[dict[str, Any]]:
+        """Every run record of the model, oldest first."""
+        return [self._doc(n) or {} for n in sorted(self._keys(f"runs/{model}/"))]
+
+    def _keys(self, prefix: str) -> list[str]:
+        container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        try:
+            return [b.name for b in container.list_blobs(name_starts_with=prefix)]
+        except ResourceNotFoundError:
+            return []
+
+    def model_state(self, model: str = "housing") -> dict[str, Any]:
+        """The model's document: batch, active run, champion."""
+        return self._doc(f"models/{model}.json") or {}
+
+    def arrivals(self) -> list[dict[str, Any]]:
+        """Every arrival record."""
+        return [self._doc(n) or {} for n in self._keys("arrivals/")]
+
+    def jobs_submitted(self) -> int:
+        """BES submits the emulator accepted."""
+        return self.emulator.count("POST", r"/jobs$", 200)
+
+    def predict(self, rows: list[list[float]]) -> list[float]:
+        """Score rows on the promoted endpoint through RRS."""
+        import requests
+
+        response = requests.post(
+            f"{self.emulator_url}/workspaces/ws1/services/housing-predict-prod/execute"
+            "?api-version=2.0",
+            json={"Inputs": {"input1": {"ColumnNames": ["rooms", "age", "distance"],
+                                        "Values": rows}}, "GlobalParameters": {}},
+            headers={"Authorization": "Bearer local-endpoint-key"},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return [r[-1] for r in response.json()["Results"]["output1"]["value"]["Values"]]
+
+
+MakeStack = Callable[..., Stack]
+
+
+@pytest.fixture
+def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
+    """Build a stack with per-test model spec overrides and emulator options."""
+    servers: list[EmulatorServer] = []
+    logging.getLogger("azure").setLevel(logging.WARNING)
+
+    def make(*, champion_endpoint: bool = False, **spec: Any) -> Stack:
+        emulator = Emulator(stack.emulator_config(champion_endpoint=champion_endpoint))
+        server = EmulatorServer(emulator).__enter__()
+        servers.append(server)
+        suffix = "-" + uuid.uuid4().hex[:8]
+        settings = stack.app_settings(
+            azurite_connection, [stack.model_spec(server.url, **spec)], suffix=suffix
+        )
+        app = stack.load_app(settings)
+        runner = LocalRunner(app, env=settings, failure_visibility=timedelta(seconds=1))
+        return Stack(runner, emulator, server.url, settings,
+                     BlobServiceClient.from_connection_string(azurite_connection))
+
+    yield make
+    for server in servers:
+        server.__exit__(None, None, None)
