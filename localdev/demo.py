@@ -27,9 +27,12 @@ TRUE_PRICE = 30 * 4.0 - 0.8 * 30.0 - 4 * 10.0 + 50
 def _predict(url: str) -> float:
     response = requests.post(
         f"{url}/workspaces/ws1/services/housing-predict-prod/execute?api-version=2.0",
-        json={"Inputs": {"input1": {"ColumnNames": ["rooms", "age", "distance"],
-                                    "Values": [HOUSE]}}, "GlobalParameters": {}},
-        headers={"Authorization": "Bearer local-endpoint-key"}, timeout=10,
+        json={
+            "Inputs": {"input1": {"ColumnNames": ["rooms", "age", "distance"], "Values": [HOUSE]}},
+            "GlobalParameters": {},
+        },
+        headers={"Authorization": "Bearer local-endpoint-key"},
+        timeout=10,
     )
     response.raise_for_status()
     return float(response.json()["Results"]["output1"]["value"]["Values"][0][-1])
@@ -51,12 +54,15 @@ def main() -> int:
     print("Starting Azurite and the Azure ML emulator ...")
     with stack.azurite() as conn, EmulatorServer(Emulator(stack.emulator_config())) as emu:
         settings = stack.app_settings(conn, [stack.model_spec(emu.url)])
-        runner = LocalRunner(stack.load_app(settings), env=settings,
-                             failure_visibility=timedelta(seconds=1))
+        runner = LocalRunner(
+            stack.load_app(settings), env=settings, failure_visibility=timedelta(seconds=1)
+        )
         blobs = BlobServiceClient.from_connection_string(conn)
         data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
-        print(f"Azure ML emulator on {emu.url}; functions: "
-              f"{', '.join(t.name for t in runner.triggers)}\n")
+        print(
+            f"Azure ML emulator on {emu.url}; functions: "
+            f"{', '.join(t.name for t in runner.triggers)}\n"
+        )
         drops = [
             ("housing/2026-11-01.csv", housing_csv(40, seed=1, noise=40), "small, noisy"),
             ("housing/2026-11-02.csv", housing_csv(500, seed=2, noise=2), "large, clean"),
@@ -75,17 +81,25 @@ def main() -> int:
         print(f"  {'run':<24} {'state':<9} {'files':>5}  {'RMSE':>8}  reason")
         for run in _runs(blobs, settings["RETRAIN_STATE_CONTAINER"]):
             rmse = ((run.get("metrics") or {}).get("challenger") or {}).get(
-                "Root Mean Squared Error")
+                "Root Mean Squared Error"
+            )
             reason = (run.get("decision") or {}).get("reason") or run.get("error") or ""
             rmse_text = f"{rmse:8.3f}" if rmse is not None else "       -"
-            print(f"  {run['run_id']:<24} {run['state']:<9} {len(run['files']):>5}  "
-                  f"{rmse_text}  {reason}")
-        print(f"\nPrediction before the better model: {predictions[0]:.2f}; after promotion: "
-              f"{predictions[1]:.2f}; after the rejected run: {predictions[2]:.2f} "
-              f"(true value {TRUE_PRICE:.2f})")
+            print(
+                f"  {run['run_id']:<24} {run['state']:<9} {len(run['files']):>5}  "
+                f"{rmse_text}  {reason}"
+            )
+        print(
+            f"\nPrediction before the better model: {predictions[0]:.2f}; after promotion: "
+            f"{predictions[1]:.2f}; after the rejected run: {predictions[2]:.2f} "
+            f"(true value {TRUE_PRICE:.2f})"
+        )
         ok = predictions[2] == predictions[1] and abs(predictions[1] - TRUE_PRICE) < abs(
-            predictions[0] - TRUE_PRICE)
-        print("Demo " + ("succeeded." if ok else "FAILED: the endpoint did not behave as expected."))
+            predictions[0] - TRUE_PRICE
+        )
+        print(
+            "Demo " + ("succeeded." if ok else "FAILED: the endpoint did not behave as expected.")
+        )
         return 0 if ok else 1
 
 

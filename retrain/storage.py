@@ -171,8 +171,9 @@ class BlobData:
         blob = self._service.get_blob_client(container, name)
         try:
             stream = blob.download_blob(offset=0, length=HEAD_BYTES)
-            return BlobHead(str(stream.properties.etag), int(stream.properties.size),
-                            stream.readall())
+            return BlobHead(
+                str(stream.properties.etag), int(stream.properties.size), stream.readall()
+            )
         except ResourceNotFoundError:
             return None
         except HttpResponseError as exc:

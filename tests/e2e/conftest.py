@@ -74,8 +74,10 @@ class Stack:
         response = requests.post(
             f"{self.emulator_url}/workspaces/ws1/services/housing-predict-prod/execute"
             "?api-version=2.0",
-            json={"Inputs": {"input1": {"ColumnNames": ["rooms", "age", "distance"],
-                                        "Values": rows}}, "GlobalParameters": {}},
+            json={
+                "Inputs": {"input1": {"ColumnNames": ["rooms", "age", "distance"], "Values": rows}},
+                "GlobalParameters": {},
+            },
             headers={"Authorization": "Bearer local-endpoint-key"},
             timeout=10,
         )
@@ -102,8 +104,13 @@ def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
         )
         app = stack.load_app(settings)
         runner = LocalRunner(app, env=settings, failure_visibility=timedelta(seconds=1))
-        return Stack(runner, emulator, server.url, settings,
-                     BlobServiceClient.from_connection_string(azurite_connection))
+        return Stack(
+            runner,
+            emulator,
+            server.url,
+            settings,
+            BlobServiceClient.from_connection_string(azurite_connection),
+        )
 
     yield make
     for server in servers:

@@ -96,7 +96,7 @@ class TestFailures:
         assert s.emulator.count("DELETE", rf"/jobs/{run['job_id']}$", 200) == 1
 
     def test_transient_errors_are_retried(self, make_stack: MakeStack) -> None:
-        """429 with Retry-After on submit, 503 and a dropped connection on status: still promoted."""
+        """429 + Retry-After on submit, 503 and a dropped connection on status: promoted."""
         s = make_stack()
         s.emulator.faults.http = [
             {"method": "POST", "path": "/jobs", "status": 429, "retry_after": 1},
@@ -160,7 +160,11 @@ class TestBadInput:
         ("name", "data", "reason"),
         [
             ("housing/empty.csv", b"", "the file is empty"),
-            ("housing/wrong.csv", "rooms,age\n1,2\n", "the header lacks columns ['distance', 'price']"),
+            (
+                "housing/wrong.csv",
+                "rooms,age\n1,2\n",
+                "the header lacks columns ['distance', 'price']",
+            ),
             ("housing/header-only.csv", "rooms,age,distance,price\n", "header but no data rows"),
             ("housing/data.json", '{"rooms": 1}', "not a CSV or TSV file"),
             ("other/a.csv", "x,y\n1,2\n", "under no model's data prefix"),
