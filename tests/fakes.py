@@ -1,0 +1,160 @@
+"""Honest in-memory implementations of the pipeline's ports."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from retrain.bes import BlobRef, JobState, JobStatus
+from retrain.errors import RemoteError, StateConflict
+from retrain.storage import HEAD_BYTES, BlobHead, Versioned
+
+
+class MemoryDocumentStore:
+    """Documents in a dict, with ETags that change on every write."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, tuple[dict[str, Any], str]] = {}
+        self._etags = itertools.count(1)
+
+    def read(self, key: str) -> Versioned | None:
+        found = self.docs.get(key)
+        return Versioned(copy.deepcopy(found[0]), found[1]) if found else None
+
+    def create(self, key: str, doc: dict[str, Any]) -> str:
+        if key in self.docs:
+            raise StateConflict(key)
+        etag = f"e{next(self._etags)}"
+        self.docs[key] = (copy.deepcopy(doc), etag)
+        return etag
+
+    def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
+        if key not in self.docs or self.docs[key][1] != etag:
+            raise StateConflict(key)
+        new = f"e{next(self._etags)}"
+        self.docs[key] = (copy.deepcopy(doc), new)
+        return new
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.docs if k.startswith(prefix))
+
+
+class FakeData:
+    """Blobs in a dict; quarantine and SAS references recorded."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[tuple[str, str], tuple[bytes, str]] = {}
+        self.quarantined: list[tuple[str, str, str]] = []
+        self._etags = itertools.count(1)
+
+    def put(self, container: str, name: str, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        self.blobs[(container, name)] = (raw, f"0x{next(self._etags)}")
+
+    def head(self, container: str, name: str) -> BlobHead | None:
+        found = self.blobs.get((container, name))
+        return BlobHead(found[1], len(found[0]), found[0][:HEAD_BYTES]) if found else None
+
+    def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
+        self.quarantined.append((f"{container}/{name}", target, reason))
+
+    def read_text(self, container: str, name: str, *, max_bytes: int) -> str:
+        found = self.blobs.get((container, name))
+        if found is None:
+            raise RemoteError(f"{container}/{name} does not exist")
+        return found[0].decode()
+
+    def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
+        perms = "cw" if write else "r"
+        return BlobRef(
+            "https://acct.blob.core.windows.net/",
+            f"{container}/{name}",
+            f"?sp={perms}&se={expires:%Y%m%dT%H%M%S}&sig=fake",
+        )
+
+
+class MemoryOutbox:
+    """Messages kept in order, with their delays."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, BaseModel, timedelta]] = []
+
+    def send(self, queue: str, message: BaseModel, *, delay: timedelta = timedelta(0)) -> None:
+        self.sent.append((queue, message, delay))
+
+    def take(self) -> list[tuple[str, BaseModel, timedelta]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+class FakeJobs:
+    """A BES stand-in that follows a script of states, one per status call."""
+
+    def __init__(self, script: list[JobState] | None = None, details: str | None = None) -> None:
+        self.script = list(script or [JobState.FINISHED])
+        self.details = details
+        self.submitted: list[dict[str, Any]] = []
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.errors: dict[str, RemoteError] = {}
+
+    def _maybe_fail(self, op: str) -> None:
+        if op in self.errors:
+            raise self.errors.pop(op)
+
+    def submit(
+        self,
+        *,
+        inputs: dict[str, BlobRef],
+        outputs: dict[str, BlobRef],
+        global_parameters: dict[str, str],
+    ) -> str:
+        self._maybe_fail("submit")
+        self.submitted.append(
+            {"inputs": inputs, "outputs": outputs, "global_parameters": global_parameters}
+        )
+        return f"job{len(self.submitted)}"
+
+    def start(self, job_id: str) -> None:
+        self._maybe_fail("start")
+        self.started.append(job_id)
+
+    def status(self, job_id: str) -> JobStatus:
+        self._maybe_fail("status")
+        state = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        return JobStatus(state, self.details if state is JobState.FAILED else None, {})
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+
+
+class FakeTarget:
+    """A deploy target that serves whatever was last deployed."""
+
+    def __init__(self) -> None:
+        self.serving: str | None = None
+        self.deploys: list[BlobRef] = []
+
+    def deployed(self) -> str | None:
+        return self.serving
+
+    def deploy(self, model: BlobRef) -> None:
+        self.deploys.append(model)
+        self.serving = model.path
+
+
+class ManualClock:
+    """A clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.current = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.current
+
+    def advance(self, **kwargs: float) -> None:
+        self.current += timedelta(**kwargs)

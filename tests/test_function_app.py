@@ -1,0 +1,57 @@
+"""The trigger layer: three functions, bindings the host accepts, nothing heavy at import."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+import function_app
+
+
+@pytest.fixture(scope="module")
+def functions() -> dict[str, Any]:
+    import importlib
+
+    app = importlib.reload(function_app).app
+    return {f.get_function_name(): f for f in app.get_functions()}
+
+
+def test_three_functions_with_their_triggers(functions: dict[str, Any]) -> None:
+    assert sorted(functions) == ["evaluate", "ingest", "train"]
+    assert functions["ingest"].get_trigger().path == "%RETRAIN_DATA_CONTAINER%/{name}"
+    assert functions["train"].get_trigger().queue_name == "%RETRAIN_JOBS_QUEUE%"
+    assert functions["evaluate"].get_trigger().queue_name == "%RETRAIN_EVALUATIONS_QUEUE%"
+
+
+def test_parameter_names_match_binding_names(functions: dict[str, Any]) -> None:
+    """The worker rejects a mismatch silently and the host then shows zero functions."""
+    for fn in functions.values():
+        params = set(inspect.signature(fn.get_user_function()).parameters)
+        bindings = {b.name for b in fn.get_bindings()}
+        assert params == bindings, fn.get_function_name()
+
+
+def test_blob_trigger_binds_a_client_not_the_content(functions: dict[str, Any]) -> None:
+    from azurefunctions.extensions.bindings.blob import BlobClient
+
+    annotation = inspect.signature(functions["ingest"].get_user_function()).parameters["client"]
+    assert annotation.annotation is BlobClient
+
+
+def test_import_loads_no_domain_code_and_no_settings() -> None:
+    """Settings and clients are built on first use: an import error would hide every function."""
+    code = "import sys, function_app; print(sorted(m for m in sys.modules if 'retrain' in m))"
+    root = str(function_app.__file__).rsplit("/", 1)[0]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": ""},
+        cwd=root,
+    )
+    assert out.stdout.strip() == "[]"

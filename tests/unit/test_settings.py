@@ -1,0 +1,102 @@
+"""Settings and model specs: bad configuration names the setting and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from retrain.errors import ConfigError
+from retrain.settings import get_settings, load_models, read_secret
+from tests.unit.test_pipeline import spec
+
+
+def raw_spec(**overrides: Any) -> dict[str, Any]:
+    data = spec().model_dump(mode="json")
+    data.update(overrides)
+    return data
+
+
+def models_error(items: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_models(json.dumps(items), None)
+    return str(info.value)
+
+
+def test_a_valid_spec_loads_with_defaults() -> None:
+    (model,) = load_models(json.dumps([raw_spec()]), None).values()
+    assert model.prefix == "housing/"
+    assert model.bes.input_name == "input1"
+    assert model.promotion == "auto"
+
+
+def test_default_endpoint_is_refused_with_the_fix() -> None:
+    target = raw_spec()["target"] | {
+        "endpoint_url": "https://management.azureml.net/workspaces/w/webservices/p/endpoints/default"
+    }
+    message = models_error([raw_spec(target=target)])
+    assert "model 'housing'" in message
+    assert "target.endpoint_url" in message
+    assert "default endpoint cannot be patched" in message
+
+
+def test_plain_http_is_refused_off_loopback() -> None:
+    bes = raw_spec()["bes"] | {"jobs_url": "http://bes.example.com/workspaces/w/services/s/jobs"}
+    assert "uses plain http" in models_error([raw_spec(bes=bes)])
+
+
+def test_jobs_url_must_be_the_jobs_url() -> None:
+    bes = raw_spec()["bes"] | {"jobs_url": "https://bes.example/workspaces/w/services/s/execute"}
+    assert "'.../jobs' URL" in models_error([raw_spec(bes=bes)])
+
+
+def test_overlapping_prefixes_are_refused() -> None:
+    message = models_error([raw_spec(), raw_spec(name="housing2", data_prefix="housing/eu")])
+    assert "overlap" in message
+
+
+def test_duplicate_names_and_unknown_fields() -> None:
+    assert "configured twice" in models_error([raw_spec(), raw_spec()])
+    assert "Extra inputs are not permitted" in models_error([raw_spec(colums=["x"])])
+
+
+def test_empty_and_malformed_model_settings() -> None:
+    with pytest.raises(ConfigError, match="no models configured"):
+        load_models(None, None)
+    with pytest.raises(ConfigError, match="RETRAIN_MODELS is not valid JSON"):
+        load_models("[{", None)
+    with pytest.raises(ConfigError, match="non-empty JSON list"):
+        load_models("{}", None)
+
+
+def test_models_file(tmp_path: Path) -> None:
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps([raw_spec()]))
+    assert list(load_models(None, path)) == ["housing"]
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_models(None, tmp_path / "missing.json")
+
+
+def test_missing_app_settings_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "AzureWebJobsStorage",
+        "RETRAIN_DATA_CONTAINER",
+        "RETRAIN_JOBS_QUEUE",
+        "RETRAIN_EVALUATIONS_QUEUE",
+        "RETRAIN_MODELS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    with pytest.raises(ConfigError) as info:
+        get_settings()
+    get_settings.cache_clear()
+    for name in ("AzureWebJobsStorage", "RETRAIN_DATA_CONTAINER", "RETRAIN_JOBS_QUEUE"):
+        assert name in str(info.value)
+
+
+def test_missing_secret_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RETRAIN_BES_KEY_X", raising=False)
+    with pytest.raises(ConfigError, match="RETRAIN_BES_KEY_X \\(BES key of x\\) is not set"):
+        read_secret("RETRAIN_BES_KEY_X", purpose="BES key of x")
