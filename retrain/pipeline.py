@@ -157,6 +157,12 @@ class Retrainer:
         state = self._ledger.get(model_key(spec.name)) or {}
         batch = state.get("batch")
         if not batch or batch["id"] != msg.batch_id:
+            if state.get("active_run") == msg.batch_id:
+                # Sealed by a delivery that may have died before it enqueued the run.
+                self._outbox.send(
+                    self._places.jobs_queue, TrackRun(model=spec.name, run_id=msg.batch_id)
+                )
+                return "resent"
             return "stale"
         now = self._clock.now()
         quiet = now >= _parse(batch["last_at"]) + spec.quiet_period
@@ -299,8 +305,15 @@ class Retrainer:
         self, spec: ModelSpec, jobs: BatchJobs, run: Doc, msg: TrackRun, now: datetime
     ) -> str:
         key = run_key(spec.name, msg.run_id)
+        if msg.poll <= run.get("polls", 0):
+            # A duplicate of a poll already made: acking it keeps a single poll chain.
+            return "duplicate"
         status = jobs.status(run["job_id"])
-        self._ledger.update(key, lambda d: {**d, "polls": d.get("polls", 0) + 1})
+        _, counted = self._ledger.update(
+            key, lambda d: {**d, "polls": msg.poll} if d.get("polls", 0) < msg.poll else None
+        )
+        if not counted:
+            return "duplicate"
         if status.state is JobState.FINISHED:
             self._ledger.update(
                 key, lambda d: _advance(d, "running", "trained", now, note="BES job finished")

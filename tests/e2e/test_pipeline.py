@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 
 from localdev.sample import housing_csv
+from localdev.stack import DEV_KEY
 from tests.e2e.conftest import MakeStack
 
 pytestmark = pytest.mark.e2e
@@ -187,3 +191,29 @@ class TestBadInput:
         assert original.exists()
         assert s.runs() == []
         assert s.jobs_submitted() == 0
+
+
+class TestSecrets:
+    def test_no_key_or_signature_in_any_log_line(
+        self, make_stack: MakeStack, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A full run with a failure and retries logs no API key, account key or SAS signature."""
+        caplog.set_level(logging.DEBUG)
+        s = make_stack()
+        s.emulator.faults.http = [{"method": "GET", "path": "/jobs/", "status": 503}]
+        s.upload("housing/a.csv", housing_csv(100, seed=13))
+        s.runner.run_until_idle()
+        s.emulator.faults.fail_jobs = 1
+        s.upload("housing/b.csv", housing_csv(100, seed=14))
+        s.upload("housing/bad.csv", "nope\n1\n")
+        s.runner.run_until_idle()
+        assert [r["state"] for r in s.runs()] == ["promoted", "failed"]
+        # The app runs on the runner's thread; the emulator (a separate service in real life)
+        # serves and trains on threads of its own, with the SAS URLs it was handed.
+        app_records = [r for r in caplog.records if r.threadName == "MainThread"]
+        assert any(r.name.startswith("retrain") for r in app_records)
+        text = "\n".join(logging.Formatter().format(r) for r in app_records)
+        assert "local-bes-key" not in text
+        assert "local-endpoint-key" not in text
+        assert DEV_KEY not in text
+        assert not re.search(r"sig=[A-Za-z0-9%]{10,}", text)

@@ -244,6 +244,30 @@ class TestTraining:
         w.retrainer.on_track_run(msg)
         assert len(w.jobs.submitted) == 1
 
+    def test_duplicate_poll_message_keeps_one_poll_chain(self) -> None:
+        w = self.sealed(FakeJobs([JobState.RUNNING]))
+        w.deliver()
+        ((_, poll, _),) = w.outbox.sent
+        assert isinstance(poll, TrackRun)
+        assert poll.poll == 1
+        assert w.retrainer.on_track_run(poll) == "running"
+        assert w.retrainer.on_track_run(poll) == "duplicate"
+        assert len(w.outbox.sent) == 2  # the original plus one next poll, not two
+        assert w.run()["polls"] == 1
+
+    def test_lost_run_message_is_resent_by_a_redelivered_check(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        ((_, check, _),) = w.outbox.take()
+        w.clock.advance(seconds=60)
+        assert isinstance(check, CheckBatch)
+        assert w.retrainer.on_check_batch(check) == "sealed"
+        w.outbox.take()  # the TrackRun is lost
+        assert w.retrainer.on_check_batch(check) == "resent"
+        ((_, track, _),) = w.outbox.sent
+        assert isinstance(track, TrackRun)
+        assert track.run_id == w.run()["run_id"]
+
     def test_job_submitted_by_a_losing_delivery_is_deleted_unstarted(self) -> None:
         w = self.sealed()
         ((_, msg, _),) = w.outbox.take()
