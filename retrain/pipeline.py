@@ -385,6 +385,8 @@ class Retrainer:
             text = self._data.read_text(container, blob, max_bytes=MAX_EVALUATION_BYTES)
             evaluation = parse_evaluation_csv(text)
         except (EvaluationError, RemoteError) as exc:
+            if isinstance(exc, RemoteError) and exc.retryable:
+                raise  # storage hiccup: the host re-delivers the message
             self._fail(spec, run, f"cannot read the evaluation: {exc}")
             return self._ledger.get(key) or run
         state = self._ledger.get(model_key(spec.name)) or {}

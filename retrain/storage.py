@@ -172,7 +172,7 @@ class BlobData:
         try:
             stream = blob.download_blob(offset=0, length=HEAD_BYTES)
             return BlobHead(
-                str(stream.properties.etag), int(stream.properties.size), stream.readall()
+                str(stream.properties.etag), _total_size(stream.properties), stream.readall()
             )
         except ResourceNotFoundError:
             return None
@@ -217,7 +217,10 @@ class BlobData:
             stream = blob.download_blob(offset=0, length=max_bytes + 1)
             data = stream.readall()
         except ResourceNotFoundError as exc:
-            raise RemoteError(f"{container}/{name} does not exist") from exc
+            raise RemoteError(
+                f"{container}/{name} does not exist (the job wrote no output "
+                "there; check the output names in the model spec)"
+            ) from exc
         except AzureError as exc:
             raise _wrap(f"read {container}/{name}", exc) from exc
         if len(data) > max_bytes:
@@ -247,6 +250,16 @@ class BlobData:
         with contextlib.suppress(ResourceExistsError):
             self._service.create_container(container)
         self._created.add(container)
+
+
+def _total_size(props: Any) -> int:
+    # A ranged read reports the range's size; the blob's size is after the '/' in Content-Range.
+    content_range = getattr(props, "content_range", None)
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return int(props.size)
 
 
 def _in(delta: timedelta) -> datetime:
