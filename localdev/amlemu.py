@@ -512,6 +512,7 @@ def main() -> None:
     with open(args.config, encoding="utf-8") as fh:
         config = json.load(fh)
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every request at INFO
     server = EmulatorServer(Emulator(config), args.port)
     log.info("Azure ML emulator on %s", server.url)
     with contextlib.suppress(KeyboardInterrupt):

@@ -231,6 +231,7 @@ def main() -> None:
     values = json.loads(args.settings.read_text(encoding="utf-8")).get("Values", {})
     os.environ.update({k: str(v) for k, v in values.items() if k not in os.environ})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every request at INFO
     from function_app import app
 
     LocalRunner(app).run_forever()
