@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import requests
 
@@ -12,15 +13,36 @@ from retrain.errors import RemoteError
 from retrain.http import call, json_of
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a promotion stands: done, still provisioning (poll `operation`), or failed."""
+
+    state: Literal["succeeded", "pending", "failed"]
+    detail: str | None = None
+    operation: str | None = None
+    """URL of a long-running operation to poll; None means: poll the target itself."""
+
+
+SUCCEEDED = Progress("succeeded")
+
+
 class DeployTarget(Protocol):
     """Where a promoted model goes."""
 
-    def deployed(self) -> str | None:
-        """The 'container/blob' of the model the target serves now, when it tells."""
+    def serves(self, model: BlobRef) -> bool:
+        """Whether the target serves `model` now (fully provisioned)."""
         ...
 
-    def deploy(self, model: BlobRef) -> None:
-        """Point the target at `model`; the target copies the blob through the SAS it is given."""
+    def deploy(self, model: BlobRef) -> Progress:
+        """Point the target at `model` unless it already does; safe to call again."""
+        ...
+
+    def progress(self, operation: str | None) -> Progress:
+        """How a pending deployment is going."""
+        ...
+
+    def preflight(self) -> list[str]:
+        """Check the target is updatable as configured; returns facts found, raises on a problem."""
         ...
 
 
@@ -77,14 +99,19 @@ class ClassicEndpoint:
             f"endpoint {self._name} has no resource named {self._resource!r} (it has {names}){hint}"
         )
 
-    def deployed(self) -> str | None:
+    def _deployed(self) -> str | None:
         location = self._resource_entry(self.get()).get("Location") or {}
         relative = location.get("RelativeLocation")
         return str(relative).lstrip("/") if relative else None
 
-    def deploy(self, model: BlobRef) -> None:
+    def serves(self, model: BlobRef) -> bool:
+        return self._deployed() == model.path
+
+    def deploy(self, model: BlobRef) -> Progress:
         if not model.relative_location.endswith(".ilearner"):
             raise ValueError("a trained model's RelativeLocation must end in .ilearner")
+        if self.serves(model):
+            return SUCCEEDED
         body = {
             "Resources": [
                 {
@@ -107,3 +134,16 @@ class ClassicEndpoint:
             json_body=body,
             send_body=True,
         )
+        return SUCCEEDED
+
+    def progress(self, operation: str | None) -> Progress:
+        return SUCCEEDED  # a Classic PATCH takes effect when it returns
+
+    def preflight(self) -> list[str]:
+        endpoint = self.get()
+        entry = self._resource_entry(endpoint)
+        where = (entry.get("Location") or {}).get("RelativeLocation") or "nothing yet"
+        return [
+            f"endpoint {self._name} of web service {endpoint.get('WebServiceId', '?')} answers",
+            f"resource {self._resource!r} is updatable; it serves {where}",
+        ]

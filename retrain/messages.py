@@ -41,6 +41,8 @@ class EvaluateRun(_Message):
 
     kind: Literal["evaluate-run"] = "evaluate-run"
     run_id: str = Field(min_length=1, max_length=64)
+    poll: int = Field(default=0, ge=0)
+    """Provisioning polls of an asynchronous promotion (New web services)."""
 
 
 JobsMessage = Annotated[CheckBatch | TrackRun, Field(discriminator="kind")]

@@ -305,15 +305,9 @@ class Retrainer:
         self, spec: ModelSpec, jobs: BatchJobs, run: Doc, msg: TrackRun, now: datetime
     ) -> str:
         key = run_key(spec.name, msg.run_id)
-        if msg.poll <= run.get("polls", 0):
-            # A duplicate of a poll already made: acking it keeps a single poll chain.
+        if not self._claim_poll(key, None, msg.poll):
             return "duplicate"
         status = jobs.status(run["job_id"])
-        _, counted = self._ledger.update(
-            key, lambda d: {**d, "polls": msg.poll} if d.get("polls", 0) < msg.poll else None
-        )
-        if not counted:
-            return "duplicate"
         if status.state is JobState.FINISHED:
             self._ledger.update(
                 key, lambda d: _advance(d, "running", "trained", now, note="BES job finished")
@@ -372,7 +366,7 @@ class Retrainer:
         if run["state"] != "promoting":
             return str(run["state"])
         try:
-            return self._promote(spec, run)
+            return self._promote(spec, run, msg)
         except RemoteError as exc:
             if exc.retryable:
                 raise
@@ -433,21 +427,58 @@ class Retrainer:
         )
         return run
 
-    def _promote(self, spec: ModelSpec, run: Doc) -> str:
+    def _promote(self, spec: ModelSpec, run: Doc, msg: EvaluateRun) -> str:
         target = self._target_for(spec)
         path = run["outputs"]["model"]
         container, _, blob = path.partition("/")
-        if target.deployed() != path:
-            ref: BlobRef = self._data.reference(
-                container, blob, write=False, expires=self._clock.now() + DEPLOY_SAS_LIFETIME
+        key = run_key(spec.name, run["run_id"])
+        ref: BlobRef = self._data.reference(
+            container, blob, write=False, expires=self._clock.now() + DEPLOY_SAS_LIFETIME
+        )
+        pending = run.get("deployment")
+        if pending is None:
+            progress = target.deploy(ref)
+            started = self._clock.now()
+            run, _ = self._ledger.update(
+                key,
+                lambda d: {
+                    **d,
+                    "deployment": {
+                        "operation": progress.operation,
+                        "started_at": _iso(started),
+                        "polls": 0,
+                    },
+                },
             )
-            target.deploy(ref)
-            if target.deployed() != path:
-                raise RemoteError(
-                    f"promotion of run {run['run_id']}: the target still serves "
-                    "another model after the update",
-                    retryable=True,
-                )
+        else:
+            if not self._claim_poll(key, "deployment", msg.poll):
+                return "duplicate"
+            progress = target.progress(pending["operation"])
+        if progress.state == "failed":
+            return self._fail(spec, run, f"the target refused the model: {progress.detail}")
+        if progress.state == "pending":
+            deployment = run["deployment"]
+            timeout = getattr(spec.target, "provisioning_timeout", None)
+            if timeout is not None and self._clock.now() >= (
+                _parse(deployment["started_at"]) + timeout
+            ):
+                return self._fail(spec, run, f"provisioning did not finish within {timeout}")
+            poll = max(msg.poll, deployment["polls"]) + 1
+            self._outbox.send(
+                self._places.evaluations_queue,
+                EvaluateRun(model=spec.name, run_id=run["run_id"], poll=poll),
+                delay=self._timing.delay(poll),
+            )
+            log.info(
+                "run %s of %s: the target is provisioning (poll %d)", run["run_id"], spec.name, poll
+            )
+            return "provisioning"
+        if not target.serves(ref):
+            raise RemoteError(
+                f"promotion of run {run['run_id']}: the target still serves another model "
+                "after the update",
+                retryable=True,
+            )
         now = self._clock.now()
         champion = {
             "run_id": run["run_id"],
@@ -472,6 +503,24 @@ class Retrainer:
         return "promoted"
 
     # ---------------------------------------------------------------- helpers
+
+    def _claim_poll(self, key: str, section: str | None, poll: int) -> bool:
+        """Record poll number `poll`; False when a later poll was already made (a stale copy).
+
+        The same number again is a re-delivery after a failure, and goes ahead: losing the
+        poll chain would strand the run, while a duplicated chain only costs extra polls.
+        """
+
+        def claim(d: Doc) -> Doc | None:
+            holder = d[section] if section else d
+            if holder.get("polls", 0) >= poll:
+                return None
+            holder["polls"] = poll
+            return d
+
+        doc, _ = self._ledger.update(key, claim)
+        holder = doc[section] if section else doc
+        return bool(holder.get("polls", 0) <= poll)
 
     def _spec(self, name: str) -> ModelSpec:
         try:

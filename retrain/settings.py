@@ -183,6 +183,29 @@ class ClassicTarget(_Spec):
         return url
 
 
+class NewTarget(_Spec):
+    """A New (ARM) web service whose trained-model asset is updated by an ARM PATCH."""
+
+    kind: Literal["new"]
+    subscription_id: str = Field(min_length=1)
+    resource_group: str = Field(min_length=1)
+    web_service: str = Field(min_length=1)
+    asset_name: str | None = None
+    """The trained model's asset name; by default the one asset ending in '[trained model]'."""
+    api_version: str = "2017-01-01"
+    arm_endpoint: AnyHttpUrl = AnyHttpUrl("https://management.azure.com")
+    """Public cloud by default; a sovereign cloud's ARM endpoint, or a local emulator."""
+    token_setting: SettingName | None = None
+    """For local emulators only: an app setting holding a fixed bearer token. Unset, the app
+    authenticates with azure-identity's DefaultAzureCredential (managed identity in Azure)."""
+    provisioning_timeout: timedelta = timedelta(hours=1)
+
+    _https = field_validator("arm_endpoint")(_require_https)
+
+
+Target = Annotated[ClassicTarget | NewTarget, Field(discriminator="kind")]
+
+
 class ModelSpec(_Spec):
     """One model this app keeps fresh."""
 
@@ -195,7 +218,7 @@ class ModelSpec(_Spec):
     max_bytes: int = Field(default=5 * 1024**3, gt=0)
     bes: BesSpec
     gate: GateSpec
-    target: ClassicTarget
+    target: Target
     promotion: Literal["auto"] = "auto"
     quiet_period: timedelta = timedelta(seconds=60)
     max_wait: timedelta = timedelta(minutes=15)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 
+from retrain.arm import NewWebService, StaticToken, TokenCredential
 from retrain.bes import BatchJobs, BesClient
 from retrain.clock import SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget
 from retrain.http import make_session
 from retrain.ledger import Ledger
 from retrain.pipeline import Places, Retrainer, Timing
-from retrain.settings import ModelSpec, Settings, get_settings, read_secret
+from retrain.settings import ClassicTarget, ModelSpec, Settings, get_settings, read_secret
 from retrain.storage import BlobData, BlobDocumentStore, QueueOutbox
 
 
@@ -33,11 +34,25 @@ def build(settings: Settings) -> Retrainer:
 
     def target_for(spec: ModelSpec) -> DeployTarget:
         target = spec.target
-        key = read_secret(target.api_key_setting, purpose=f"endpoint API key of model {spec.name}")
-        return ClassicEndpoint(
-            str(target.endpoint_url),
-            key.get_secret_value(),
-            target.resource_name,
+        if isinstance(target, ClassicTarget):
+            key = read_secret(
+                target.api_key_setting, purpose=f"endpoint API key of model {spec.name}"
+            )
+            return ClassicEndpoint(
+                str(target.endpoint_url),
+                key.get_secret_value(),
+                target.resource_name,
+                session=session,
+                timeout=timeout,
+            )
+        return NewWebService(
+            arm_endpoint=str(target.arm_endpoint),
+            subscription_id=target.subscription_id,
+            resource_group=target.resource_group,
+            name=target.web_service,
+            asset_name=target.asset_name,
+            api_version=target.api_version,
+            credential=arm_credential(target.token_setting, spec.name),
             session=session,
             timeout=timeout,
         )
@@ -59,6 +74,23 @@ def build(settings: Settings) -> Retrainer:
         timing=Timing(settings.poll_first_delay, settings.poll_max_delay),
         clock=SystemClock(),
     )
+
+
+@functools.cache
+def _default_credential() -> TokenCredential:
+    # Imported on first use: azure-identity costs ~0.7 s to import.
+    from azure.identity import DefaultAzureCredential
+
+    credential: TokenCredential = DefaultAzureCredential()
+    return credential
+
+
+def arm_credential(token_setting: str | None, model: str) -> TokenCredential:
+    """DefaultAzureCredential (managed identity in Azure), or a fixed token for emulators."""
+    if token_setting is None:
+        return _default_credential()
+    token = read_secret(token_setting, purpose=f"ARM bearer token of model {model}")
+    return StaticToken(token.get_secret_value())
 
 
 @functools.cache

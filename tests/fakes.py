@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from retrain.bes import BlobRef, JobState, JobStatus
+from retrain.deploy import Progress
 from retrain.errors import RemoteError, StateConflict
 from retrain.storage import HEAD_BYTES, BlobHead, Versioned
 
@@ -133,18 +134,36 @@ class FakeJobs:
 
 
 class FakeTarget:
-    """A deploy target that serves whatever was last deployed."""
+    """A deploy target that serves what was deployed once its scripted provisioning ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, provisioning: list[str] | None = None) -> None:
         self.serving: str | None = None
+        self.requested: str | None = None
         self.deploys: list[BlobRef] = []
+        self.provisioning = list(provisioning or [])
+        """States reported by progress() before 'succeeded' (e.g. ['pending', 'failed'])."""
 
-    def deployed(self) -> str | None:
-        return self.serving
+    def serves(self, model: BlobRef) -> bool:
+        return self.serving == model.path
 
-    def deploy(self, model: BlobRef) -> None:
+    def deploy(self, model: BlobRef) -> Progress:
+        if self.serves(model):
+            return Progress("succeeded")
         self.deploys.append(model)
-        self.serving = model.path
+        self.requested = model.path
+        return self.progress("op-1" if self.provisioning else None)
+
+    def progress(self, operation: str | None) -> Progress:
+        state = self.provisioning.pop(0) if self.provisioning else "succeeded"
+        if state == "succeeded":
+            self.serving = self.requested
+            return Progress("succeeded")
+        if state == "failed":
+            return Progress("failed", "ModuleError: cannot load the model (injected)")
+        return Progress("pending", operation=operation)
+
+    def preflight(self) -> list[str]:
+        return ["fake target ok"]
 
 
 class ManualClock:

@@ -1,0 +1,231 @@
+"""New (Azure Resource Manager) web services: the trained-model asset updated by ARM PATCH."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Protocol
+
+import requests
+
+from retrain.bes import BlobRef
+from retrain.deploy import SUCCEEDED, Progress
+from retrain.errors import RemoteError
+from retrain.http import call, json_of
+
+ROLE_HINT = "the app's identity needs the Contributor role on the web service or its resource group"
+
+
+class TokenCredential(Protocol):
+    """The part of azure-identity's credential interface this client uses."""
+
+    def get_token(self, *scopes: str) -> Any: ...
+
+
+class StaticToken:
+    """A fixed bearer token, for local emulators and tests."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def get_token(self, *scopes: str) -> Any:
+        from azure.core.credentials import AccessToken as SdkToken
+
+        return SdkToken(self._token, int(time.time()) + 3600)
+
+
+class NewWebService:
+    """A `Microsoft.MachineLearning/webServices` resource: GET, PATCH assets, poll provisioning."""
+
+    def __init__(
+        self,
+        *,
+        arm_endpoint: str,
+        subscription_id: str,
+        resource_group: str,
+        name: str,
+        asset_name: str | None,
+        api_version: str,
+        credential: TokenCredential,
+        session: requests.Session,
+        timeout: tuple[float, float],
+    ) -> None:
+        self._base = arm_endpoint.rstrip("/")
+        self._url = (
+            f"{self._base}/subscriptions/{subscription_id}/resourceGroups/{resource_group}"
+            f"/providers/Microsoft.MachineLearning/webServices/{name}"
+        )
+        self._name = name
+        self._asset_name = asset_name
+        self._api_version = api_version
+        self._credential = credential
+        self._scope = f"{self._base}/.default"
+        self._session = session
+        self._timeout = timeout
+
+    def _headers(self) -> dict[str, str]:
+        token = self._credential.get_token(self._scope).token
+        return {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+
+    def _call(self, method: str, url: str, what: str, body: Any = None) -> requests.Response:
+        try:
+            return call(
+                self._session,
+                method,
+                url,
+                what=what,
+                timeout=self._timeout,
+                headers=self._headers(),
+                json_body=body,
+                send_body=body is not None,
+            )
+        except RemoteError as exc:
+            if exc.status in (401, 403):
+                raise RemoteError(f"{exc} ({ROLE_HINT})", status=exc.status) from exc
+            if exc.status == 404:
+                raise RemoteError(
+                    f"web service {self._name} not found at {self._url} (check subscription, "
+                    "resource group and name)",
+                    status=404,
+                ) from exc
+            if exc.status == 409:
+                raise RemoteError(
+                    f"{exc} (another operation on {self._name} is in progress)",
+                    status=409,
+                    retryable=True,
+                    retry_after=exc.retry_after,
+                ) from exc
+            raise
+
+    def get(self) -> dict[str, Any]:
+        """The web service definition."""
+        what = f"ARM GET web service {self._name}"
+        body = json_of(
+            self._call("GET", f"{self._url}?api-version={self._api_version}", what), what=what
+        )
+        if not isinstance(body, dict) or not isinstance(body.get("properties"), dict):
+            raise RemoteError(f"{what}: the response has no 'properties' object")
+        return body
+
+    def _checked(self, service: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        props = service["properties"]
+        if props.get("readOnly"):
+            raise RemoteError(
+                f"web service {self._name} is read-only and can no longer be "
+                "updated; deploy a new web service to retrain it"
+            )
+        if props.get("payloadsInBlobStorage"):
+            raise RemoteError(
+                f"web service {self._name} keeps its definition in blob storage "
+                "(over 3 MB), so its assets cannot be patched through ARM"
+            )
+        assets = props.get("assets")
+        if not isinstance(assets, dict) or not assets:
+            raise RemoteError(f"web service {self._name} has no assets in its definition")
+        return self._find_asset(assets), assets
+
+    def _find_asset(self, assets: dict[str, Any]) -> str:
+        resources = {
+            k: v for k, v in assets.items() if isinstance(v, dict) and v.get("type") == "Resource"
+        }
+        names = sorted(str(v.get("name")) for v in resources.values())
+        if self._asset_name is not None:
+            found = [k for k, v in resources.items() if v.get("name") == self._asset_name]
+            what = f"named {self._asset_name!r}"
+        else:
+            found = [
+                k
+                for k, v in resources.items()
+                if str(v.get("name", "")).casefold().endswith("[trained model]")
+            ]
+            what = "whose name ends in '[trained model]'"
+        if len(found) == 1:
+            return found[0]
+        problem = "no" if not found else f"{len(found)}"
+        raise RemoteError(
+            f"web service {self._name}: {problem} Resource asset {what} (Resource assets: "
+            f"{names}); set target.asset_name to the trained model's asset name"
+        )
+
+    @staticmethod
+    def _uri(model: BlobRef) -> str:
+        # The documented definitions carry no SAS: the service reads its own storage account.
+        return model.base_location.rstrip("/") + "/" + model.path
+
+    def serves(self, model: BlobRef) -> bool:
+        service = self.get()
+        key, assets = self._checked(service)
+        uri = (assets[key].get("locationInfo") or {}).get("uri")
+        state = service["properties"].get("provisioningState")
+        return bool(uri == self._uri(model) and state == "Succeeded")
+
+    def deploy(self, model: BlobRef) -> Progress:
+        if not model.relative_location.endswith(".ilearner"):
+            raise ValueError("a trained model's blob must end in .ilearner")
+        service = self.get()
+        key, assets = self._checked(service)
+        uri = self._uri(model)
+        state = service["properties"].get("provisioningState")
+        if (assets[key].get("locationInfo") or {}).get("uri") == uri:
+            if state == "Succeeded":
+                return SUCCEEDED
+            if state == "Provisioning":
+                return Progress("pending")
+        patched = copy.deepcopy(assets)
+        patched[key].setdefault("locationInfo", {})["uri"] = uri
+        body = {
+            "location": service.get("location"),
+            "properties": {
+                "packageType": service["properties"].get("packageType", "Graph"),
+                "assets": patched,
+            },
+        }
+        what = f"ARM PATCH web service {self._name}"
+        response = self._call("PATCH", f"{self._url}?api-version={self._api_version}", what, body)
+        operation = response.headers.get("Azure-AsyncOperation")
+        if operation:
+            return Progress("pending", operation=operation)
+        result = json_of(response, what=what) if response.content else {}
+        return self._from_state((result.get("properties") or {}).get("provisioningState"), None)
+
+    def progress(self, operation: str | None) -> Progress:
+        if operation is None:
+            props = self.get()["properties"]
+            return self._from_state(props.get("provisioningState"), None)
+        if not operation.startswith(self._base + "/"):
+            raise RemoteError(f"refusing to poll an operation outside {self._base}")
+        what = f"ARM operation status for {self._name}"
+        body = json_of(self._call("GET", operation, what), what=what)
+        if not isinstance(body, dict):
+            raise RemoteError(f"{what}: expected a JSON object")
+        # The generic ARM field is 'status'; this provider's model names it 'provisioningState'.
+        state = body.get("status") or body.get("provisioningState")
+        error = body.get("error") or body.get("errorInfo") or {}
+        detail = None
+        if isinstance(error, dict) and error:
+            detail = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+        return self._from_state(state, detail)
+
+    @staticmethod
+    def _from_state(state: Any, detail: str | None) -> Progress:
+        text = str(state or "").casefold()
+        if text == "succeeded":
+            return SUCCEEDED
+        if text in ("failed", "canceled", "cancelled"):
+            return Progress("failed", detail or f"provisioning {state}")
+        return Progress("pending")
+
+    def preflight(self) -> list[str]:
+        service = self.get()
+        key, assets = self._checked(service)
+        asset = assets[key]
+        return [
+            f"web service {self._name} answers (provisioningState "
+            f"{service['properties'].get('provisioningState')})",
+            f"asset {asset.get('name')!r} ({key}) serves "
+            f"{(asset.get('locationInfo') or {}).get('uri') or 'nothing yet'}",
+        ]
