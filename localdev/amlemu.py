@@ -61,6 +61,50 @@ class Endpoint:
 
 
 @dataclass
+class WebService:
+    """A New (ARM) web service: a definition whose trained-model asset can be PATCHed."""
+
+    subscription: str
+    resource_group: str
+    name: str
+    arm_token: str
+    api_key: str
+    asset_name: str = "Housing Model [trained model]"
+    location: str = "South Central US"
+    read_only: bool = False
+    payloads_in_blob: bool = False
+    assets: dict[str, Any] | None = None
+    state: str = "Succeeded"
+    model: dict[str, Any] | None = None
+    pending: dict[str, Any] | None = None
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.assets is None:
+            self.assets = {
+                "asset1": {
+                    "name": "Score Model",
+                    "type": "Module",
+                    "locationInfo": {"uri": "aml://module/score-model"},
+                },
+                "asset2": {
+                    "name": self.asset_name,
+                    "type": "Resource",
+                    "locationInfo": {"uri": "https://example.invalid/initial.ilearner"},
+                    "outputPorts": {"Results dataset": {"type": "Dataset"}},
+                },
+            }
+
+    @property
+    def arm_id(self) -> str:
+        """The resource id."""
+        return (
+            f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
+            "/providers/Microsoft.MachineLearning/webServices/" + self.name
+        )
+
+
+@dataclass
 class Job:
     """One BES job."""
 
@@ -82,6 +126,8 @@ class Faults:
     hang_jobs: bool = False
     fail_jobs: int = 0
     fail_details: str = "Module execution encountered an internal error (injected)."
+    provisioning_seconds: float = 0.0
+    fail_provisioning: int = 0
     http: list[dict[str, Any]] = field(default_factory=list)
     """Each: {"status": 429, "retry_after": 1, "method": "GET", "path": "/jobs"}; or
     {"drop": true, ...} to close the connection without answering."""
@@ -105,6 +151,10 @@ class Emulator:
                 self.endpoints[default_key] = Endpoint(
                     ep.workspace, ep.webservice, "default", ep.api_key, ep.resource_name
                 )
+        self.web_services = {
+            (w["subscription"], w["resource_group"], w["name"]): WebService(**w)
+            for w in config.get("web_services", [])
+        }
         self.jobs: dict[str, Job] = {}
         self.faults = Faults()
         self.calls: list[tuple[str, str, int]] = []
@@ -285,7 +335,7 @@ class Emulator:
             ],
         }
 
-    def score(self, ep: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+    def score(self, ep: Endpoint | WebService, body: dict[str, Any]) -> dict[str, Any]:
         """RRS: score rows with the endpoint's current model."""
         if ep.model is None:
             raise BadRequest("the endpoint has no trained model yet")
@@ -308,9 +358,111 @@ class Emulator:
             }
         }
 
+    # ---- New (ARM) web services
+
+    def arm_definition(self, ws: WebService) -> dict[str, Any]:
+        """The web service as ARM GET returns it (keys and storage key never included)."""
+        self._settle(ws)
+        assets = ws.pending["assets"] if ws.pending else ws.assets
+        return {
+            "id": ws.arm_id,
+            "name": ws.name,
+            "location": ws.location,
+            "type": "Microsoft.MachineLearning/webServices",
+            "properties": {
+                "title": ws.name,
+                "packageType": "Graph",
+                "provisioningState": ws.state,
+                "readOnly": ws.read_only,
+                "payloadsInBlobStorage": ws.payloads_in_blob,
+                **({} if ws.payloads_in_blob else {"assets": assets}),
+                "storageAccount": {"name": "devstoreaccount1"},
+            },
+        }
+
+    def arm_patch(self, ws: WebService, body: dict[str, Any], host: str) -> str:
+        """Start an update of the definition; returns the async operation URL."""
+        self._settle(ws)
+        if ws.read_only:
+            raise BadRequest("The web service is read-only and cannot be updated.")
+        props = body.get("properties")
+        if not isinstance(props, dict) or props.get("packageType") != "Graph":
+            raise BadRequest("properties.packageType must be 'Graph'")
+        if "location" not in body:
+            raise BadRequest("location is required")
+        if ws.pending:
+            raise Conflict("Another operation is in progress on this web service.")
+        assets = props.get("assets", ws.assets)
+        op = uuid.uuid4().hex
+        with self.lock:
+            fail = self.faults.fail_provisioning > 0
+            if fail:
+                self.faults.fail_provisioning -= 1
+        ws.pending = {
+            "assets": assets,
+            "op": op,
+            "fail": fail,
+            "until": datetime.now(UTC) + timedelta(seconds=self.faults.provisioning_seconds),
+        }
+        ws.state = "Provisioning"
+        ws.operations[op] = {"id": op, "name": op, "status": "InProgress"}
+        self._settle(ws)
+        region = ws.location.replace(" ", "").lower()
+        return (
+            f"{host}/subscriptions/{ws.subscription}/providers/Microsoft.MachineLearning/"
+            f"locations/{region}/operationsStatus/{op}?api-version=2017-01-01"
+        )
+
+    def _settle(self, ws: WebService) -> None:
+        pending = ws.pending
+        if not pending or datetime.now(UTC) < pending["until"]:
+            return
+        op = ws.operations[pending["op"]]
+        ws.pending = None
+        error = "injected provisioning failure" if pending["fail"] else None
+        model = None
+        if error is None:
+            try:
+                model = self._load_asset_model(pending["assets"], ws.asset_name)
+            except Exception as exc:  # noqa: BLE001 - any failure to load fails provisioning
+                error = f"cannot load the trained model: {type(exc).__name__}"
+        if error:
+            ws.state = "Failed"
+            op.update(status="Failed", error={"code": "ProvisioningFailed", "message": error})
+            return
+        ws.assets, ws.model, ws.state = pending["assets"], model, "Succeeded"
+        op.update(status="Succeeded")
+
+    def _load_asset_model(self, assets: dict[str, Any], name: str) -> dict[str, Any] | None:
+        for asset in assets.values():
+            if asset.get("type") == "Resource" and asset.get("name") == name:
+                uri = asset["locationInfo"]["uri"]
+                if uri.startswith("https://example.invalid/"):
+                    return None
+                # The service reads its linked storage account with the account's key.
+                credential = {
+                    "account_name": "devstoreaccount1",
+                    "account_key": self.account_key or "",
+                }
+                blob = BlobClient.from_blob_url(uri, credential=credential)
+                loaded: dict[str, Any] = json.loads(blob.download_blob().readall())
+                return loaded
+        raise BadRequest(f"no Resource asset named {name!r}")
+
+    def web_service_by_name(self, subscription: str, name: str) -> WebService | None:
+        """The New web service, for RRS calls."""
+        for ws in self.web_services.values():
+            if ws.subscription == subscription and ws.name == name:
+                return ws
+        return None
+
 
 class BadRequest(Exception):
     """A 400 with a message, as the service would answer."""
+
+
+class Conflict(Exception):
+    """A 409: another operation is in progress."""
 
 
 class JobError(Exception):
@@ -329,6 +481,15 @@ def _blob(ref: dict[str, Any]) -> BlobClient:
 _BES = re.compile(r"^/workspaces/([^/]+)/services/([^/]+)/jobs(?:/([^/]+))?(/start)?/?$")
 _EP = re.compile(r"^/workspaces/([^/]+)/webservices/([^/]+)/endpoints/([^/]+)/?$")
 _RRS = re.compile(r"^/workspaces/([^/]+)/services/([^/]+)/execute/?$")
+_ARM = re.compile(
+    r"^/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.MachineLearning/"
+    r"webServices/([^/]+)/?$"
+)
+_ARM_OP = re.compile(
+    r"^/subscriptions/([^/]+)/providers/Microsoft\.MachineLearning/locations/[^/]+/"
+    r"operationsStatus/([^/]+)/?$"
+)
+_NEW_RRS = re.compile(r"^/subscriptions/([^/]+)/services/([^/]+)/execute/?$")
 
 
 def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
@@ -399,6 +560,16 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                     self._send(404, {"error": {"code": "NotFound"}})
                 elif self._authorized(ep.api_key):
                     self._send(200, emu.score(ep, body or {}))
+            elif m := _ARM.match(path):
+                self._arm(m, query, body)
+            elif m := _ARM_OP.match(path):
+                self._arm_operation(m.group(1), m.group(2))
+            elif m := _NEW_RRS.match(path):
+                ws = emu.web_service_by_name(m.group(1), m.group(2))
+                if ws is None:
+                    self._send(404, {"error": {"code": "NotFound"}})
+                elif self._authorized(ws.api_key):
+                    self._send(200, emu.score(ws, body or {}))
             else:
                 self._send(404, {"error": {"code": "NotFound", "message": path}})
 
@@ -457,6 +628,48 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             else:
                 self._send(405, {"error": {"code": "MethodNotAllowed"}})
 
+        def _arm(self, m: re.Match[str], query: dict[str, list[str]], body: Any) -> None:
+            ws = emu.web_services.get((m.group(1), m.group(2), m.group(3)))
+            if ws is None:
+                self._send(
+                    404,
+                    {
+                        "error": {
+                            "code": "ResourceNotFound",
+                            "message": "The Resource was not found.",
+                        }
+                    },
+                )
+                return
+            if not self._authorized(ws.arm_token):
+                return
+            if query.get("api-version", [""])[0] not in ("2016-05-01-preview", "2017-01-01"):
+                self._send(400, {"error": {"code": "InvalidApiVersionParameter"}})
+                return
+            host = f"http://{self.headers.get('Host')}"
+            if self.command == "GET":
+                self._send(200, emu.arm_definition(ws))
+            elif self.command == "PATCH":
+                operation = emu.arm_patch(ws, body or {}, host)
+                self._send(200, emu.arm_definition(ws), {"Azure-AsyncOperation": operation})
+            elif self.command == "PUT":
+                # PUT replaces the whole service; implemented so misuse is visible in tests.
+                props = (body or {}).get("properties") or {}
+                ws.assets = props.get("assets", ws.assets)
+                self._send(200, emu.arm_definition(ws))
+            else:
+                self._send(405, {"error": {"code": "MethodNotAllowed"}})
+
+        def _arm_operation(self, subscription: str, op: str) -> None:
+            for ws in emu.web_services.values():
+                if ws.subscription == subscription and op in ws.operations:
+                    if not self._authorized(ws.arm_token):
+                        return
+                    emu._settle(ws)
+                    self._send(200, ws.operations[op])
+                    return
+            self._send(404, {"error": {"code": "OperationNotFound"}})
+
         def _control(self, path: str, body: Any) -> None:
             if path == "/_emulator/faults" and self.command == "POST":
                 for k, v in (body or {}).items():
@@ -472,6 +685,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._handle()
             except BadRequest as exc:
                 self._send(400, {"error": {"code": "BadArgument", "message": str(exc)}})
+            except Conflict as exc:
+                self._send(409, {"error": {"code": "Conflict", "message": str(exc)}})
 
         do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
 

@@ -102,6 +102,16 @@ def emulator_config(*, champion_endpoint: bool = False) -> dict[str, Any]:
     return {
         "account_key": DEV_KEY,
         "training_services": [service],
+        "web_services": [
+            {
+                "subscription": "sub1",
+                "resource_group": "rg1",
+                "name": "housing-new",
+                "arm_token": "local-arm-token",
+                "api_key": "local-new-key",
+                "asset_name": "Housing Model [trained model]",
+            }
+        ],
         "endpoints": [
             {
                 "workspace": "ws1",
@@ -142,6 +152,20 @@ def model_spec(emulator_url: str, **overrides: Any) -> dict[str, Any]:
     return spec
 
 
+def new_target(emulator_url: str, **overrides: Any) -> dict[str, Any]:
+    """A 'new' target: the emulator's ARM web service, with a fixed local token."""
+    target: dict[str, Any] = {
+        "kind": "new",
+        "subscription_id": "sub1",
+        "resource_group": "rg1",
+        "web_service": "housing-new",
+        "arm_endpoint": emulator_url,
+        "token_setting": "RETRAIN_ARM_TOKEN",
+    }
+    target.update(overrides)
+    return target
+
+
 def app_settings(
     connection: str, models: list[dict[str, Any]], *, suffix: str = ""
 ) -> dict[str, str]:
@@ -160,6 +184,7 @@ def app_settings(
         "RETRAIN_POLL_MAX_DELAY": "PT4S",
         "RETRAIN_BES_KEY_HOUSING": "local-bes-key",
         "RETRAIN_ENDPOINT_KEY_HOUSING": "local-endpoint-key",
+        "RETRAIN_ARM_TOKEN": "local-arm-token",
     }
 
 

@@ -67,18 +67,23 @@ class Stack:
         """BES submits the emulator accepted."""
         return self.emulator.count("POST", r"/jobs$", 200)
 
-    def predict(self, rows: list[list[float]]) -> list[float]:
-        """Score rows on the promoted endpoint through RRS."""
+    def predict(self, rows: list[list[float]], *, new: bool = False) -> list[float]:
+        """Score rows through RRS on the Classic endpoint (or the New web service)."""
         import requests
 
+        path = (
+            "/subscriptions/sub1/services/housing-new"
+            if new
+            else "/workspaces/ws1/services/housing-predict-prod"
+        )
+        key = "local-new-key" if new else "local-endpoint-key"
         response = requests.post(
-            f"{self.emulator_url}/workspaces/ws1/services/housing-predict-prod/execute"
-            "?api-version=2.0",
+            f"{self.emulator_url}{path}/execute?api-version=2.0",
             json={
                 "Inputs": {"input1": {"ColumnNames": ["rooms", "age", "distance"], "Values": rows}},
                 "GlobalParameters": {},
             },
-            headers={"Authorization": "Bearer local-endpoint-key"},
+            headers={"Authorization": f"Bearer {key}"},
             timeout=10,
         )
         response.raise_for_status()
@@ -94,11 +99,22 @@ def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
     servers: list[EmulatorServer] = []
     logging.getLogger("azure").setLevel(logging.WARNING)
 
-    def make(*, champion_endpoint: bool = False, **spec: Any) -> Stack:
-        emulator = Emulator(stack.emulator_config(champion_endpoint=champion_endpoint))
+    def make(
+        *,
+        champion_endpoint: bool = False,
+        web_service: dict[str, Any] | None = None,
+        new: dict[str, Any] | None = None,
+        **spec: Any,
+    ) -> Stack:
+        """`web_service` overrides the emulator's New service; `new` selects the New target."""
+        config = stack.emulator_config(champion_endpoint=champion_endpoint)
+        config["web_services"][0].update(web_service or {})
+        emulator = Emulator(config)
         server = EmulatorServer(emulator).__enter__()
         servers.append(server)
         suffix = "-" + uuid.uuid4().hex[:8]
+        if new is not None:
+            spec["target"] = stack.new_target(server.url, **new)
         settings = stack.app_settings(
             azurite_connection, [stack.model_spec(server.url, **spec)], suffix=suffix
         )

@@ -151,21 +151,38 @@ def classic() -> ClassicEndpoint:
 @responses.activate
 def test_patch_sends_resources_then_verifies_with_get() -> None:
     def endpoint_with(location: str) -> dict[str, object]:
-        return {"Name": "prod", "Resources": [{"Name": "M [trained model]", "Kind": "TrainedModel",
-                                               "Location": {"RelativeLocation": location}}]}
+        return {
+            "Name": "prod",
+            "Resources": [
+                {
+                    "Name": "M [trained model]",
+                    "Kind": "TrainedModel",
+                    "Location": {"RelativeLocation": location},
+                }
+            ],
+        }
 
     responses.get(EP, json=endpoint_with("c/old.ilearner"))
     responses.get(EP, json=endpoint_with("/c/m.ilearner"))
-    responses.patch(EP, status=200, body="",
-                    match=[matchers.header_matcher({"Authorization": "Bearer ep-key"})])
+    responses.patch(
+        EP, status=200, body="", match=[matchers.header_matcher({"Authorization": "Bearer ep-key"})]
+    )
     model = BlobRef("https://acct.blob.core.windows.net/", "c/m.ilearner", "?sp=r&sig=S")
     endpoint = classic()
     assert endpoint.deploy(model).state == "succeeded"
     assert [c.request.method for c in responses.calls] == ["GET", "PATCH"]
-    assert json.loads(responses.calls[1].request.body) == {"Resources": [{
-        "Name": "M [trained model]", "Location": {
-            "BaseLocation": "https://acct.blob.core.windows.net/",
-            "RelativeLocation": "c/m.ilearner", "SasBlobToken": "?sp=r&sig=S"}}]}
+    assert json.loads(responses.calls[1].request.body) == {
+        "Resources": [
+            {
+                "Name": "M [trained model]",
+                "Location": {
+                    "BaseLocation": "https://acct.blob.core.windows.net/",
+                    "RelativeLocation": "c/m.ilearner",
+                    "SasBlobToken": "?sp=r&sig=S",
+                },
+            }
+        ]
+    }
     assert endpoint.serves(model)
 
 
