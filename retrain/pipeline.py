@@ -437,6 +437,9 @@ class Retrainer:
         )
         pending = run.get("deployment")
         if pending is None:
+            state = self._ledger.get(model_key(spec.name)) or {}
+            if not state.get("champion"):
+                target.preflight()  # a first promotion checks the target is set up right
             progress = target.deploy(ref)
             started = self._clock.now()
             run, _ = self._ledger.update(
@@ -501,6 +504,10 @@ class Retrainer:
         log.info("run %s of %s promoted: the target serves %s", run["run_id"], spec.name, path)
         self._release(spec, run["run_id"])
         return "promoted"
+
+    def preflight(self, name: str) -> list[str]:
+        """Check a model's target is reachable and updatable as configured."""
+        return self._target_for(self._spec(name)).preflight()
 
     # ---------------------------------------------------------------- helpers
 

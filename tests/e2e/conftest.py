@@ -104,9 +104,11 @@ def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
         champion_endpoint: bool = False,
         web_service: dict[str, Any] | None = None,
         new: dict[str, Any] | None = None,
+        classic: dict[str, Any] | None = None,
         **spec: Any,
     ) -> Stack:
-        """`web_service` overrides the emulator's New service; `new` selects the New target."""
+        """`web_service` overrides the emulator's New service; `new` selects the New target;
+        `classic` overrides fields of the Classic target."""
         config = stack.emulator_config(champion_endpoint=champion_endpoint)
         config["web_services"][0].update(web_service or {})
         emulator = Emulator(config)
@@ -115,6 +117,8 @@ def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
         suffix = "-" + uuid.uuid4().hex[:8]
         if new is not None:
             spec["target"] = stack.new_target(server.url, **new)
+        if classic is not None:
+            spec["target"] = stack.model_spec(server.url)["target"] | classic
         settings = stack.app_settings(
             azurite_connection, [stack.model_spec(server.url, **spec)], suffix=suffix
         )

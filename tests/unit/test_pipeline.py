@@ -360,3 +360,66 @@ def test_unknown_model_in_a_message_is_an_error() -> None:
     w = World()
     with pytest.raises(Exception, match="not configured"):
         w.retrainer.on_track_run(TrackRun(model="other", run_id="r"))
+
+
+class TestAsyncPromotion:
+    def trained(self, provisioning: list[str], **overrides: Any) -> World:
+        w = World(**overrides)
+        w.target = FakeTarget(provisioning)
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        return w
+
+    def test_pending_provisioning_is_polled_by_delayed_messages(self) -> None:
+        w = self.trained(["pending", "pending", "pending"])
+        results, delays = [], []
+        for _ in range(5):
+            delays += [d for _, m, d in w.outbox.sent if isinstance(m, EvaluateRun)]
+            results += w.deliver()
+        assert results == ["provisioning", "provisioning", "provisioning", "promoted"]
+        assert delays == [
+            timedelta(0),
+            timedelta(seconds=30),
+            timedelta(seconds=60),
+            timedelta(seconds=120),
+        ]
+        assert len(w.target.deploys) == 1
+        assert w.run()["deployment"]["operation"] == "op-1"
+
+    def test_failed_provisioning_fails_the_run_and_keeps_the_champion(self) -> None:
+        w = self.trained(["pending", "failed"])
+        w.deliver()
+        w.deliver()
+        run = w.run()
+        assert run["state"] == "failed"
+        assert "ModuleError: cannot load the model (injected)" in run["error"]
+        state = w.ledger.get("models/housing.json")
+        assert state is not None
+        assert state["champion"] is None
+        assert state["active_run"] is None
+
+    def test_provisioning_past_its_timeout_fails(self) -> None:
+        target = {
+            "kind": "new",
+            "subscription_id": "s",
+            "resource_group": "r",
+            "web_service": "w",
+            "provisioning_timeout": 100,
+        }
+        w = self.trained(["pending"] * 20, target=target)
+        for _ in range(8):
+            w.deliver()
+        assert w.run()["state"] == "failed"
+        assert "provisioning did not finish within 0:01:40" in w.run()["error"]
+
+    def test_stale_provisioning_poll_is_dropped(self) -> None:
+        w = self.trained(["pending", "pending", "pending"])
+        w.deliver()  # deploy -> pending, poll 1 scheduled
+        ((_, poll1, _),) = w.outbox.sent
+        w.deliver()  # poll 1 -> pending, poll 2 scheduled
+        w.deliver()  # poll 2 -> pending, poll 3 scheduled
+        assert isinstance(poll1, EvaluateRun)
+        assert w.retrainer.on_evaluate(poll1) == "duplicate"
+        assert w.run()["deployment"]["polls"] == 2

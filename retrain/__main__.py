@@ -1,0 +1,5 @@
+"""`python -m retrain`: the operator command line."""
+
+from retrain.cli import main
+
+raise SystemExit(main())

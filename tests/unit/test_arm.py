@@ -1,0 +1,165 @@
+"""The New (ARM) web service client against the ARM contract, over mocked HTTP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+import pytest
+import responses
+from responses import matchers
+
+from retrain.arm import NewWebService, StaticToken
+from retrain.bes import BlobRef
+from retrain.errors import RemoteError
+from retrain.http import make_session
+
+ARM = "https://management.azure.com"
+URL = f"{ARM}/subscriptions/s/resourceGroups/rg/providers/Microsoft.MachineLearning/webServices/ws"
+MODEL = BlobRef("https://acct.blob.core.windows.net/", "art/m/r/model.ilearner", "?sp=r&sig=S")
+NEW_URI = "https://acct.blob.core.windows.net/art/m/r/model.ilearner"
+
+
+def definition(
+    uri: str = "https://acct.blob.core.windows.net/old.ilearner",
+    state: str = "Succeeded",
+    **props: Any,
+) -> dict[str, Any]:
+    return {
+        "id": "x",
+        "name": "ws",
+        "location": "South Central US",
+        "properties": {
+            "packageType": "Graph",
+            "provisioningState": state,
+            "readOnly": False,
+            "assets": {
+                "mod": {
+                    "name": "Score Model",
+                    "type": "Module",
+                    "locationInfo": {"uri": "aml://m"},
+                },
+                "tm": {
+                    "name": "Census Model [trained model]",
+                    "type": "Resource",
+                    "locationInfo": {"uri": uri},
+                    "outputPorts": {"Results dataset": {}},
+                },
+            },
+            **props,
+        },
+    }
+
+
+def client(asset_name: str | None = None) -> NewWebService:
+    return NewWebService(
+        arm_endpoint=ARM,
+        subscription_id="s",
+        resource_group="rg",
+        name="ws",
+        asset_name=asset_name,
+        api_version="2017-01-01",
+        credential=StaticToken("tok"),
+        session=make_session(backoff=0),
+        timeout=(1, 1),
+    )
+
+
+@responses.activate
+def test_patch_sends_a_minimal_body_with_only_the_uri_changed() -> None:
+    current = definition()
+    responses.get(
+        URL,
+        json=current,
+        match=[
+            matchers.query_param_matcher({"api-version": "2017-01-01"}),
+            matchers.header_matcher({"Authorization": "Bearer tok"}),
+        ],
+    )
+    responses.patch(
+        URL,
+        json=definition(NEW_URI, "Provisioning"),
+        headers={"Azure-AsyncOperation": f"{ARM}/ops/1?api-version=2017-01-01"},
+    )
+    progress = client().deploy(MODEL)
+    assert (progress.state, progress.operation) == (
+        "pending",
+        f"{ARM}/ops/1?api-version=2017-01-01",
+    )
+    body = json.loads(responses.calls[1].request.body)
+    expected = copy.deepcopy(current["properties"]["assets"])
+    expected["tm"]["locationInfo"]["uri"] = NEW_URI
+    assert body == {
+        "location": "South Central US",
+        "properties": {"packageType": "Graph", "assets": expected},
+    }
+
+
+@responses.activate
+def test_operation_status_succeeded_failed_and_running() -> None:
+    op = f"{ARM}/ops/1?api-version=2017-01-01"
+    responses.get(op, json={"status": "InProgress"})
+    responses.get(op, json={"status": "Failed", "error": {"code": "Bad", "message": "no model"}})
+    responses.get(op, json={"provisioningState": "Succeeded"})
+    c = client()
+    assert c.progress(op).state == "pending"
+    failed = c.progress(op)
+    assert (failed.state, failed.detail) == ("failed", "Bad: no model")
+    assert c.progress(op).state == "succeeded"
+    with pytest.raises(RemoteError, match="outside"):
+        c.progress("https://elsewhere.example/op")
+
+
+@responses.activate
+def test_without_an_operation_header_the_resource_is_polled() -> None:
+    responses.get(URL, json=definition(NEW_URI, "Provisioning"))
+    responses.get(URL, json=definition(NEW_URI, "Succeeded"))
+    c = client()
+    assert c.progress(None).state == "pending"
+    assert c.serves(MODEL)
+
+
+@responses.activate
+def test_already_serving_or_provisioning_the_model_does_not_patch_again() -> None:
+    responses.get(URL, json=definition(NEW_URI, "Succeeded"))
+    responses.get(URL, json=definition(NEW_URI, "Provisioning"))
+    c = client()
+    assert c.deploy(MODEL).state == "succeeded"
+    assert c.deploy(MODEL).state == "pending"
+    assert all(call.request.method == "GET" for call in responses.calls)
+
+
+@pytest.mark.parametrize(
+    ("props", "asset_name", "message"),
+    [
+        ({"readOnly": True}, None, "is read-only"),
+        ({"payloadsInBlobStorage": True}, None, "blob storage"),
+        ({}, "Other [trained model]", "no Resource asset named 'Other [trained model]'"),
+    ],
+)
+@responses.activate
+def test_unusable_definitions_are_refused(
+    props: dict[str, Any], asset_name: str | None, message: str
+) -> None:
+    responses.get(URL, json=definition(**props))
+    with pytest.raises(RemoteError, match=re.escape(message)):
+        client(asset_name).preflight()
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "retryable"),
+    [
+        (401, "Contributor role", False),
+        (403, "Contributor role", False),
+        (404, "web service ws not found", False),
+        (409, "in progress", True),
+    ],
+)
+@responses.activate
+def test_arm_errors_say_what_to_do(status: int, message: str, retryable: bool) -> None:
+    responses.get(URL, status=status, json={"error": {"code": "X"}})
+    with pytest.raises(RemoteError, match=message) as info:
+        client().get()
+    assert info.value.retryable is retryable
