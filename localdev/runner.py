@@ -4,6 +4,7 @@ What it emulates, from the app's own metadata: the blob trigger (a container sca
 receipts on name + ETag, like the polling trigger), the queue triggers (base64 bodies,
 `dequeue_count`, re-delivery after a failure, and `<queue>-poison` after `maxDequeueCount`
 from host.json), and `%SETTING%` binding expressions resolved from the environment.
+Timer triggers fire on demand (`fire`) or at a fixed interval, not on their CRON schedule.
 What it does not: Event Grid delivery, concurrency limits, function timeouts, scale-out.
 """
 
@@ -82,11 +83,14 @@ class LocalRunner:
         for fn in app.get_functions():
             trigger: Any = fn.get_trigger()  # binding metadata classes differ per trigger
             kind = trigger.get_binding_name()
-            connections.add(trigger.connection)
+            if kind != "timerTrigger":
+                connections.add(trigger.connection)
             if kind == "blobTrigger":
                 target = _resolve(trigger.path, self.env).split("/", 1)[0]
             elif kind == "queueTrigger":
                 target = _resolve(trigger.queue_name, self.env)
+            elif kind == "timerTrigger":
+                target = _resolve(trigger.schedule, self.env)
             else:
                 raise ValueError(f"the local runner does not emulate {kind} triggers")
             self.triggers.append(
@@ -105,6 +109,8 @@ class LocalRunner:
             self._create(t)
 
     def _create(self, t: _Trigger) -> None:
+        if t.kind == "timerTrigger":
+            return
         try:
             if t.kind == "blobTrigger":
                 self.blobs.create_container(t.target)
@@ -137,11 +143,19 @@ class LocalRunner:
         self.invocations.append((t.name, what, True))
         return True
 
+    def fire(self, trigger: str) -> bool:
+        """Invoke a timer-triggered function now (its CRON schedule is not emulated)."""
+        t = next(t for t in self.triggers if t.name == trigger and t.kind == "timerTrigger")
+        return self._invoke(t, "timer", {t.arg: _Timer()})
+
     def step(self) -> int:
-        """One polling round over every trigger; returns how many invocations it made."""
+        """One polling round over every blob and queue trigger; returns the invocations made."""
         count = 0
         for t in self.triggers:
-            count += self._scan(t) if t.kind == "blobTrigger" else self._drain(t)
+            if t.kind == "blobTrigger":
+                count += self._scan(t)
+            elif t.kind == "queueTrigger":
+                count += self._drain(t)
         return count
 
     def _scan(self, t: _Trigger) -> int:
@@ -211,11 +225,23 @@ class LocalRunner:
                 raise TimeoutError(f"still busy after {timeout} s ({self.pending()} messages)")
             time.sleep(interval)  # the host's own polling interval, not a wait for a result
 
-    def run_forever(self, *, interval: float = 0.5) -> None:
-        """Serve until interrupted."""
+    def run_forever(self, *, interval: float = 0.5, timers_every: float = 300.0) -> None:
+        """Serve until interrupted; timer functions fire every `timers_every` seconds."""
+        next_timers = time.monotonic() + timers_every
         while True:
+            if time.monotonic() >= next_timers:
+                for t in self.triggers:
+                    if t.kind == "timerTrigger":
+                        self.fire(t.name)
+                next_timers = time.monotonic() + timers_every
             if self.step() == 0:
                 time.sleep(interval)
+
+
+class _Timer:
+    """What a timer trigger passes: the host's TimerRequest, minus the schedule details."""
+
+    past_due = False
 
 
 def main() -> None:

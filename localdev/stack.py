@@ -185,6 +185,8 @@ def app_settings(
         "RETRAIN_BES_KEY_HOUSING": "local-bes-key",
         "RETRAIN_ENDPOINT_KEY_HOUSING": "local-endpoint-key",
         "RETRAIN_ARM_TOKEN": "local-arm-token",
+        "RETRAIN_EVENTS_QUEUE": f"retrain-events{suffix}",
+        "RETRAIN_SWEEP_SCHEDULE": "0 */5 * * * *",
     }
 
 

@@ -77,6 +77,7 @@ def call(
     headers: dict[str, str],
     json_body: Any = None,
     send_body: bool = False,
+    data: bytes | None = None,
 ) -> requests.Response:
     """Send one request and turn every failure into a RemoteError that names the operation."""
     try:
@@ -84,7 +85,7 @@ def call(
             method,
             url,
             headers=headers,
-            data=json.dumps(json_body) if send_body else None,
+            data=json.dumps(json_body) if send_body else data,
             timeout=timeout,
         )
     except requests.exceptions.RetryError as exc:

@@ -45,6 +45,31 @@ class EvaluateRun(_Message):
     """Provisioning polls of an asynchronous promotion (New web services)."""
 
 
+class RunEvent(BaseModel):
+    """A run changed state: what notifications and dashboards are told."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    kind: Literal["run-event"] = "run-event"
+    model: ModelName
+    run_id: str
+    state: str
+    reason: str
+    at: str
+    job_id: str | None = None
+    metrics: dict[str, float] | None = None
+
+
+def parse_event(body: bytes | str) -> RunEvent:
+    """Parse a message from the events queue."""
+    raw = _check_size(body)
+    try:
+        return RunEvent.model_validate_json(raw)
+    except ValidationError as exc:
+        raise MessageError(f"not an events-queue message: {_summary(exc)}") from exc
+
+
 JobsMessage = Annotated[CheckBatch | TrackRun, Field(discriminator="kind")]
 _jobs = TypeAdapter[CheckBatch | TrackRun](JobsMessage)
 

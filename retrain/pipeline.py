@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Mapping
@@ -9,14 +11,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel
+
 from retrain.bes import BatchJobs, BlobRef, JobState
 from retrain.clock import Clock
 from retrain.deploy import DeployTarget
-from retrain.errors import EvaluationError, InputRejected, RemoteError
+from retrain.errors import EvaluationError, InputRejected, MessageError, RemoteError
 from retrain.evaluation import decide, parse_evaluation_csv
 from retrain.ingest import route, validate
 from retrain.ledger import TERMINAL, Doc, Ledger, arrival_key, model_key, run_key
-from retrain.messages import CheckBatch, EvaluateRun, TrackRun
+from retrain.messages import (
+    CheckBatch,
+    EvaluateRun,
+    RunEvent,
+    TrackRun,
+    parse_evaluation,
+    parse_jobs,
+)
 from retrain.settings import ModelSpec
 from retrain.storage import DataStore, Outbox
 
@@ -38,6 +49,7 @@ class Places:
     quarantine_container: str
     jobs_queue: str
     evaluations_queue: str
+    events_queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class Timing:
 
     first_delay: timedelta
     max_delay: timedelta
+    stall: timedelta = timedelta(minutes=15)
+    """Beyond its poll delay, how long a step may stand still before the sweep re-drives it."""
 
     def delay(self, poll: int) -> timedelta:
         """The wait before poll number `poll` (1-based)."""
@@ -156,18 +170,17 @@ class Retrainer:
         spec = self._spec(msg.model)
         state = self._ledger.get(model_key(spec.name)) or {}
         batch = state.get("batch")
+        now = self._clock.now()
         if not batch or batch["id"] != msg.batch_id:
-            if state.get("active_run") == msg.batch_id:
-                # Sealed by a delivery that may have died before it enqueued the run.
-                self._outbox.send(
-                    self._places.jobs_queue, TrackRun(model=spec.name, run_id=msg.batch_id)
-                )
+            sealed = state.get("sealed") or {}
+            if state.get("active_run") == msg.batch_id and sealed.get("id") == msg.batch_id:
+                # Sealed by a delivery that may have died before it started the run.
+                self._start_run(spec, sealed, now)
                 return "resent"
             return "stale"
-        now = self._clock.now()
         quiet = now >= _parse(batch["last_at"]) + spec.quiet_period
         overdue = now >= _parse(batch["opened_at"]) + spec.max_wait
-        if not (quiet or overdue):
+        if not (quiet or overdue or batch.get("force")):
             if msg.arrivals == len(batch["files"]):
                 self._schedule_check(spec, batch, now)  # delivered early; look again later
             return "waiting"
@@ -177,24 +190,36 @@ class Retrainer:
                 batch["id"],
                 spec.name,
                 state["active_run"],
+                extra=_dims(spec.name, state["active_run"]),
             )
             return "busy"
         run_id = batch["id"]
-        self._ledger.create(run_key(spec.name, run_id), _new_run(spec, batch, now))
 
         def seal(d: Doc) -> Doc | None:
             if not d.get("batch") or d["batch"]["id"] != run_id or d.get("active_run"):
                 return None
-            d["batch"], d["active_run"] = None, run_id
+            d["sealed"], d["batch"], d["active_run"] = d["batch"], None, run_id
             return d
 
-        _, sealed = self._ledger.update(model_key(spec.name), seal)
-        current = self._ledger.get(model_key(spec.name)) or {}
-        if sealed or current.get("active_run") == run_id:
-            self._outbox.send(self._places.jobs_queue, TrackRun(model=spec.name, run_id=run_id))
-            log.info("run %s of %s: sealed %d file(s)", run_id, spec.name, len(batch["files"]))
-            return "sealed"
-        return "stale"
+        state, _ = self._ledger.update(model_key(spec.name), seal)
+        if state.get("active_run") != run_id:
+            return "stale"
+        self._start_run(spec, state["sealed"], now)
+        return "sealed"
+
+    def _start_run(self, spec: ModelSpec, batch: Doc, now: datetime) -> None:
+        """Record the run of a sealed batch (once) and hand it to the train step."""
+        run = _new_run(spec, batch, now)
+        if self._ledger.create(run_key(spec.name, run["run_id"]), run):
+            self._emit(spec, run, run["history"][0]["note"])
+            log.info(
+                "run %s of %s: sealed %d file(s)",
+                run["run_id"],
+                spec.name,
+                len(batch["files"]),
+                extra=_dims(spec.name, run["run_id"]),
+            )
+        self._outbox.send(self._places.jobs_queue, TrackRun(model=spec.name, run_id=run["run_id"]))
 
     # ------------------------------------------------------------------- train
 
@@ -222,11 +247,13 @@ class Retrainer:
                     return "conflict"
             if run["state"] == "submitted":
                 jobs.start(run["job_id"])
-                run, _ = self._ledger.update(
-                    key,
-                    lambda d: _advance(
-                        d, "submitted", "running", now, note=f"job {d['job_id']} started"
-                    ),
+                run, _ = self._move(
+                    spec,
+                    msg.run_id,
+                    "submitted",
+                    "running",
+                    now,
+                    note=f"job {run['job_id']} started",
                 )
                 self._poll_later(spec, msg.run_id, 1)
                 return "started"
@@ -278,20 +305,18 @@ class Retrainer:
         job_id = jobs.submit(
             inputs=inputs, outputs=outputs, global_parameters=spec.bes.global_parameters
         )
-        run, persisted = self._ledger.update(
-            run_key(spec.name, run["run_id"]),
-            lambda d: _advance(
-                d,
-                "queued",
-                "submitted",
-                now,
-                note=f"job {job_id} submitted",
-                job_id=job_id,
-                outputs={
-                    "model": f"{art}/{folder}/{MODEL_BLOB}",
-                    "evaluation": f"{art}/{folder}/{EVALUATION_BLOB}",
-                },
-            ),
+        run, persisted = self._move(
+            spec,
+            run["run_id"],
+            "queued",
+            "submitted",
+            now,
+            note=f"job {job_id} submitted",
+            job_id=job_id,
+            outputs={
+                "model": f"{art}/{folder}/{MODEL_BLOB}",
+                "evaluation": f"{art}/{folder}/{EVALUATION_BLOB}",
+            },
         )
         if not persisted:
             # Another delivery submitted first; ours was never started, so it never runs.
@@ -309,9 +334,7 @@ class Retrainer:
             return "duplicate"
         status = jobs.status(run["job_id"])
         if status.state is JobState.FINISHED:
-            self._ledger.update(
-                key, lambda d: _advance(d, "running", "trained", now, note="BES job finished")
-            )
+            self._move(spec, msg.run_id, "running", "trained", now, note="BES job finished")
             self._outbox.send(
                 self._places.evaluations_queue, EvaluateRun(model=spec.name, run_id=msg.run_id)
             )
@@ -397,35 +420,152 @@ class Retrainer:
         }
         metrics = {"challenger": evaluation.challenger, "champion": champion}
         if not decision.promote:
-            log.info("run %s of %s rejected: %s", run["run_id"], spec.name, decision.reason)
-            run, _ = self._ledger.update(
-                key,
-                lambda d: _advance(
-                    d,
-                    "trained",
-                    "rejected",
-                    now,
-                    note=decision.reason,
-                    decision=verdict,
-                    metrics=metrics,
-                ),
+            log.info(
+                "run %s of %s rejected: %s",
+                run["run_id"],
+                spec.name,
+                decision.reason,
+                extra=_dims(spec.name, run["run_id"]),
             )
-            self._release(spec, run["run_id"])
-            return run
-        log.info("run %s of %s passes the gate: %s", run["run_id"], spec.name, decision.reason)
-        run, _ = self._ledger.update(
-            key,
-            lambda d: _advance(
-                d,
+            run, _ = self._move(
+                spec,
+                run["run_id"],
                 "trained",
-                "promoting",
+                "rejected",
                 now,
                 note=decision.reason,
                 decision=verdict,
                 metrics=metrics,
-            ),
+            )
+            self._release(spec, run["run_id"])
+            return run
+        log.info(
+            "run %s of %s passes the gate: %s",
+            run["run_id"],
+            spec.name,
+            decision.reason,
+            extra=_dims(spec.name, run["run_id"]),
+        )
+        if spec.promotion == "manual":
+            run, moved = self._move(
+                spec,
+                run["run_id"],
+                "trained",
+                "awaiting_approval",
+                now,
+                note=f"{decision.reason}; waiting for approval",
+                decision=verdict,
+                metrics=metrics,
+            )
+            if moved:
+                self._await_approval(spec, run["run_id"], now)
+            return run
+        run, _ = self._move(
+            spec,
+            run["run_id"],
+            "trained",
+            "promoting",
+            now,
+            note=decision.reason,
+            decision=verdict,
+            metrics=metrics,
         )
         return run
+
+    def _await_approval(self, spec: ModelSpec, run_id: str, now: datetime) -> None:
+        """Park the run for approval, supersede an older parked run, free the model."""
+        older: list[str] = []
+
+        def park(d: Doc) -> Doc | None:
+            previous = d.get("awaiting_approval")
+            older[:] = [previous] if previous and previous != run_id else []
+            d["awaiting_approval"] = run_id
+            if d.get("active_run") == run_id:
+                d["active_run"] = None
+            return d
+
+        state, _ = self._ledger.update(model_key(spec.name), park, initial=_new_model(spec))
+        for old_id in older:
+            self._move(
+                spec,
+                old_id,
+                "awaiting_approval",
+                "superseded",
+                now,
+                note=f"superseded by run {run_id}, which also passed the gate",
+            )
+        if state.get("batch") and not state.get("active_run"):
+            self._schedule_check(spec, state["batch"], now)
+
+    def approve(self, name: str, run_id: str, *, by: str) -> str:
+        """Promote a run that waits for approval, through the same path as automatic ones."""
+        spec = self._spec(name)
+        run = self._ledger.get(run_key(name, run_id))
+        if run is None:
+            raise InputRejected(f"run {run_id} of {name} does not exist")
+        if run["state"] != "awaiting_approval":
+            raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
+        self._lock(spec, run_id, "approve")
+        now = self._clock.now()
+        _, moved = self._move(
+            spec,
+            run_id,
+            "awaiting_approval",
+            "promoting",
+            now,
+            note=f"approved by {by}",
+            approved_by=by,
+        )
+        if not moved:
+            self._release(spec, run_id)
+            raise InputRejected(f"run {run_id} changed state while being approved")
+        self._ledger.update(
+            model_key(name),
+            lambda d: (
+                {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
+            ),
+        )
+        self._outbox.send(self._places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
+        return "promoting"
+
+    def reject(self, name: str, run_id: str, *, by: str, reason: str) -> str:
+        """Turn down a run that waits for approval, recording who and why."""
+        spec = self._spec(name)
+        now = self._clock.now()
+        run, moved = self._move(
+            spec,
+            run_id,
+            "awaiting_approval",
+            "rejected",
+            now,
+            note=f"rejected by {by}: {reason}",
+            rejected_by=by,
+        )
+        if not moved:
+            raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
+        self._ledger.update(
+            model_key(name),
+            lambda d: (
+                {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
+            ),
+        )
+        return "rejected"
+
+    def _lock(self, spec: ModelSpec, run_id: str, action: str) -> None:
+        """Make `run_id` the model's active run, or explain which run holds the model."""
+
+        def lock(d: Doc) -> Doc | None:
+            if d.get("active_run") in (None, run_id):
+                d["active_run"] = run_id
+                return d
+            return None
+
+        state, _ = self._ledger.update(model_key(spec.name), lock, initial=_new_model(spec))
+        if state.get("active_run") != run_id:
+            raise InputRejected(
+                f"cannot {action} now: run {state['active_run']} of {spec.name} is in progress; "
+                "try again when it has ended"
+            )
 
     def _promote(self, spec: ModelSpec, run: Doc, msg: EvaluateRun) -> str:
         target = self._target_for(spec)
@@ -497,13 +637,314 @@ class Retrainer:
             return d
 
         self._ledger.update(model_key(spec.name), crown)
-        self._ledger.update(
-            run_key(spec.name, run["run_id"]),
-            lambda d: _advance(d, "promoting", "promoted", now, note=f"deployed {path}"),
-        )
+        self._move(spec, run["run_id"], "promoting", "promoted", now, note=f"deployed {path}")
         log.info("run %s of %s promoted: the target serves %s", run["run_id"], spec.name, path)
         self._release(spec, run["run_id"])
         return "promoted"
+
+    # -------------------------------------------------------------- operations
+
+    def request(self, name: str, blob: str | None = None, *, reason: str) -> str:
+        """Retrain `name` now on `blob` (default: its newest data file), through the batch path.
+
+        The file is validated like any arrival and added to the model's batch, which is marked
+        to be sealed without waiting for the quiet period. Returns the batch id.
+        """
+        spec = self._spec(name)
+        container = self._places.data_container
+        if blob is None:
+            newest = self._data.newest(container, spec.prefix)
+            if newest is None:
+                raise InputRejected(f"no data under {container}/{spec.prefix} to retrain on")
+            blob = newest
+        if not blob.startswith(spec.prefix):
+            raise InputRejected(f"{blob!r} is not under {name}'s data prefix {spec.prefix!r}")
+        head = self._data.head(container, blob)
+        if head is None:
+            raise InputRejected(f"{container}/{blob} does not exist")
+        validate(spec, blob, size=head.size, head=head.head)
+        now = self._clock.now()
+        file = {
+            "name": blob,
+            "etag": head.etag,
+            "size": head.size,
+            "arrived_at": _iso(now),
+            "requested": reason,
+        }
+
+        def add(d: Doc) -> Doc | None:
+            changed = _add_to_batch(d, file, now) or d
+            changed["batch"]["force"] = True
+            return changed
+
+        doc, _ = self._ledger.update(model_key(name), add, initial=_new_model(spec))
+        self._outbox.send(
+            self._places.jobs_queue,
+            CheckBatch(
+                model=name, batch_id=doc["batch"]["id"], arrivals=len(doc["batch"]["files"])
+            ),
+        )
+        log.info("retrain of %s requested on %s (%s)", name, blob, reason, extra=_dims(name))
+        return str(doc["batch"]["id"])
+
+    def rollback(self, name: str, to: str | None = None, *, by: str) -> str:
+        """Re-deploy an earlier promoted run's model (default: the previous champion).
+
+        A rollback is a run of its own, promoted through the model's target with a freshly
+        minted SAS for the model blob in the app's artifacts container. Returns its id.
+        """
+        spec = self._spec(name)
+        state = self._ledger.get(model_key(name)) or {}
+        champion = state.get("champion") or {}
+        if to is None:
+            previous = state.get("previous_champion")
+            if not previous:
+                raise InputRejected(f"{name} has no previous champion to roll back to")
+            to = str(previous["run_id"])
+        source = self._ledger.get(run_key(name, to))
+        if source is None:
+            raise InputRejected(f"run {to} of {name} does not exist")
+        if source["state"] != "promoted":
+            raise InputRejected(
+                f"run {to} is {source['state']}; only a promoted run's model can be restored"
+            )
+        if champion.get("model") == source["outputs"]["model"]:
+            raise InputRejected(f"{name} already serves the model of run {to}")
+        now = self._clock.now()
+        run_id = f"rollback-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+        self._lock(spec, run_id, "roll back")
+        note = f"rollback to run {to} requested by {by}"
+        run = {
+            "run_id": run_id,
+            "model": name,
+            "kind": "rollback",
+            "restores": to,
+            "state": "promoting",
+            "created_at": _iso(now),
+            "updated_at": _iso(now),
+            "files": source.get("files", []),
+            "training_file": source.get("training_file"),
+            "job_id": source.get("job_id"),
+            "polls": 0,
+            "outputs": {"model": source["outputs"]["model"]},
+            "metrics": source.get("metrics"),
+            "decision": {"promote": True, "reason": note},
+            "error": None,
+            "requested_by": by,
+            "history": [{"state": "promoting", "at": _iso(now), "note": note}],
+        }
+        self._ledger.create(run_key(name, run_id), run)
+        self._emit(spec, run, note)
+        self._outbox.send(self._places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
+        return run_id
+
+    def on_poison(self, queue: str, body: bytes) -> str:
+        """A message failed every delivery: keep it for replay and fail its run with the reason."""
+        text = body.decode("utf-8", errors="replace")
+        digest = hashlib.sha256(f"{queue}\n{text}".encode()).hexdigest()
+        key = f"poison/{digest}.json"
+        now = self._clock.now()
+        record: Doc = {
+            "queue": queue,
+            "body": text,
+            "poisoned_at": _iso(now),
+            "replayed": False,
+            "model": None,
+            "run_id": None,
+            "state_before": None,
+        }
+        message: CheckBatch | TrackRun | EvaluateRun | None = None
+        try:
+            message = (
+                parse_evaluation(body)
+                if queue == self._places.evaluations_queue
+                else parse_jobs(body)
+            )
+        except MessageError as exc:
+            record["reason"] = f"the message cannot be parsed: {exc}"
+        else:
+            record["model"] = message.model
+            record["run_id"] = getattr(message, "run_id", None)
+            record["reason"] = (
+                f"a {message.kind} message failed on every delivery and was moved "
+                f"to {queue}-poison (the function's log has each error)"
+            )
+        run = (
+            self._ledger.get(run_key(record["model"], record["run_id"]))
+            if record["run_id"]
+            else None
+        )
+        if run is not None and run["state"] not in TERMINAL:
+            record["state_before"] = run["state"]
+        self._ledger.update(
+            key,
+            lambda d: {**record} if d.get("replayed", True) else None,
+            initial={"replayed": True},
+        )
+        log.error(
+            "poison message on %s: %s",
+            queue,
+            record["reason"],
+            extra=_dims(record["model"] or "-", record["run_id"]),
+        )
+        if run is not None and record["state_before"] and message is not None:
+            self._fail(self._spec(message.model), run, record["reason"], poisoned=key)
+            return "failed"
+        return "recorded"
+
+    def replay_poison(self) -> list[str]:
+        """Send every poisoned message back to its queue, reviving the run it failed."""
+        replayed = []
+        for key in self._ledger.store.keys("poison/"):
+            record = self._ledger.get(key)
+            if record and not record.get("replayed"):
+                self._replay(key, record)
+                replayed.append(key)
+        return replayed
+
+    def _replay(self, key: str, record: Doc) -> None:
+        if record.get("run_id") and record.get("state_before"):
+            spec = self._spec(record["model"])
+            now = self._clock.now()
+            self._lock(spec, record["run_id"], f"replay {key}")
+
+            def revive(d: Doc) -> Doc | None:
+                if d.get("poisoned") != key:
+                    return None
+                return _advance(
+                    d,
+                    "failed",
+                    record["state_before"],
+                    now,
+                    error=None,
+                    poisoned=None,
+                    note="revived to replay its poisoned message",
+                )
+
+            _, revived = self._ledger.update(run_key(spec.name, record["run_id"]), revive)
+            if not revived:
+                self._release(spec, record["run_id"])
+        self._outbox.send_raw(record["queue"], record["body"])
+        self._ledger.update(
+            key, lambda d: {**d, "replayed": True, "replayed_at": _iso(self._clock.now())}
+        )
+
+    def sweep(self) -> dict[str, int]:
+        """Re-drive what a lost message or event left behind. Safe to run anywhere, any time."""
+        counts = {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0}
+        now = self._clock.now()
+        container = self._places.data_container
+        for spec in self._models.values():
+            for name, etag in self._data.listing(container, spec.prefix):
+                if self._ledger.get(arrival_key(container, name, etag)) is None:
+                    self.on_blob(container, name)
+                    counts["blobs"] += 1
+            state = self._ledger.get(model_key(spec.name)) or {}
+            batch = state.get("batch")
+            if batch and not state.get("active_run"):
+                due = min(
+                    _parse(batch["last_at"]) + spec.quiet_period,
+                    _parse(batch["opened_at"]) + spec.max_wait,
+                )
+                if now >= due + self._stall and self._claim_sweep(model_key(spec.name), now):
+                    self._schedule_check(spec, batch, now)
+                    counts["checks"] += 1
+            active = state.get("active_run")
+            if active:
+                counts["runs"] += self._redrive(spec, active, now)
+            champion = state.get("champion")
+            if (
+                spec.retrain_every
+                and champion
+                and not active
+                and not batch
+                and now >= _parse(champion["promoted_at"]) + spec.retrain_every
+                and self._claim_sweep(model_key(spec.name), now)
+            ):
+                with contextlib.suppress(InputRejected):
+                    self.request(
+                        spec.name, reason=f"scheduled: champion older than {spec.retrain_every}"
+                    )
+                    counts["scheduled"] += 1
+        return counts
+
+    @property
+    def _stall(self) -> timedelta:
+        return self._timing.max_delay + self._timing.stall
+
+    def _claim_sweep(self, key: str, now: datetime) -> bool:
+        """Only one of several concurrent sweeps acts on a document per stall period."""
+
+        def claim(d: Doc) -> Doc | None:
+            last = d.get("swept_at")
+            if last and now < _parse(last) + self._timing.stall:
+                return None
+            d["swept_at"] = _iso(now)
+            return d
+
+        _, claimed = self._ledger.update(key, claim)
+        return claimed
+
+    def _redrive(self, spec: ModelSpec, run_id: str, now: datetime) -> int:
+        key = run_key(spec.name, run_id)
+        run = self._ledger.get(key)
+        if run is None or run["state"] in TERMINAL or run["state"] == "awaiting_approval":
+            if run is not None:
+                self._release(spec, run_id)
+            return 0
+        deployment = run.get("deployment") or {}
+        moments = [
+            run.get("updated_at") or run["created_at"],
+            run.get("polled_at"),
+            deployment.get("polled_at"),
+            deployment.get("started_at"),
+            run.get("swept_at"),
+        ]
+        last = max(_parse(m) for m in moments if m)
+        if now < last + self._stall or not self._claim_sweep(key, now):
+            return 0
+        if run["state"] in ("queued", "submitted", "running"):
+            message: BaseModel = TrackRun(
+                model=spec.name, run_id=run_id, poll=run.get("polls", 0) + 1
+            )
+            queue = self._places.jobs_queue
+        else:
+            message = EvaluateRun(
+                model=spec.name,
+                run_id=run_id,
+                poll=deployment.get("polls", 0) + 1 if deployment else 0,
+            )
+            queue = self._places.evaluations_queue
+        log.warning(
+            "sweep: run %s of %s stalled in %s since %s; re-driven",
+            run_id,
+            spec.name,
+            run["state"],
+            last.isoformat(),
+            extra=_dims(spec.name, run_id),
+        )
+        self._outbox.send(queue, message)
+        return 1
+
+    def runs(self, model: str | None = None) -> list[Doc]:
+        """Every run record, oldest first (of one model, or all)."""
+        prefix = f"runs/{model}/" if model else "runs/"
+        return [
+            doc for k in self._ledger.store.keys(prefix) if (doc := self._ledger.get(k)) is not None
+        ]
+
+    def find_run(self, run_id: str) -> Doc:
+        """A run by id, whichever model it belongs to."""
+        for name in self._models:
+            run = self._ledger.get(run_key(name, run_id))
+            if run is not None:
+                return run
+        raise InputRejected(f"no run {run_id!r}; list runs with `python -m retrain runs`")
+
+    def model_state(self, name: str) -> Doc:
+        """A model's document: open batch, active run, champion."""
+        self._spec(name)
+        return self._ledger.get(model_key(name)) or {}
 
     def preflight(self, name: str) -> list[str]:
         """Check a model's target is reachable and updatable as configured."""
@@ -523,6 +964,7 @@ class Retrainer:
             if holder.get("polls", 0) >= poll:
                 return None
             holder["polls"] = poll
+            holder["polled_at"] = _iso(self._clock.now())
             return d
 
         doc, _ = self._ledger.update(key, claim)
@@ -535,18 +977,70 @@ class Retrainer:
         except KeyError:
             raise InputRejected(f"model {name!r} is not configured") from None
 
-    def _fail(self, spec: ModelSpec, run: Doc, reason: str) -> str:
+    def _fail(self, spec: ModelSpec, run: Doc, reason: str, **fields: Any) -> str:
         now = self._clock.now()
-        log.error("run %s of %s failed: %s", run["run_id"], spec.name, reason)
+        log.error(
+            "run %s of %s failed: %s",
+            run["run_id"],
+            spec.name,
+            reason,
+            extra=_dims(spec.name, run["run_id"], run.get("job_id")),
+        )
 
         def fail(d: Doc) -> Doc | None:
             if d["state"] in TERMINAL:
                 return None
-            return _advance(d, d["state"], "failed", now, note=reason, error=reason)
+            return _advance(d, d["state"], "failed", now, note=reason, error=reason, **fields)
 
-        self._ledger.update(run_key(spec.name, run["run_id"]), fail)
+        doc, changed = self._ledger.update(run_key(spec.name, run["run_id"]), fail)
+        if changed:
+            self._emit(spec, doc, reason)
         self._release(spec, run["run_id"])
         return "failed"
+
+    def _move(
+        self,
+        spec: ModelSpec,
+        run_id: str,
+        expected: str,
+        state: str,
+        now: datetime,
+        *,
+        note: str,
+        **fields: Any,
+    ) -> tuple[Doc, bool]:
+        """One state transition, applied only from `expected`; announced as an event."""
+        doc, changed = self._ledger.update(
+            run_key(spec.name, run_id),
+            lambda d: _advance(d, expected, state, now, note=note, **fields),
+        )
+        if changed:
+            self._emit(spec, doc, note)
+        return doc, changed
+
+    def _emit(self, spec: ModelSpec, run: Doc, reason: str) -> None:
+        if self._places.events_queue is None:
+            return
+        event = RunEvent(
+            model=spec.name,
+            run_id=run["run_id"],
+            state=run["state"],
+            reason=reason[:2000],
+            at=run.get("updated_at") or _iso(self._clock.now()),
+            job_id=run.get("job_id"),
+            metrics=(run.get("metrics") or {}).get("challenger"),
+        )
+        try:
+            self._outbox.send(self._places.events_queue, event)
+        except Exception:
+            log.warning(
+                "run %s of %s: could not queue the %s event",
+                run["run_id"],
+                spec.name,
+                run["state"],
+                exc_info=True,
+                extra=_dims(spec.name, run["run_id"]),
+            )
 
     def _release(self, spec: ModelSpec, run_id: str) -> None:
         """End the model's active run and let a batch that waited for it go ahead."""
@@ -619,5 +1113,11 @@ def _advance(
         return None
     doc.update(fields)
     doc["state"] = state
+    doc["updated_at"] = _iso(now)
     doc["history"].append({"state": state, "at": _iso(now), "note": note})
     return doc
+
+
+def _dims(model: str, run_id: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+    """Logging extras; Application Insights turns them into custom dimensions."""
+    return {"model": model, "run_id": run_id, "job_id": job_id}

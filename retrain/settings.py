@@ -219,7 +219,10 @@ class ModelSpec(_Spec):
     bes: BesSpec
     gate: GateSpec
     target: Target
-    promotion: Literal["auto"] = "auto"
+    retrain_every: timedelta | None = None
+    """If set, the sweep retrains on the newest data once the champion is this old."""
+    promotion: Literal["auto", "manual"] = "auto"
+    """'manual': a run that passes the gate waits for `python -m retrain approve`."""
     quiet_period: timedelta = timedelta(seconds=60)
     max_wait: timedelta = timedelta(minutes=15)
     job_deadline: timedelta = timedelta(hours=6)
@@ -257,6 +260,15 @@ class Settings(BaseSettings):
     quarantine_container: str = Field(
         default="retrain-quarantine", validation_alias="RETRAIN_QUARANTINE_CONTAINER"
     )
+    events_queue: str = Field(default="retrain-events", validation_alias="RETRAIN_EVENTS_QUEUE")
+    webhook_url: AnyHttpUrl | None = Field(default=None, validation_alias="RETRAIN_WEBHOOK_URL")
+    webhook_secret: SecretStr | None = Field(
+        default=None, validation_alias="RETRAIN_WEBHOOK_SECRET"
+    )
+    sweep_stall: timedelta = Field(
+        default=timedelta(minutes=15), validation_alias="RETRAIN_SWEEP_STALL"
+    )
+    """A run whose step has not moved for this long (beyond its poll delay) is re-driven."""
     models_json: str | None = Field(default=None, validation_alias="RETRAIN_MODELS")
     models_file: Path | None = Field(default=None, validation_alias="RETRAIN_MODELS_FILE")
     poll_first_delay: timedelta = Field(
@@ -283,7 +295,11 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a valid container name (3-63 of a-z, 0-9, -)")
         return value
 
-    @field_validator("models_json", "models_file", mode="before")
+    _webhook_https = field_validator("webhook_url")(
+        lambda url: _require_https(url) if url is not None else None
+    )
+
+    @field_validator("models_json", "models_file", "webhook_url", "webhook_secret", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -75,6 +75,14 @@ class DataStore(Protocol):
 
     def read_text(self, container: str, name: str, *, max_bytes: int) -> str: ...
 
+    def listing(self, container: str, prefix: str) -> list[tuple[str, str]]:
+        """(name, ETag) of every blob under `prefix`."""
+        ...
+
+    def newest(self, container: str, prefix: str) -> str | None:
+        """The most recently modified blob under `prefix`."""
+        ...
+
     def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
         """A SAS reference to one blob: read-only, or create/write for job outputs."""
         ...
@@ -84,6 +92,10 @@ class Outbox(Protocol):
     """Sends queue messages, optionally invisible for a while."""
 
     def send(self, queue: str, message: BaseModel, *, delay: timedelta = timedelta(0)) -> None: ...
+
+    def send_raw(self, queue: str, body: str) -> None:
+        """Send a body as it is (replaying a kept message)."""
+        ...
 
 
 def _wrap(what: str, exc: AzureError) -> RemoteError:
@@ -227,6 +239,24 @@ class BlobData:
             raise RemoteError(f"{container}/{name} is larger than {max_bytes} bytes")
         return data.decode("utf-8-sig", errors="replace")
 
+    def listing(self, container: str, prefix: str) -> list[tuple[str, str]]:
+        return [(b.name, str(b.etag)) for b in self._list(container, prefix)]
+
+    def newest(self, container: str, prefix: str) -> str | None:
+        blobs = self._list(container, prefix)
+        if not blobs:
+            return None
+        return str(max(blobs, key=lambda b: (b.last_modified, b.name)).name)
+
+    def _list(self, container: str, prefix: str) -> list[Any]:
+        client = self._service.get_container_client(container)
+        try:
+            return list(client.list_blobs(name_starts_with=prefix))
+        except ResourceNotFoundError:
+            return []
+        except AzureError as exc:
+            raise _wrap(f"list {container}/{prefix}", exc) from exc
+
     def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
         if write:
             self._ensure(container)
@@ -279,10 +309,15 @@ class QueueOutbox:
         self._service = service
 
     def send(self, queue: str, message: BaseModel, *, delay: timedelta = timedelta(0)) -> None:
+        self._send(queue, message.model_dump_json(), delay)
+
+    def send_raw(self, queue: str, body: str) -> None:
+        self._send(queue, body, timedelta(0))
+
+    def _send(self, queue: str, body: str, delay: timedelta) -> None:
         client = self._service.get_queue_client(
             queue, message_encode_policy=TextBase64EncodePolicy()
         )
-        body = message.model_dump_json()
         # Round up: a check scheduled for the end of a quiet period must not arrive before it.
         seconds = max(0, min(math.ceil(delay.total_seconds()), 7 * 24 * 3600 - 1))
         try:

@@ -10,6 +10,7 @@ from retrain.clock import SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget
 from retrain.http import make_session
 from retrain.ledger import Ledger
+from retrain.notify import Webhook
 from retrain.pipeline import Places, Retrainer, Timing
 from retrain.settings import ClassicTarget, ModelSpec, Settings, get_settings, read_secret
 from retrain.storage import BlobData, BlobDocumentStore, QueueOutbox
@@ -70,8 +71,9 @@ def build(settings: Settings) -> Retrainer:
             quarantine_container=settings.quarantine_container,
             jobs_queue=settings.jobs_queue,
             evaluations_queue=settings.evaluations_queue,
+            events_queue=settings.events_queue,
         ),
-        timing=Timing(settings.poll_first_delay, settings.poll_max_delay),
+        timing=Timing(settings.poll_first_delay, settings.poll_max_delay, settings.sweep_stall),
         clock=SystemClock(),
     )
 
@@ -97,3 +99,18 @@ def arm_credential(token_setting: str | None, model: str) -> TokenCredential:
 def retrainer() -> Retrainer:
     """The app's Retrainer, built once per worker process."""
     return build(get_settings())
+
+
+@functools.cache
+def webhook() -> Webhook | None:
+    """The configured webhook, or None."""
+    settings = get_settings()
+    if settings.webhook_url is None:
+        return None
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    return Webhook(
+        str(settings.webhook_url),
+        secret,
+        session=make_session(),
+        timeout=(settings.http_connect_timeout, settings.http_read_timeout),
+    )

@@ -20,8 +20,11 @@ def functions() -> dict[str, Any]:
     return {f.get_function_name(): f for f in app.get_functions()}
 
 
-def test_three_functions_with_their_triggers(functions: dict[str, Any]) -> None:
-    assert sorted(functions) == ["evaluate", "ingest", "train"]
+def test_functions_and_their_triggers(functions: dict[str, Any]) -> None:
+    assert sorted(functions) == ["evaluate", "evaluate_poison", "ingest", "notify", "sweep",
+                                 "train", "train_poison"]
+    assert functions["train_poison"].get_trigger().queue_name == "%RETRAIN_JOBS_QUEUE%-poison"
+    assert functions["sweep"].get_trigger().schedule == "%RETRAIN_SWEEP_SCHEDULE%"
     assert functions["ingest"].get_trigger().path == "%RETRAIN_DATA_CONTAINER%/{name}"
     assert functions["train"].get_trigger().queue_name == "%RETRAIN_JOBS_QUEUE%"
     assert functions["evaluate"].get_trigger().queue_name == "%RETRAIN_EVALUATIONS_QUEUE%"
