@@ -1,69 +1,320 @@
-"""Operator commands, working from the same app settings as the functions."""
+"""Operator commands, working from the same app settings as the functions.
+
+Exit codes: 0 done, 1 the command ran and found or caused a failure, 2 bad usage or input.
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from retrain.errors import RetrainError
+from retrain.errors import ConfigError, InputRejected, RetrainError
+
+Doc = dict[str, Any]
+
+
+class Output:
+    """Tables for people, JSON for scripts."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: Any, text: Callable[[], str]) -> None:
+        """Print `data` as JSON, or the human rendering."""
+        print(json.dumps(data, indent=2, sort_keys=True) if self.as_json else text())
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _reason(run: Doc) -> str:
+    return str(run.get("error") or (run.get("decision") or {}).get("reason") or "")
+
+
+def _app() -> Any:
+    from retrain.wiring import retrainer
+
+    return retrainer()
+
+
+def cmd_runs(args: argparse.Namespace, out: Output) -> int:
+    runs = _app().runs(args.model)
+    if args.state:
+        runs = [r for r in runs if r["state"] == args.state]
+    out.emit(
+        runs,
+        lambda: (
+            _table(
+                [
+                    [
+                        r["run_id"],
+                        r["model"],
+                        r["state"],
+                        str(len(r.get("files") or [])),
+                        r.get("updated_at") or r["created_at"],
+                        _reason(r)[:80],
+                    ]
+                    for r in runs
+                ],
+                ["RUN", "MODEL", "STATE", "FILES", "UPDATED", "REASON"],
+            )
+            if runs
+            else "no runs"
+        ),
+    )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, out: Output) -> int:
+    run = _app().find_run(args.run)
+
+    def text() -> str:
+        lines = [f"run {run['run_id']} of {run['model']}: {run['state']}"]
+        if run.get("kind") == "rollback":
+            lines.append(f"  restores run {run['restores']}")
+        lines.append(f"  job: {run.get('job_id') or '-'}   polls: {run.get('polls', 0)}")
+        lines.append(f"  training file: {(run.get('training_file') or {}).get('name', '-')}")
+        for f in run.get("files") or []:
+            lines.append(f"    {f['name']}  {f['size']} bytes  arrived {f['arrived_at']}")
+        for side in ("challenger", "champion"):
+            metrics = (run.get("metrics") or {}).get(side)
+            if metrics:
+                shown = ", ".join(f"{k} {v:.6g}" for k, v in metrics.items())
+                lines.append(f"  {side}: {shown}")
+        if run.get("decision"):
+            lines.append(f"  decision: {run['decision']['reason']}")
+        if run.get("error"):
+            lines.append(f"  error: {run['error']}")
+        lines.append("  timeline:")
+        lines += [f"    {h['at']}  {h['state']:<18} {h['note']}" for h in run["history"]]
+        return "\n".join(lines)
+
+    out.emit(run, text)
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace, out: Output) -> int:
+    batch = _app().request(args.model, args.blob, reason=f"requested by {args.by}")
+    out.emit(
+        {"model": args.model, "batch_id": batch},
+        lambda: f"queued: batch {batch} of {args.model} will be sealed into a run",
+    )
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace, out: Output) -> int:
+    app = _app()
+    run = app.find_run(args.run)
+    app.approve(run["model"], args.run, by=args.by)
+    out.emit(
+        {"run_id": args.run, "state": "promoting"},
+        lambda: f"approved: run {args.run} of {run['model']} is being promoted",
+    )
+    return 0
+
+
+def cmd_reject(args: argparse.Namespace, out: Output) -> int:
+    app = _app()
+    run = app.find_run(args.run)
+    app.reject(run["model"], args.run, by=args.by, reason=args.reason)
+    out.emit(
+        {"run_id": args.run, "state": "rejected"},
+        lambda: f"rejected: run {args.run} of {run['model']} ({args.reason})",
+    )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, out: Output) -> int:
+    run_id = _app().rollback(args.model, args.to, by=args.by)
+    out.emit(
+        {"model": args.model, "run_id": run_id},
+        lambda: f"rolling back {args.model}: run {run_id} is being promoted",
+    )
+    return 0
+
+
+def cmd_preflight(args: argparse.Namespace, out: Output) -> int:
+    from retrain.settings import get_settings
+
+    names = list(args.models) or list(get_settings().models)
+    app = _app()
+    results: list[Doc] = []
+    for name in names:
+        try:
+            results.append({"model": name, "ok": True, "facts": app.preflight(name)})
+        except (RetrainError, ValueError) as exc:
+            results.append({"model": name, "ok": False, "error": str(exc)})
+    out.emit(
+        results,
+        lambda: "\n".join(
+            f"{r['model']}: ok\n" + "\n".join(f"  {f}" for f in r["facts"])
+            if r["ok"]
+            else f"{r['model']}: FAILED\n  {r['error']}"
+            for r in results
+        ),
+    )
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def cmd_check(args: argparse.Namespace, out: Output) -> int:
+    from retrain.settings import get_settings
+
+    settings = get_settings()
+    app = _app()
+    checks: list[Doc] = [
+        {"check": "configuration", "ok": True, "detail": f"{len(settings.models)} model(s)"}
+    ]
+    try:
+        states = {name: app.model_state(name) for name in settings.models}
+        checks.append({"check": "storage", "ok": True, "detail": "state container readable"})
+    except RetrainError as exc:
+        checks.append({"check": "storage", "ok": False, "detail": str(exc)})
+        states = {}
+    for name in settings.models:
+        try:
+            facts = app.preflight(name)
+            checks.append({"check": f"target of {name}", "ok": True, "detail": "; ".join(facts)})
+        except (RetrainError, ValueError) as exc:
+            checks.append({"check": f"target of {name}", "ok": False, "detail": str(exc)})
+        champion = (states.get(name) or {}).get("champion") or {}
+        checks.append(
+            {
+                "check": f"champion of {name}",
+                "ok": True,
+                "detail": champion.get("run_id") or "none yet",
+            }
+        )
+    out.emit(
+        checks,
+        lambda: "\n".join(
+            f"{'ok ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}" for c in checks
+        ),
+    )
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+def cmd_poison(args: argparse.Namespace, out: Output) -> int:
+    app = _app()
+    if args.replay:
+        replayed = app.replay_poison()
+        out.emit({"replayed": replayed}, lambda: f"replayed {len(replayed)} message(s)")
+        return 0
+    records = app.poisoned()
+    out.emit(
+        records,
+        lambda: (
+            _table(
+                [
+                    [
+                        r["poisoned_at"],
+                        r["queue"],
+                        r.get("run_id") or "-",
+                        "replayed" if r.get("replayed") else "kept",
+                        r["reason"][:80],
+                    ]
+                    for r in records
+                ],
+                ["POISONED", "QUEUE", "RUN", "STATUS", "REASON"],
+            )
+            if records
+            else "no poison messages"
+        ),
+    )
+    return 0
 
 
 def _load_settings_file(path: Path) -> None:
     try:
         values = json.loads(path.read_text(encoding="utf-8")).get("Values", {})
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"cannot read {path}: {exc}") from exc
+        raise InputRejected(f"cannot read {path}: {exc}") from exc
     for key, value in values.items():
         os.environ.setdefault(key, str(value))
 
 
-def preflight(models: Sequence[str]) -> int:
-    """Check each model's promotion target; exit code 1 if any check fails."""
-    from retrain.settings import get_settings
-    from retrain.wiring import retrainer
-
-    try:
-        names = list(models) or list(get_settings().models)
-        app = retrainer()
-    except RetrainError as exc:
-        print(f"configuration: FAILED\n  {exc}")
-        return 1
-    failed = 0
-    for name in names:
-        try:
-            facts = app.preflight(name)
-        except (RetrainError, ValueError) as exc:
-            failed += 1
-            print(f"{name}: FAILED\n  {exc}")
-            continue
-        print(f"{name}: ok")
-        for fact in facts:
-            print(f"  {fact}")
-    return 1 if failed else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run one command."""
-    parser = argparse.ArgumentParser(prog="python -m retrain", description=__doc__)
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m retrain", description=__doc__)
+    p.add_argument(
         "--settings",
         type=Path,
         help="a local.settings.json whose Values fill in unset app settings",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("preflight", help="check each model's promotion target")
-    check.add_argument("models", nargs="*", help="model names (default: all)")
-    args = parser.parse_args(argv)
-    if args.settings:
-        _load_settings_file(args.settings)
-    if args.command == "preflight":
-        return preflight(args.models)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+    runs = sub.add_parser("runs", help="list runs")
+    runs.add_argument("--model")
+    runs.add_argument("--state")
+    sub.add_parser("show", help="one run in full").add_argument("run")
+    retrain = sub.add_parser("retrain", help="retrain a model now, through the normal path")
+    retrain.add_argument("model")
+    retrain.add_argument("--blob", help="the data file (default: the model's newest)")
+    sub.add_parser("approve", help="promote a run waiting for approval").add_argument("run")
+    reject = sub.add_parser("reject", help="turn down a run waiting for approval")
+    reject.add_argument("run")
+    reject.add_argument("--reason", required=True)
+    rollback = sub.add_parser("rollback", help="re-deploy an earlier champion")
+    rollback.add_argument("model")
+    rollback.add_argument("--to", help="the run to restore (default: the previous champion)")
+    sub.add_parser("check", help="configuration, storage and every target")
+    pre = sub.add_parser("preflight", help="check each model's promotion target")
+    pre.add_argument("models", nargs="*")
+    poison = sub.add_parser("poison", help="list poisoned messages, or replay them")
+    poison.add_argument("--replay", action="store_true")
+    for name in ("retrain", "approve", "reject", "rollback"):
+        sub.choices[name].add_argument("--by", default=_who(), help="recorded as who did it")
+    return p
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int]] = {
+    "runs": cmd_runs,
+    "show": cmd_show,
+    "retrain": cmd_retrain,
+    "approve": cmd_approve,
+    "reject": cmd_reject,
+    "rollback": cmd_rollback,
+    "check": cmd_check,
+    "preflight": cmd_preflight,
+    "poison": cmd_poison,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; errors are printed with what to do, never as a traceback."""
+    args = parser().parse_args(argv)
+    out = Output(args.json)
+    try:
+        if args.settings:
+            _load_settings_file(args.settings)
+        return COMMANDS[args.command](args, out)
+    except ConfigError as exc:
+        print(f"configuration: FAILED\n  {exc}", file=sys.stderr)
+        return 1
+    except InputRejected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RetrainError as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -926,6 +926,11 @@ class Retrainer:
         self._outbox.send(queue, message)
         return 1
 
+    def poisoned(self) -> list[Doc]:
+        """Every kept poison message, oldest first."""
+        docs = [d for k in self._ledger.store.keys("poison/") if (d := self._ledger.get(k))]
+        return sorted(docs, key=lambda d: d.get("poisoned_at", ""))
+
     def runs(self, model: str | None = None) -> list[Doc]:
         """Every run record, oldest first (of one model, or all)."""
         prefix = f"runs/{model}/" if model else "runs/"

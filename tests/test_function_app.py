@@ -21,8 +21,15 @@ def functions() -> dict[str, Any]:
 
 
 def test_functions_and_their_triggers(functions: dict[str, Any]) -> None:
-    assert sorted(functions) == ["evaluate", "evaluate_poison", "ingest", "notify", "sweep",
-                                 "train", "train_poison"]
+    assert sorted(functions) == [
+        "evaluate",
+        "evaluate_poison",
+        "ingest",
+        "notify",
+        "sweep",
+        "train",
+        "train_poison",
+    ]
     assert functions["train_poison"].get_trigger().queue_name == "%RETRAIN_JOBS_QUEUE%-poison"
     assert functions["sweep"].get_trigger().schedule == "%RETRAIN_SWEEP_SCHEDULE%"
     assert functions["ingest"].get_trigger().path == "%RETRAIN_DATA_CONTAINER%/{name}"

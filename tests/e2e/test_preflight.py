@@ -38,9 +38,9 @@ def test_default_endpoint_fails_preflight_with_the_fix(
     url = "http://127.0.0.1:9/workspaces/ws1/webservices/housing-predict/endpoints/default"
     make_stack(classic={"endpoint_url": url})
     assert main(["preflight"]) == 1
-    out = capsys.readouterr().out
-    assert "configuration: FAILED" in out
-    assert "the default endpoint cannot be patched; add a non-default endpoint" in out
+    err = capsys.readouterr().err
+    assert "configuration: FAILED" in err
+    assert "the default endpoint cannot be patched; add a non-default endpoint" in err
 
 
 def test_new_preflight_and_first_promotion_refuse_a_read_only_service(
