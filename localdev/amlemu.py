@@ -53,6 +53,8 @@ class Endpoint:
     resource_name: str
     model: dict[str, Any] | None = None
     location: dict[str, Any] | None = None
+    patches: list[dict[str, Any]] = field(default_factory=list)
+    """Every accepted PATCH's Location, SAS included, for tests to inspect."""
 
     @property
     def service_id(self) -> str:
@@ -317,6 +319,7 @@ class Emulator:
             except Exception as exc:  # any read failure is a bad location
                 raise BadRequest("The URL for the retraining model is invalid") from exc
             ep.model = model
+            ep.patches.append(dict(location))
             ep.location = {
                 "BaseLocation": location.get("BaseLocation"),
                 "RelativeLocation": str(location["RelativeLocation"]).lstrip("/"),

@@ -198,6 +198,7 @@ def load_app(settings: dict[str, str]) -> Any:
 
     settings_module.get_settings.cache_clear()
     wiring.retrainer.cache_clear()
+    wiring.webhook.cache_clear()
     import function_app
 
     return importlib.reload(function_app).app

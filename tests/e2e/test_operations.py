@@ -1,0 +1,286 @@
+"""Operating the app: approval, rollback, events and webhooks, poison, the sweep, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+from azure.storage.queue import QueueClient
+
+from localdev.sample import housing_csv
+from retrain.cli import main
+from retrain.wiring import retrainer
+from tests.e2e.conftest import MakeStack, Stack
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any]:
+    """Run the CLI with --json; returns the exit code and the parsed output (or stderr)."""
+    code = main(["--json", *args])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if captured.out.strip() else captured.err
+
+
+def endpoint(s: Stack) -> Any:
+    return s.emulator.endpoints[("ws1", "housing-predict", "prod")]
+
+
+class TestApproval:
+    def test_manual_mode_waits_then_approve_promotes(
+        self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        s = make_stack(promotion="manual")
+        s.upload("housing/a.csv", housing_csv(200, seed=41, noise=2))
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+        assert run["state"] == "awaiting_approval"
+        assert endpoint(s).model is None
+        code, listed = cli(capsys, "runs", "--state", "awaiting_approval")
+        assert code == 0
+        assert [r["run_id"] for r in listed] == [run["run_id"]]
+        code, result = cli(capsys, "approve", run["run_id"], "--by", "alice")
+        assert (code, result["state"]) == (0, "promoting")
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+        assert run["state"] == "promoted"
+        assert run["approved_by"] == "alice"
+        assert endpoint(s).model is not None
+
+    def test_newer_passing_run_supersedes_and_reject_records_who_and_why(
+        self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        s = make_stack(promotion="manual")
+        s.upload("housing/a.csv", housing_csv(200, seed=42, noise=2))
+        s.runner.run_until_idle()
+        s.upload("housing/b.csv", housing_csv(200, seed=43, noise=2))
+        s.runner.run_until_idle()
+        first, second = s.runs()
+        assert first["state"] == "superseded"
+        assert f"superseded by run {second['run_id']}" in first["history"][-1]["note"]
+        assert second["state"] == "awaiting_approval"
+        assert cli(capsys, "approve", first["run_id"]) == (
+            2,
+            f"error: run {first['run_id']} is superseded, not awaiting approval\n",
+        )
+        code, _ = cli(capsys, "reject", second["run_id"], "--by", "bob", "--reason", "drift")
+        assert code == 0
+        second = s.runs()[1]
+        assert second["state"] == "rejected"
+        assert second["rejected_by"] == "bob"
+        assert second["history"][-1]["note"] == "rejected by bob: drift"
+        assert s.model_state()["awaiting_approval"] is None
+
+
+class TestRollback:
+    def test_rollback_redeploys_the_previous_champion_with_a_fresh_sas(
+        self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Works whatever became of the BES result SAS: the app mints its own for its blob."""
+        s = make_stack()
+        s.upload("housing/a.csv", housing_csv(60, seed=44, noise=30))
+        s.runner.run_until_idle()
+        first_served = s.predict([[3.0, 20.0, 5.0]])
+        s.upload("housing/b.csv", housing_csv(400, seed=45, noise=1))
+        s.runner.run_until_idle()
+        first, second = s.runs()
+        assert s.predict([[3.0, 20.0, 5.0]]) != first_served
+
+        code, result = cli(capsys, "rollback", "housing", "--by", "carol")
+        assert code == 0
+        s.runner.run_until_idle()
+        rollback = s.runs()[-1]
+        assert rollback["run_id"] == result["run_id"]
+        assert (rollback["kind"], rollback["restores"], rollback["state"]) == (
+            "rollback",
+            first["run_id"],
+            "promoted",
+        )
+        assert s.predict([[3.0, 20.0, 5.0]]) == first_served
+        state = s.model_state()
+        assert state["champion"]["model"] == first["outputs"]["model"]
+        assert state["previous_champion"]["run_id"] == second["run_id"]
+        sas = parse_qs(endpoint(s).patches[-1]["SasBlobToken"].lstrip("?"))
+        assert sas["sp"] == ["r"]
+        assert datetime.fromisoformat(sas["se"][0].replace("Z", "+00:00")) > datetime.now(UTC)
+        code, err = cli(capsys, "rollback", "housing", "--to", first["run_id"])
+        assert code == 2
+        assert "already serves the model of run" in err
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]], list[int]]]:
+    received: list[tuple[dict[str, str], bytes]] = []
+    statuses: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            status = statuses.pop(0) if statuses else 204
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received, statuses
+    server.shutdown()
+
+
+class TestEvents:
+    def test_every_state_change_reaches_the_webhook_signed(
+        self, make_stack: MakeStack, webhook: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        url, received, _ = webhook
+        monkeypatch.setenv("RETRAIN_WEBHOOK_URL", url)
+        monkeypatch.setenv("RETRAIN_WEBHOOK_SECRET", "s3cret")
+        s = make_stack()
+        s.upload("housing/a.csv", housing_csv(100, seed=46))
+        s.runner.run_until_idle()
+        states = [json.loads(body)["state"] for _, body in received]
+        assert states == ["queued", "submitted", "running", "trained", "promoting", "promoted"]
+        for headers, body in received:
+            expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+            assert headers["X-Retrain-Signature-256"] == expected
+        last = json.loads(received[-1][1])
+        assert last["metrics"]["Root Mean Squared Error"] > 0
+        assert last["run_id"] == s.runs()[0]["run_id"]
+
+    def test_a_failing_webhook_does_not_block_promotion(
+        self, make_stack: MakeStack, webhook: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        url, received, statuses = webhook
+        statuses.extend([500] * 3)
+        monkeypatch.setenv("RETRAIN_WEBHOOK_URL", url)
+        s = make_stack()
+        s.upload("housing/a.csv", housing_csv(100, seed=47))
+        s.runner.run_until_idle()
+        assert s.runs()[0]["state"] == "promoted"
+        delivered = [json.loads(b)["state"] for _, b in received]
+        assert len(delivered) == 6 + 3  # three answered 500 and were delivered again
+        assert set(delivered) == {
+            "queued",
+            "submitted",
+            "running",
+            "trained",
+            "promoting",
+            "promoted",
+        }
+
+
+class TestPoison:
+    def test_poisoned_message_fails_its_run_and_replay_finishes_it(
+        self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        s = make_stack(new={})
+        s.emulator.faults.http = [
+            {"method": "PATCH", "path": "/webServices/", "status": 409} for _ in range(5)
+        ]
+        s.upload("housing/a.csv", housing_csv(100, seed=48))
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+        assert run["state"] == "failed"
+        assert "failed on every delivery and was moved to" in run["error"]
+        code, kept = cli(capsys, "poison")
+        assert code == 0
+        assert [(k["run_id"], k["replayed"]) for k in kept] == [(run["run_id"], False)]
+
+        code, result = cli(capsys, "poison", "--replay")
+        assert (code, len(result["replayed"])) == (0, 1)
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+        assert run["state"] == "promoted"
+        assert "revived to replay its poisoned message" in [h["note"] for h in run["history"]]
+
+    def test_undecodable_message_is_kept_with_its_reason(self, make_stack: MakeStack) -> None:
+        s = make_stack()
+        jobs = s.settings["RETRAIN_JOBS_QUEUE"]
+        QueueClient.from_connection_string(
+            s.settings["AzureWebJobsStorage"], jobs + "-poison"
+        ).send_message("bm90IGpzb24=")
+        s.runner.run_until_idle()
+        (kept,) = retrainer().poisoned()
+        assert kept["queue"] == jobs
+        assert kept["reason"].startswith("the message cannot be parsed")
+
+
+class TestSweep:
+    def test_lost_tracking_message_is_redriven(
+        self, make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("RETRAIN_SWEEP_STALL", "PT1S")
+        s = make_stack()
+        s.emulator.faults.job_seconds = 1
+        s.upload("housing/a.csv", housing_csv(100, seed=49))
+        for _ in range(100):
+            if s.runs() and s.runs()[0]["state"] == "running":
+                break
+            s.runner.step()
+        jobs = QueueClient.from_connection_string(
+            s.settings["AzureWebJobsStorage"], s.settings["RETRAIN_JOBS_QUEUE"]
+        )
+        jobs.clear_messages()  # the poll message is lost
+        assert s.runner.pending() == 0
+        for _ in range(400):
+            if s.runs()[0]["state"] == "promoted":
+                break
+            s.runner.fire("sweep")
+            s.runner.step()
+        assert s.runs()[0]["state"] == "promoted"
+        assert s.jobs_submitted() == 1
+
+    def test_blob_without_an_event_is_ingested(self, make_stack: MakeStack) -> None:
+        s = make_stack()
+        s.upload("housing/a.csv", housing_csv(100, seed=50))
+        s.runner.lose_blob_event(s.settings["RETRAIN_DATA_CONTAINER"], "housing/a.csv")
+        s.runner.run_until_idle()
+        assert s.runs() == []
+        assert s.runner.fire("sweep")
+        s.runner.run_until_idle()
+        assert [r["state"] for r in s.runs()] == ["promoted"]
+
+    def test_concurrent_sweeps_redrive_once(
+        self, make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("RETRAIN_SWEEP_STALL", "PT1S")
+        s = make_stack()
+        s.emulator.faults.hang_jobs = True
+        s.upload("housing/a.csv", housing_csv(100, seed=51))
+        for _ in range(100):
+            if s.runs() and s.runs()[0]["state"] == "running":
+                break
+            s.runner.step()
+        QueueClient.from_connection_string(
+            s.settings["AzureWebJobsStorage"], s.settings["RETRAIN_JOBS_QUEUE"]
+        ).clear_messages()
+        app = retrainer()
+        counts: list[dict[str, int]] = []
+        barrier = threading.Barrier(2)
+        for _ in range(200):  # until the run counts as stalled
+            barrier.reset()
+
+            def sweep() -> None:
+                barrier.wait()
+                counts.append(app.sweep())
+
+            threads = [threading.Thread(target=sweep) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if any(c["runs"] for c in counts):
+                break
+        assert sum(c["runs"] for c in counts) == 1
+        assert s.runner.pending() == 1
