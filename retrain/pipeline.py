@@ -150,6 +150,7 @@ class Retrainer:
             batch["id"],
             spec.name,
             len(batch["files"]),
+            extra=_dims(spec.name, batch["id"]),
         )
         return "batched"
 
@@ -266,7 +267,12 @@ class Retrainer:
                     else (self._timing.delay(msg.poll + 1))
                 )
                 log.warning(
-                    "run %s of %s: %s; trying again in %s", msg.run_id, spec.name, exc, delay
+                    "run %s of %s: %s; trying again in %s",
+                    msg.run_id,
+                    spec.name,
+                    exc,
+                    delay,
+                    extra=_dims(spec.name, msg.run_id, run.get("job_id")),
                 )
                 self._outbox.send(
                     self._places.jobs_queue,
@@ -321,7 +327,10 @@ class Retrainer:
         if not persisted:
             # Another delivery submitted first; ours was never started, so it never runs.
             log.warning(
-                "run %s: job %s lost the race and is deleted unstarted", run["run_id"], job_id
+                "run %s: job %s lost the race and is deleted unstarted",
+                run["run_id"],
+                job_id,
+                extra=_dims(spec.name, run["run_id"], job_id),
             )
             self._cancel_quietly(jobs, job_id)
         return run, persisted
@@ -613,7 +622,11 @@ class Retrainer:
                 delay=self._timing.delay(poll),
             )
             log.info(
-                "run %s of %s: the target is provisioning (poll %d)", run["run_id"], spec.name, poll
+                "run %s of %s: the target is provisioning (poll %d)",
+                run["run_id"],
+                spec.name,
+                poll,
+                extra=_dims(spec.name, run["run_id"]),
             )
             return "provisioning"
         if not target.serves(ref):
@@ -638,7 +651,13 @@ class Retrainer:
 
         self._ledger.update(model_key(spec.name), crown)
         self._move(spec, run["run_id"], "promoting", "promoted", now, note=f"deployed {path}")
-        log.info("run %s of %s promoted: the target serves %s", run["run_id"], spec.name, path)
+        log.info(
+            "run %s of %s promoted: the target serves %s",
+            run["run_id"],
+            spec.name,
+            path,
+            extra=_dims(spec.name, run["run_id"], run.get("job_id")),
+        )
         self._release(spec, run["run_id"])
         return "promoted"
 

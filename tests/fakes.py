@@ -69,6 +69,14 @@ class FakeData:
             raise RemoteError(f"{container}/{name} does not exist")
         return found[0].decode()
 
+    def listing(self, container: str, prefix: str) -> list[tuple[str, str]]:
+        return [(n, v[1]) for (c, n), v in self.blobs.items()
+                if c == container and n.startswith(prefix)]
+
+    def newest(self, container: str, prefix: str) -> str | None:
+        names = [n for n, _ in self.listing(container, prefix)]
+        return names[-1] if names else None
+
     def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
         perms = "cw" if write else "r"
         return BlobRef(
@@ -86,6 +94,12 @@ class MemoryOutbox:
 
     def send(self, queue: str, message: BaseModel, *, delay: timedelta = timedelta(0)) -> None:
         self.sent.append((queue, message, delay))
+
+    def send_raw(self, queue: str, body: str) -> None:
+        from retrain.messages import parse_evaluation, parse_jobs
+
+        message = parse_evaluation(body) if queue == "evals" else parse_jobs(body)
+        self.sent.append((queue, message, timedelta(0)))
 
     def take(self) -> list[tuple[str, BaseModel, timedelta]]:
         sent, self.sent = self.sent, []

@@ -284,3 +284,74 @@ class TestSweep:
                 break
         assert sum(c["runs"] for c in counts) == 1
         assert s.runner.pending() == 1
+
+
+class TestCli:
+    def test_show_runs_retrain_and_check(
+        self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        s = make_stack()
+        s.upload("housing/a.csv", housing_csv(100, seed=52))
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+
+        code, shown = cli(capsys, "show", run["run_id"])
+        assert code == 0
+        assert shown["state"] == "promoted"
+        assert [h["state"] for h in shown["history"]] == [
+            "queued",
+            "submitted",
+            "running",
+            "trained",
+            "promoting",
+            "promoted",
+        ]
+        assert main(["show", run["run_id"]]) == 0
+        text = capsys.readouterr().out
+        assert f"run {run['run_id']} of housing: promoted" in text
+        assert "challenger: " in text
+        assert "Root Mean Squared Error" in text
+
+        code, batch = cli(capsys, "retrain", "housing", "--by", "dave")
+        assert code == 0
+        s.runner.run_until_idle()
+        retrained = s.runs()[-1]
+        assert retrained["run_id"] == batch["batch_id"]
+        assert retrained["files"][0]["requested"] == "requested by dave"
+        assert retrained["state"] in ("promoted", "rejected")
+
+        code, runs = cli(capsys, "runs", "--model", "housing")
+        assert (code, len(runs)) == (0, 2)
+        assert main(["runs"]) == 0
+        assert capsys.readouterr().out.splitlines()[0].split() == [
+            "RUN",
+            "MODEL",
+            "STATE",
+            "FILES",
+            "UPDATED",
+            "REASON",
+        ]
+
+        code, checks = cli(capsys, "check")
+        assert code == 0
+        assert {c["check"] for c in checks} >= {"configuration", "storage", "target of housing"}
+        assert all(c["ok"] for c in checks)
+
+    def test_errors_say_what_to_do_with_nonzero_exit_codes(
+        self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        make_stack(classic={"api_key_setting": "RETRAIN_MISSING_KEY"})
+        assert cli(capsys, "show", "nope") == (
+            2,
+            "error: no run 'nope'; list runs with `python -m retrain runs`\n",
+        )
+        code, err = cli(capsys, "retrain", "housing")
+        assert code == 2
+        assert "no data under" in err
+        code, err = cli(capsys, "rollback", "housing")
+        assert (code, err) == (2, "error: housing has no previous champion to roll back to\n")
+        code, checks = cli(capsys, "check")
+        assert code == 1
+        failed = [c for c in checks if not c["ok"]]
+        assert failed[0]["check"] == "target of housing"
+        assert "app setting RETRAIN_MISSING_KEY" in failed[0]["detail"]

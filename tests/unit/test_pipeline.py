@@ -423,3 +423,44 @@ class TestAsyncPromotion:
         assert isinstance(poll1, EvaluateRun)
         assert w.retrainer.on_evaluate(poll1) == "duplicate"
         assert w.run()["deployment"]["polls"] == 2
+
+
+class TestSweep:
+    def test_batch_whose_check_was_lost_is_checked_again(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        w.outbox.take()  # the check message is lost
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["checks"] == 1
+        assert w.deliver() == ["sealed"]
+        assert w.retrainer.sweep()["checks"] == 0
+
+    def test_scheduled_retrain_when_the_champion_is_old(self) -> None:
+        w = World(retrain_every=86400)
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.data.put("artifacts", w.run()["outputs"]["evaluation"].split("/", 1)[1],
+                   "Root Mean Squared Error\n2.5\n")
+        assert w.deliver() == ["promoted"]
+        w.clock.advance(hours=23)
+        assert w.retrainer.sweep()["scheduled"] == 0
+        w.clock.advance(hours=2)
+        assert w.retrainer.sweep()["scheduled"] == 1
+        assert w.retrainer.sweep()["scheduled"] == 0  # the batch is open now
+        ((_, check, _),) = w.outbox.sent
+        assert isinstance(check, CheckBatch)
+        assert w.deliver() == ["sealed"]
+        runs = w.store.keys("runs/")
+        assert len(runs) == 2
+
+    def test_awaiting_approval_is_not_stalled(self) -> None:
+        w = World(promotion="manual")
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        w.deliver()
+        assert w.run()["state"] == "awaiting_approval"
+        w.clock.advance(days=3)
+        assert w.retrainer.sweep() == {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0}
