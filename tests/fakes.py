@@ -70,8 +70,9 @@ class FakeData:
         return found[0].decode()
 
     def listing(self, container: str, prefix: str) -> list[tuple[str, str]]:
-        return [(n, v[1]) for (c, n), v in self.blobs.items()
-                if c == container and n.startswith(prefix)]
+        return [
+            (n, v[1]) for (c, n), v in self.blobs.items() if c == container and n.startswith(prefix)
+        ]
 
     def newest(self, container: str, prefix: str) -> str | None:
         names = [n for n, _ in self.listing(container, prefix)]

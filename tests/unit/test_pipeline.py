@@ -440,8 +440,11 @@ class TestSweep:
         w.drop("housing/a.csv", housing_csv(10, seed=1))
         for _ in range(3):
             w.deliver()
-        w.data.put("artifacts", w.run()["outputs"]["evaluation"].split("/", 1)[1],
-                   "Root Mean Squared Error\n2.5\n")
+        w.data.put(
+            "artifacts",
+            w.run()["outputs"]["evaluation"].split("/", 1)[1],
+            "Root Mean Squared Error\n2.5\n",
+        )
         assert w.deliver() == ["promoted"]
         w.clock.advance(hours=23)
         assert w.retrainer.sweep()["scheduled"] == 0
