@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import re
+import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -80,6 +82,8 @@ class WebService:
     model: dict[str, Any] | None = None
     pending: dict[str, Any] | None = None
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    patches: list[dict[str, Any]] = field(default_factory=list)
+    """The assets of every accepted PATCH, for tests to inspect."""
 
     def __post_init__(self) -> None:
         if self.assets is None:
@@ -158,6 +162,8 @@ class Emulator:
             for w in config.get("web_services", [])
         }
         self.jobs: dict[str, Job] = {}
+        self.started: list[tuple[str, list[str]]] = []
+        """Every job that was started, with its output locations (kept after DELETE)."""
         self.faults = Faults()
         self.calls: list[tuple[str, str, int]] = []
         self.lock = threading.Lock()
@@ -195,12 +201,27 @@ class Emulator:
             self.jobs[job.id] = job
         return job.id
 
+    def slow(self, seconds: float) -> None:
+        """Hold a request, as an overloaded service would."""
+        threading.Event().wait(seconds)
+
     def start(self, job: Job) -> None:
         """Run the job in the background."""
         with self.lock:
             if job.state != "NotStarted":
                 return
             job.state = "Running"
+            outputs = job.request.get("Outputs") or {}
+            self.started.append(
+                (
+                    job.id,
+                    sorted(
+                        str(o.get("RelativeLocation"))
+                        for o in outputs.values()
+                        if isinstance(o, dict)
+                    ),
+                )
+            )
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
 
     def _run(self, job: Job) -> None:
@@ -401,6 +422,7 @@ class Emulator:
             fail = self.faults.fail_provisioning > 0
             if fail:
                 self.faults.fail_provisioning -= 1
+        ws.patches.append(copy.deepcopy(assets or {}))
         ws.pending = {
             "assets": assets,
             "op": op,
@@ -515,7 +537,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(data)  # the client may have timed out and gone
             emu.calls.append((self.command, urlsplit(self.path).path, status))
 
         def _body(self) -> Any:
@@ -544,7 +567,10 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.close()
                 return
-            if fault:
+            if fault and "delay" in fault:
+                # A slow answer: handled normally, after the client may have given up.
+                emu.slow(float(fault["delay"]))
+            elif fault:
                 headers = (
                     {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
                 )
@@ -696,12 +722,21 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out or dropped the connection is part of the tests, not a bug.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class EmulatorServer:
     """The emulator on a loopback port, served from a background thread."""
 
     def __init__(self, emulator: Emulator, port: int = 0) -> None:
         self.emulator = emulator
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(emulator))
+        self.httpd = _Server(("127.0.0.1", port), make_handler(emulator))
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -67,7 +68,16 @@ class LocalRunner:
         host_json: Path = ROOT / "host.json",
         failure_visibility: timedelta | None = None,
         lease: timedelta = timedelta(minutes=2),
+        duplicates: float = 0.0,
+        shuffle: bool = False,
+        rng: random.Random | None = None,
+        functions: list[Any] | None = None,
     ) -> None:
+        """`duplicates` is the chance that a delivery is made twice; `shuffle` reorders each
+        batch of received messages (both as at-least-once delivery may)."""
+        self.duplicates = duplicates
+        self.shuffle = shuffle
+        self.rng = rng or random.Random(0)
         self.env = dict(os.environ if env is None else env)
         host = json.loads(host_json.read_text(encoding="utf-8"))
         queues = host.get("extensions", {}).get("queues", {})
@@ -80,7 +90,9 @@ class LocalRunner:
         self.lease = lease
         self.triggers: list[_Trigger] = []
         connections = set()
-        for fn in app.get_functions():
+        # An app can be indexed once; a second worker on the same app passes the first's list.
+        self.functions = functions if functions is not None else app.get_functions()
+        for fn in self.functions:
             trigger: Any = fn.get_trigger()  # binding metadata classes differ per trigger
             kind = trigger.get_binding_name()
             if kind != "timerTrigger":
@@ -177,6 +189,8 @@ class LocalRunner:
                 continue
             if self.deliver_blob(t.name, t.target, props.name):
                 self.receipts.add(receipt)
+            if self.rng.random() < self.duplicates:
+                self.deliver_blob(t.name, t.target, props.name)
             count += 1
         return count
 
@@ -187,6 +201,8 @@ class LocalRunner:
                 max_messages=self.batch_size, visibility_timeout=int(self.lease.total_seconds())
             )
         )
+        if self.shuffle:
+            self.rng.shuffle(messages)
         for msg in messages:
             body = msg.content
             message = QueueMessage(  # type: ignore[no-untyped-call]
@@ -195,6 +211,8 @@ class LocalRunner:
                 dequeue_count=msg.dequeue_count,
                 pop_receipt=msg.pop_receipt,
             )
+            if self.rng.random() < self.duplicates:
+                self._invoke(t, f"duplicate of message {msg.id}", {t.arg: message})
             if self._invoke(t, f"message {msg.id}", {t.arg: message}):
                 queue.delete_message(msg)
             elif (msg.dequeue_count or 0) >= self.max_dequeue:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
 from retrain.bes import BatchJobs, BesClient
@@ -15,8 +17,15 @@ from retrain.pipeline import Places, Retrainer, Timing
 from retrain.settings import ClassicTarget, ModelSpec, Settings, get_settings, read_secret
 from retrain.storage import BlobData, BlobDocumentStore, QueueOutbox
 
+Decorate = Callable[[str, Any], Any]
+"""Wraps a port by kind ('store', 'data', 'outbox', 'jobs', 'target'); for fault injection."""
 
-def build(settings: Settings) -> Retrainer:
+
+def _as_is(kind: str, port: Any) -> Any:
+    return port
+
+
+def build(settings: Settings, *, decorate: Decorate = _as_is) -> Retrainer:
     """Assemble the pipeline from settings; nothing here talks to the network yet."""
     from azure.storage.blob import BlobServiceClient
     from azure.storage.queue import QueueServiceClient
@@ -29,11 +38,17 @@ def build(settings: Settings) -> Retrainer:
 
     def jobs_for(spec: ModelSpec) -> BatchJobs:
         key = read_secret(spec.bes.api_key_setting, purpose=f"BES API key of model {spec.name}")
-        return BesClient(
+        jobs = BesClient(
             str(spec.bes.jobs_url), key.get_secret_value(), session=session, timeout=timeout
         )
+        wrapped: BatchJobs = decorate("jobs", jobs)
+        return wrapped
 
     def target_for(spec: ModelSpec) -> DeployTarget:
+        wrapped: DeployTarget = decorate("target", _target_for(spec))
+        return wrapped
+
+    def _target_for(spec: ModelSpec) -> DeployTarget:
         target = spec.target
         if isinstance(target, ClassicTarget):
             key = read_secret(
@@ -60,9 +75,9 @@ def build(settings: Settings) -> Retrainer:
 
     return Retrainer(
         models=settings.models,
-        ledger=Ledger(BlobDocumentStore(blobs, settings.state_container)),
-        data=BlobData(blobs),
-        outbox=QueueOutbox(queues),
+        ledger=Ledger(decorate("store", BlobDocumentStore(blobs, settings.state_container))),
+        data=decorate("data", BlobData(blobs)),
+        outbox=decorate("outbox", QueueOutbox(queues)),
         jobs_for=jobs_for,
         target_for=target_for,
         places=Places(
