@@ -148,6 +148,17 @@ class Result:
     states: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
+    def breaches(self) -> dict[str, int]:
+        """The non-zero counts of what the promise forbids."""
+        found = {
+            "extra jobs started": max(0, self.jobs_started_max - 1),
+            "extra promotions": max(0, self.promotions_max - 1),
+            "runs not terminal": self.not_terminal,
+            "blobs missing": self.blobs_missing,
+            "worse promoted": self.worse_promoted,
+        }
+        return {k: v for k, v in found.items() if v}
+
     @property
     def violations(self) -> int:
         """Breaches of the promise (must be 0)."""
@@ -374,7 +385,7 @@ def main() -> int:
                 f"  scenario {i:>3} seed {result.seed}: {result.seconds:5.1f}s "
                 f"faults={','.join(result.faults) or '-'} "
                 f"injected={dict(result.injected) or '-'} runs={dict(result.states)} "
-                f"violations={result.violations}",
+                f"violations={result.violations} {result.breaches() or ''}",
                 flush=True,
             )
     summary = {

@@ -60,8 +60,14 @@ def validate(spec: ModelSpec, name: str, *, size: int, head: bytes) -> list[str]
     if spec.columns is not None:
         missing = [c for c in spec.columns if c not in columns]
         if missing:
-            raise InputRejected(f"the header lacks columns {missing}; it has {columns}")
+            raise InputRejected(f"the header lacks columns {missing}; it has {_show(columns)}")
     rest = b"" if newline < 0 else head[newline + 1 :]
     if size <= len(head) and not rest.strip():
         raise InputRejected("the file has a header but no data rows")
     return columns
+
+
+def _show(columns: list[str]) -> list[str]:
+    """Columns as a message shows them: at most 20, each cut to 40 characters."""
+    shown = [c if len(c) <= 40 else c[:39] + "…" for c in columns[:20]]
+    return [*shown, f"... {len(columns) - 20} more"] if len(columns) > 20 else shown

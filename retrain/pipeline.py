@@ -38,6 +38,8 @@ EVALUATION_BLOB = "evaluation.csv"
 MAX_EVALUATION_BYTES = 1024 * 1024
 SAS_MARGIN = timedelta(hours=1)
 DEPLOY_SAS_LIFETIME = timedelta(hours=2)
+DEPLOY_LEASE = timedelta(minutes=2)
+"""How long one delivery may hold the right to call the target's deploy (a PATCH is seconds)."""
 
 
 @dataclass(frozen=True)
@@ -585,20 +587,60 @@ class Retrainer:
             container, blob, write=False, expires=self._clock.now() + DEPLOY_SAS_LIFETIME
         )
         pending = run.get("deployment")
-        if pending is None:
+        if pending is None or not pending.get("deployed"):
+            now = self._clock.now()
+            token = secrets.token_hex(4)
+
+            def claim(d: Doc) -> Doc | None:
+                held = d.get("deployment")
+                if held and (held.get("deployed") or now < _parse(held["until"])):
+                    return None
+                d["deployment"] = {
+                    "claim": token,
+                    "until": _iso(now + DEPLOY_LEASE),
+                    "started_at": _iso(now),
+                    "polls": 0,
+                    "operation": None,
+                    "deployed": False,
+                }
+                return d
+
+            run, claimed = self._ledger.update(key, claim)
+            if not claimed:
+                held = run["deployment"]
+                if held.get("deployed"):
+                    return "duplicate"
+                # Another delivery is deploying right now; look again when its lease ends.
+                self._outbox.send(
+                    self._places.evaluations_queue,
+                    msg,
+                    delay=max(_parse(held["until"]) - now, timedelta(seconds=1)),
+                )
+                return "waiting"
             state = self._ledger.get(model_key(spec.name)) or {}
-            if not state.get("champion"):
-                target.preflight()  # a first promotion checks the target is set up right
-            progress = target.deploy(ref)
-            started = self._clock.now()
+            try:
+                if not state.get("champion"):
+                    target.preflight()  # a first promotion checks the target is set up right
+                progress = target.deploy(ref)
+            except Exception:
+                # Give the claim back so the retry of this message need not wait out the lease.
+                self._ledger.update(
+                    key,
+                    lambda d: (
+                        {**d, "deployment": None}
+                        if ((d.get("deployment") or {}).get("claim") == token)
+                        else None
+                    ),
+                )
+                raise
             run, _ = self._ledger.update(
                 key,
                 lambda d: {
                     **d,
                     "deployment": {
+                        **d["deployment"],
                         "operation": progress.operation,
-                        "started_at": _iso(started),
-                        "polls": 0,
+                        "deployed": True,
                     },
                 },
             )

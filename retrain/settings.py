@@ -47,6 +47,10 @@ _HIGHER_IS_BETTER = {
 }
 
 
+KNOWN_METRICS = tuple(sorted(_HIGHER_IS_BETTER))
+"""The Evaluate Model metrics whose direction this app knows (normalised names)."""
+
+
 def metric_key(name: str) -> str:
     """Normalise an Evaluate Model column name for comparison (case, BOM, spaces)."""
     return " ".join(name.replace("\ufeff", "").split()).casefold()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,6 +92,50 @@ class Stack:
 
 
 MakeStack = Callable[..., Stack]
+
+SECRETS = (
+    "local-bes-key",
+    "local-endpoint-key",
+    "local-arm-token",
+    "local-new-key",
+    "s3cret",
+    stack.DEV_KEY,
+)
+SIGNATURE = re.compile(r"sig=[A-Za-z0-9%+/=]{10,}")
+# Threads of the emulator and test servers: stand-ins for other services, which were handed
+# the SAS URLs on purpose. Everything else is the app.
+SERVICE_THREADS = ("process_request_thread", "(_run)", "serve_forever")
+
+
+class _Everything(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.formatter = logging.Formatter("%(name)s %(message)s")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not any(marker in record.threadName for marker in SERVICE_THREADS):
+            self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log() -> Iterator[None]:
+    """Every log line the app wrote during the whole end-to-end suite is free of secrets."""
+    handler = _Everything()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous)
+    assert handler.lines, "no log line was captured"
+    leaks = [
+        line[:200]
+        for line in handler.lines
+        if any(secret in line for secret in SECRETS) or SIGNATURE.search(line)
+    ]
+    assert leaks == [], f"{len(leaks)} of {len(handler.lines)} log lines hold a secret"
 
 
 @pytest.fixture

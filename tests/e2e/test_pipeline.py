@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import datetime, timedelta
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -191,6 +193,33 @@ class TestBadInput:
         assert original.exists()
         assert s.runs() == []
         assert s.jobs_submitted() == 0
+
+
+class TestLeastPrivilege:
+    def test_sas_tokens_sent_to_bes_are_blob_scoped_and_expire(self, make_stack: MakeStack) -> None:
+        """Input: read-only; outputs: create/write only; all expire after the deadline + 1 h."""
+        s = make_stack(job_deadline=600)
+        s.upload("housing/a.csv", housing_csv(100, seed=15))
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+        (job,) = s.emulator.jobs.values()
+        deadline = datetime.fromisoformat(run["deadline_at"])
+
+        def sas(ref: dict[str, str]) -> dict[str, str]:
+            return {k: v[0] for k, v in parse_qs(ref["SasBlobToken"].lstrip("?")).items()}
+
+        (source,) = job.request["Inputs"].values()
+        assert source["ConnectionString"] is None
+        token = sas(source)
+        assert (token["sp"], token["sr"]) == ("r", "b")
+        expiry = datetime.fromisoformat(token["se"].replace("Z", "+00:00"))
+        assert deadline < expiry <= deadline + timedelta(hours=1, seconds=1)
+        for out in job.request["Outputs"].values():
+            token = sas(out)
+            assert (token["sp"], token["sr"]) == ("cw", "b")
+            assert out["RelativeLocation"].startswith(s.settings["RETRAIN_ARTIFACTS_CONTAINER"])
+        patched = sas(s.emulator.endpoints[("ws1", "housing-predict", "prod")].patches[-1])
+        assert (patched["sp"], patched["sr"]) == ("r", "b")
 
 
 class TestSecrets:
