@@ -1,7 +1,7 @@
 # The two commands the README names: `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint emulator run clean
+.PHONY: setup demo test lint emulator run clean chaos chaos-long
 
 setup: .venv/.installed node_modules/.installed
 
@@ -30,6 +30,17 @@ emulator: setup
 
 run: setup
 	$(PY) -m localdev.runner --settings local.settings.json
+
+chaos: setup
+	$(PY) -m localdev.chaos --scenarios 12 --seed 1
+
+# 500 scenarios as 4 parallel processes of 125 (each with its own Azurite), then the sum.
+chaos-long: setup
+	mkdir -p .localdev
+	for i in 1 2 3 4; do $(PY) -m localdev.chaos --scenarios 125 --seed 2$$i \
+	  --json .localdev/chaos-$$i.json > .localdev/chaos-$$i.log 2>&1 & done; wait
+	$(PY) -m localdev.chaos --merge .localdev/chaos-1.json .localdev/chaos-2.json \
+	  .localdev/chaos-3.json .localdev/chaos-4.json
 
 clean:
 	rm -rf .venv node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -53,7 +53,7 @@ def evaluate(msg: func.QueueMessage) -> None:
     from retrain.messages import parse_evaluation
     from retrain.wiring import retrainer
 
-    retrainer().on_evaluate(parse_evaluation(msg.get_body()))
+    retrainer().on_evaluate(parse_evaluation(msg.get_body()), delivery=msg.id)
 
 
 @app.function_name("train_poison")

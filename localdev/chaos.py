@@ -274,7 +274,7 @@ def _drive(
         for i in range(rng.randint(1, 3))
     )
     lost = "lost message" in faults
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 200  # room for a deploy lease (2 min) to run out
     rounds = 0
     while time.monotonic() < deadline:
         while uploads and uploads[0][0] <= rounds:
@@ -373,7 +373,15 @@ def main() -> int:
     parser.add_argument("--scenarios", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=str, help="also write the results to this file")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="only add up the summaries of earlier runs (e.g. parallel ones)",
+    )
     args = parser.parse_args()
+    if args.merge:
+        return _merge(args.merge)
     logging.basicConfig(level=logging.CRITICAL)
     print(f"chaos: {args.scenarios} scenario(s) from seed {args.seed}")
     results = []
@@ -406,6 +414,21 @@ def main() -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
     return 1 if summary["violations"] else 0
+
+
+def _merge(paths: list[str]) -> int:
+    parts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            parts.append(json.load(fh))
+    merged: dict[str, Any] = {"seeds": [p["seed"] for p in parts]}
+    for key in parts[0]:
+        if key == "seed":
+            continue
+        values = [p[key] for p in parts]
+        merged[key] = max(values) if key.startswith("max_") else sum(values)
+    print(json.dumps(merged, indent=2))
+    return 1 if merged["violations"] else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -61,15 +61,6 @@ class RunEvent(BaseModel):
     metrics: dict[str, float] | None = None
 
 
-def parse_event(body: bytes | str) -> RunEvent:
-    """Parse a message from the events queue."""
-    raw = _check_size(body)
-    try:
-        return RunEvent.model_validate_json(raw)
-    except ValidationError as exc:
-        raise MessageError(f"not an events-queue message: {_summary(exc)}") from exc
-
-
 JobsMessage = Annotated[CheckBatch | TrackRun, Field(discriminator="kind")]
 _jobs = TypeAdapter[CheckBatch | TrackRun](JobsMessage)
 
@@ -81,22 +72,34 @@ def _check_size(body: bytes | str) -> bytes:
     return raw
 
 
-def parse_jobs(body: bytes | str) -> CheckBatch | TrackRun:
-    """Parse a message from the jobs queue."""
+def _parse(adapter: TypeAdapter[Any], body: bytes | str, queue: str) -> Any:
     raw = _check_size(body)
     try:
-        return _jobs.validate_json(raw)
+        return adapter.validate_json(raw)
     except ValidationError as exc:
-        raise MessageError(f"not a jobs-queue message: {_summary(exc)}") from exc
+        raise MessageError(f"not {queue} message: {_summary(exc)}") from exc
+
+
+_evaluations = TypeAdapter(EvaluateRun)
+_events = TypeAdapter(RunEvent)
+
+
+def parse_jobs(body: bytes | str) -> CheckBatch | TrackRun:
+    """Parse a message from the jobs queue."""
+    message: CheckBatch | TrackRun = _parse(_jobs, body, "a jobs-queue")
+    return message
 
 
 def parse_evaluation(body: bytes | str) -> EvaluateRun:
     """Parse a message from the evaluations queue."""
-    raw = _check_size(body)
-    try:
-        return EvaluateRun.model_validate_json(raw)
-    except ValidationError as exc:
-        raise MessageError(f"not an evaluations-queue message: {_summary(exc)}") from exc
+    message: EvaluateRun = _parse(_evaluations, body, "an evaluations-queue")
+    return message
+
+
+def parse_event(body: bytes | str) -> RunEvent:
+    """Parse a message from the events queue."""
+    message: RunEvent = _parse(_events, body, "an events-queue")
+    return message
 
 
 def _summary(exc: ValidationError) -> str:

@@ -383,7 +383,7 @@ class Retrainer:
 
     # ------------------------------------------------------- evaluate, promote
 
-    def on_evaluate(self, msg: EvaluateRun) -> str:
+    def on_evaluate(self, msg: EvaluateRun, *, delivery: str | None = None) -> str:
         """Gate the trained model; promote it through the model's target when it is better."""
         spec = self._spec(msg.model)
         key = run_key(spec.name, msg.run_id)
@@ -400,7 +400,7 @@ class Retrainer:
         if run["state"] != "promoting":
             return str(run["state"])
         try:
-            return self._promote(spec, run, msg)
+            return self._promote(spec, run, msg, delivery)
         except RemoteError as exc:
             if exc.retryable:
                 raise
@@ -578,7 +578,9 @@ class Retrainer:
                 "try again when it has ended"
             )
 
-    def _promote(self, spec: ModelSpec, run: Doc, msg: EvaluateRun) -> str:
+    def _promote(
+        self, spec: ModelSpec, run: Doc, msg: EvaluateRun, delivery: str | None = None
+    ) -> str:
         target = self._target_for(spec)
         path = run["outputs"]["model"]
         container, _, blob = path.partition("/")
@@ -589,11 +591,16 @@ class Retrainer:
         pending = run.get("deployment")
         if pending is None or not pending.get("deployed"):
             now = self._clock.now()
-            token = secrets.token_hex(4)
+            # The queue message's id: a re-delivery of the same message after a crash may take
+            # the claim over at once; another copy of the message waits out the lease.
+            token = delivery or secrets.token_hex(8)
 
             def claim(d: Doc) -> Doc | None:
                 held = d.get("deployment")
-                if held and (held.get("deployed") or now < _parse(held["until"])):
+                if held and (
+                    held.get("deployed")
+                    or (now < _parse(held["until"]) and held.get("claim") != token)
+                ):
                     return None
                 d["deployment"] = {
                     "claim": token,

@@ -56,6 +56,14 @@ class Stack:
         except ResourceNotFoundError:
             return []
 
+    def step_until_running(self) -> None:
+        """Poll like the host until the first run's BES job is running."""
+        for _ in range(200):
+            if self.runs() and self.runs()[0]["state"] == "running":
+                return
+            self.runner.step()
+        raise AssertionError(f"no running run: {[r['state'] for r in self.runs()]}")
+
     def model_state(self, model: str = "housing") -> dict[str, Any]:
         """The model's document: batch, active run, champion."""
         return self._doc(f"models/{model}.json") or {}

@@ -224,10 +224,7 @@ class TestSweep:
         s = make_stack()
         s.emulator.faults.job_seconds = 1
         s.upload("housing/a.csv", housing_csv(100, seed=49))
-        for _ in range(100):
-            if s.runs() and s.runs()[0]["state"] == "running":
-                break
-            s.runner.step()
+        s.step_until_running()
         jobs = QueueClient.from_connection_string(
             s.settings["AzureWebJobsStorage"], s.settings["RETRAIN_JOBS_QUEUE"]
         )
@@ -258,10 +255,7 @@ class TestSweep:
         s = make_stack()
         s.emulator.faults.hang_jobs = True
         s.upload("housing/a.csv", housing_csv(100, seed=51))
-        for _ in range(100):
-            if s.runs() and s.runs()[0]["state"] == "running":
-                break
-            s.runner.step()
+        s.step_until_running()
         QueueClient.from_connection_string(
             s.settings["AzureWebJobsStorage"], s.settings["RETRAIN_JOBS_QUEUE"]
         ).clear_messages()

@@ -148,11 +148,7 @@ class TestExactlyOnce:
         s = make_stack()
         s.emulator.faults.job_seconds = 2.5
         s.upload("housing/a.csv", housing_csv(100, seed=11))
-        for _ in range(200):
-            if s.runs() and s.runs()[0]["state"] == "running":
-                break
-            s.runner.step()
-        assert s.runs()[0]["state"] == "running"
+        s.step_until_running()
         s.upload("housing/b.csv", housing_csv(100, seed=12))
         s.runner.run_until_idle()
         first, second = s.runs()

@@ -467,3 +467,41 @@ class TestSweep:
         assert w.run()["state"] == "awaiting_approval"
         w.clock.advance(days=3)
         assert w.retrainer.sweep() == {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0}
+
+
+class TestDeployLease:
+    def trained(self) -> tuple[World, EvaluateRun]:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, EvaluateRun)
+        return w, msg
+
+    def claim_then_crash(self, w: World, msg: EvaluateRun, delivery: str) -> None:
+        def crash(model: Any) -> Any:
+            raise SystemExit("the worker died after claiming the deploy")
+
+        w.target.deploy = crash  # type: ignore[method-assign]
+        with pytest.raises(SystemExit):
+            w.retrainer.on_evaluate(msg, delivery=delivery)
+        del w.target.deploy
+
+    def test_redelivery_of_the_same_message_takes_the_claim_over(self) -> None:
+        w, msg = self.trained()
+        self.claim_then_crash(w, msg, "m-1")
+        assert w.retrainer.on_evaluate(msg, delivery="m-1") == "promoted"
+        assert len(w.target.deploys) == 1
+
+    def test_another_copy_waits_for_the_lease_and_never_patches_twice(self) -> None:
+        w, msg = self.trained()
+        self.claim_then_crash(w, msg, "m-1")
+        assert w.retrainer.on_evaluate(msg, delivery="m-2") == "waiting"
+        ((_, again, delay),) = w.outbox.take()
+        assert again == msg
+        assert timedelta(seconds=1) <= delay <= timedelta(minutes=2)
+        w.clock.advance(minutes=3)  # the claimant never came back: its lease ran out
+        assert w.retrainer.on_evaluate(msg, delivery="m-2") == "promoted"
+        assert len(w.target.deploys) == 1
