@@ -34,13 +34,12 @@ run: setup
 chaos: setup
 	$(PY) -m localdev.chaos --scenarios 12 --seed 1
 
-# 500 scenarios as 4 parallel processes of 125 (each with its own Azurite), then the sum.
+# 504 scenarios as 6 parallel processes of 84 (each with its own Azurite), then the sum.
 chaos-long: setup
 	mkdir -p .localdev
-	for i in 1 2 3 4; do $(PY) -m localdev.chaos --scenarios 125 --seed 2$$i \
+	for i in 1 2 3 4 5 6; do $(PY) -m localdev.chaos --scenarios 84 --seed 3$$i \
 	  --json .localdev/chaos-$$i.json > .localdev/chaos-$$i.log 2>&1 & done; wait
-	$(PY) -m localdev.chaos --merge .localdev/chaos-1.json .localdev/chaos-2.json \
-	  .localdev/chaos-3.json .localdev/chaos-4.json
+	$(PY) -m localdev.chaos --merge .localdev/chaos-*.json
 
 clean:
 	rm -rf .venv node_modules .pytest_cache .mypy_cache .ruff_cache
