@@ -247,7 +247,7 @@ def run_scenario(connection: str, seed: int) -> Result:
         finally:
             wiring.retrainer = original
         _check(result, emulator, settings, connection)
-    result.injected = crasher.injected
+    result.injected.update(crasher.injected)
     result.seconds = time.monotonic() - started
     return result
 
