@@ -1,7 +1,7 @@
 # The two commands the README names: `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint emulator run clean chaos chaos-long
+.PHONY: setup demo test lint emulator run clean chaos chaos-long bench
 
 setup: .venv/.installed node_modules/.installed
 
@@ -40,6 +40,9 @@ chaos-long: setup
 	for i in 1 2 3 4 5 6; do $(PY) -m localdev.chaos --scenarios 84 --seed 3$$i \
 	  --json .localdev/chaos-$$i.json > .localdev/chaos-$$i.log 2>&1 & done; wait
 	$(PY) -m localdev.chaos --merge .localdev/chaos-*.json
+
+bench: setup
+	$(PY) -m localdev.bench
 
 clean:
 	rm -rf .venv node_modules .pytest_cache .mypy_cache .ruff_cache
