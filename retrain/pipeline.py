@@ -530,14 +530,18 @@ class Retrainer:
         if not moved:
             self._release(spec, run_id)
             raise InputRejected(f"run {run_id} changed state while being approved")
+        self._unpark(name, run_id)
+        self._outbox.send(self._places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
+        return "promoting"
+
+    def _unpark(self, name: str, run_id: str) -> None:
+        """The model no longer has `run_id` waiting for approval."""
         self._ledger.update(
             model_key(name),
             lambda d: (
                 {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
             ),
         )
-        self._outbox.send(self._places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
-        return "promoting"
 
     def reject(self, name: str, run_id: str, *, by: str, reason: str) -> str:
         """Turn down a run that waits for approval, recording who and why."""
@@ -554,12 +558,7 @@ class Retrainer:
         )
         if not moved:
             raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
-        self._ledger.update(
-            model_key(name),
-            lambda d: (
-                {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
-            ),
-        )
+        self._unpark(name, run_id)
         return "rejected"
 
     def _lock(self, spec: ModelSpec, run_id: str, action: str) -> None:
