@@ -95,7 +95,7 @@ class LocalRunner:
         for fn in self.functions:
             trigger: Any = fn.get_trigger()  # binding metadata classes differ per trigger
             kind = trigger.get_binding_name()
-            if kind != "timerTrigger":
+            if kind not in ("timerTrigger", "eventGridTrigger"):
                 connections.add(trigger.connection)
             if kind == "blobTrigger":
                 target = _resolve(trigger.path, self.env).split("/", 1)[0]
@@ -103,6 +103,8 @@ class LocalRunner:
                 target = _resolve(trigger.queue_name, self.env)
             elif kind == "timerTrigger":
                 target = _resolve(trigger.schedule, self.env)
+            elif kind == "eventGridTrigger":
+                target = ""  # delivered on demand by deliver_event; Event Grid is not emulated
             else:
                 raise ValueError(f"the local runner does not emulate {kind} triggers")
             self.triggers.append(
@@ -121,7 +123,7 @@ class LocalRunner:
             self._create(t)
 
     def _create(self, t: _Trigger) -> None:
-        if t.kind == "timerTrigger":
+        if t.kind in ("timerTrigger", "eventGridTrigger"):
             return
         try:
             if t.kind == "blobTrigger":
@@ -154,6 +156,11 @@ class LocalRunner:
             return False
         self.invocations.append((t.name, what, True))
         return True
+
+    def deliver_event(self, trigger: str, event: func.EventGridEvent) -> bool:
+        """Invoke an Event Grid triggered function with one event (what Event Grid would POST)."""
+        t = next(t for t in self.triggers if t.name == trigger and t.kind == "eventGridTrigger")
+        return self._invoke(t, f"event {event.id}", {t.arg: event})
 
     def fire(self, trigger: str) -> bool:
         """Invoke a timer-triggered function now (its CRON schedule is not emulated)."""

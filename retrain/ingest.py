@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from retrain.errors import InputRejected
 from retrain.settings import ModelSpec
 
 MAX_NAME = 1024
+
+
+FINAL_COMMIT_APIS = frozenset({"PutBlob", "PutBlockList", "FlushWithClose", "CopyBlob"})
+"""Event Grid BlobCreated APIs after which a blob is complete (others are skipped)."""
+
+
+def blob_from_event(event_type: str, data: Any, container: str) -> tuple[str, str] | None:
+    """The (container, name) a BlobCreated event announces in `container`, or None to skip it."""
+    if event_type != "Microsoft.Storage.BlobCreated" or not isinstance(data, dict):
+        return None
+    if data.get("api") not in FINAL_COMMIT_APIS:
+        return None
+    path = unquote(urlsplit(str(data.get("url", ""))).path).lstrip("/")
+    if path.startswith("devstoreaccount1/"):  # Azurite puts the account in the path
+        path = path.split("/", 1)[1]
+    found, _, name = path.partition("/")
+    if found != container or not name:
+        return None
+    return found, name
 
 
 def route(name: str, models: Iterable[ModelSpec]) -> ModelSpec:

@@ -65,3 +65,25 @@ def test_import_loads_no_domain_code_and_no_settings() -> None:
         cwd=root,
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_event_grid_ingest_needs_no_binding_extension() -> None:
+    """RETRAIN_INGEST_TRIGGER=eventgrid: an Event Grid trigger, and a lighter cold start."""
+    code = (
+        "import sys, inspect, function_app\n"
+        "fns = function_app.app.get_functions()\n"
+        "(fn,) = [f for f in fns if f.get_function_name() == 'ingest']\n"
+        "params = set(inspect.signature(fn.get_user_function()).parameters)\n"
+        "print(fn.get_trigger().get_binding_name(), params == {b.name for b in fn.get_bindings()},"
+        " any(m.startswith('azurefunctions.extensions') for m in sys.modules))\n"
+    )
+    root = str(function_app.__file__).rsplit("/", 1)[0]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={"PATH": "", "RETRAIN_INGEST_TRIGGER": "eventgrid"},
+    )
+    assert out.stdout.split() == ["eventGridTrigger", "True", "False"]

@@ -33,10 +33,11 @@ class Stack:
     blobs: BlobServiceClient
 
     def upload(self, name: str, data: str | bytes) -> None:
-        """Drop a file into the data container."""
-        self.blobs.get_blob_client(self.settings["RETRAIN_DATA_CONTAINER"], name).upload_blob(
-            data, overwrite=True
-        )
+        """Drop a file into the data container (created if no blob trigger made it)."""
+        container = self.blobs.get_container_client(self.settings["RETRAIN_DATA_CONTAINER"])
+        if not container.exists():
+            container.create_container()
+        container.upload_blob(name, data, overwrite=True)
 
     def _doc(self, key: str) -> dict[str, Any] | None:
         client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)

@@ -242,3 +242,34 @@ class TestSecrets:
         assert "local-endpoint-key" not in text
         assert DEV_KEY not in text
         assert not re.search(r"sig=[A-Za-z0-9%]{10,}", text)
+
+
+def test_event_grid_ingest_trains_on_the_announced_blob(
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Event Grid trigger mode: a BlobCreated event for a final commit starts a run."""
+    import azure.functions as func
+
+    monkeypatch.setenv("RETRAIN_INGEST_TRIGGER", "eventgrid")
+    s = make_stack()
+    s.upload("housing/a.csv", housing_csv(100, seed=16))
+    container = s.settings["RETRAIN_DATA_CONTAINER"]
+    url = s.blobs.get_blob_client(container, "housing/a.csv").url
+
+    def event(api: str) -> func.EventGridEvent:
+        return func.EventGridEvent(
+            id=api,
+            data={"api": api, "url": url},
+            topic="storage",
+            subject="blob",
+            event_type="Microsoft.Storage.BlobCreated",
+            event_time=None,
+            data_version="1",
+        )
+
+    assert s.runner.deliver_event("ingest", event("PutBlock"))  # not final: skipped
+    assert s.runner.deliver_event("ingest", event("PutBlob"))
+    assert s.runner.deliver_event("ingest", event("PutBlob"))  # a duplicate event
+    s.runner.run_until_idle()
+    assert [r["state"] for r in s.runs()] == ["promoted"]
+    assert s.jobs_submitted() == 1
