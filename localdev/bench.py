@@ -167,15 +167,13 @@ def _peak_rss_of_arrival(connection: str, container: str, name: str) -> int:
         "stack.load_app(settings)\n"
         "from retrain.wiring import retrainer\n"
         "app = retrainer()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"app.on_blob({container!r}, {name!r})\n"
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(after - before, after)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout.split()
-    return int(out[1])
+    return int(out[-1])
 
 
 def _settings_for(connection: str, container: str) -> dict[str, str]:

@@ -17,15 +17,6 @@ Mutation = Callable[[Doc], Doc | None]
 MAX_ATTEMPTS = 25
 
 TERMINAL = frozenset({"promoted", "rejected", "failed", "superseded"})
-RUN_STATES = (
-    "queued",
-    "submitted",
-    "running",
-    "trained",
-    "awaiting_approval",
-    "promoting",
-    *sorted(TERMINAL),
-)
 
 
 def arrival_key(container: str, name: str, etag: str) -> str:
