@@ -36,22 +36,22 @@ if INGEST_TRIGGER == "eventgrid":
         retrainer().on_blob(*found)
 
 else:
-    # SDK-type binding: the host passes a reference and the worker builds a BlobClient, so the
-    # blob's content never crosses into this process (a plain InputStream would load all of it).
-    import azurefunctions.extensions.bindings.blob as blobext
+    # Deferred binding: the host passes the blob's address, not its content (a plain InputStream
+    # would load all of it into the worker). Importing retrain.binding registers the converter.
+    from retrain.binding import BlobAddress
 
     @app.function_name("ingest")
     @app.blob_trigger(
-        arg_name="client",
+        arg_name="blob",
         path="%RETRAIN_DATA_CONTAINER%/{name}",
         connection=STORAGE,
         source=func.BlobSource(os.environ.get("RETRAIN_BLOB_SOURCE", "LogsAndContainerScan")),
     )
-    def ingest(client: blobext.BlobClient) -> None:
+    def ingest(blob: BlobAddress) -> None:
         """New training data: validate it, record the arrival, add it to the model's batch."""
         from retrain.wiring import retrainer
 
-        retrainer().on_blob(client.container_name, client.blob_name)
+        retrainer().on_blob(blob.container_name, blob.blob_name)
 
 
 @app.function_name("train")

@@ -11,6 +11,7 @@ What it does not: Event Grid delivery, concurrency limits, function timeouts, sc
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -55,6 +56,31 @@ class _Trigger:
     target: str
     arg: str
     call: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class _ModelBindingData:
+    """The fields of the host's ModelBindingData message that a converter reads."""
+
+    content: str
+    version: str = "1.0"
+    source: str = "AzureStorageBlobs"
+    content_type: str = "application/json"
+
+
+def _deferred_blob(t: _Trigger, content: str) -> Any:
+    from azurefunctions.extensions.base import Datum, get_binding_registry
+
+    registry = get_binding_registry()
+    pytype = inspect.signature(t.call).parameters[t.arg].annotation
+    if not registry.check_supported_type(pytype):
+        raise ValueError(
+            f"{t.name}: the local runner passes blob references only (an SDK-type parameter), "
+            f"not content; {pytype!r} is not one"
+        )
+    converter = registry.get(t.kind)
+    datum = Datum(_ModelBindingData(content), "model_binding_data")
+    return converter.decode(datum, trigger_metadata={}, pytype=pytype)
 
 
 class LocalRunner:
@@ -142,10 +168,16 @@ class LocalRunner:
         )
 
     def deliver_blob(self, trigger: str, container: str, name: str) -> bool:
-        """Invoke the blob function for one blob now (a delivery, duplicate or not)."""
+        """Invoke the blob function for one blob now (a delivery, duplicate or not).
+
+        As the host does for a deferred (SDK-type) binding: model binding data naming the blob,
+        decoded by the converter registered for `blobTrigger`, as the worker would.
+        """
         t = next(t for t in self.triggers if t.name == trigger)
-        client = self.blobs.get_blob_client(container, name)
-        return self._invoke(t, name, {t.arg: client})
+        content = json.dumps(
+            {"Connection": "AzureWebJobsStorage", "ContainerName": container, "BlobName": name}
+        )
+        return self._invoke(t, name, {t.arg: _deferred_blob(t, content)})
 
     def _invoke(self, t: _Trigger, what: str, kwargs: dict[str, Any]) -> bool:
         try:

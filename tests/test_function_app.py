@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -45,16 +47,38 @@ def test_parameter_names_match_binding_names(functions: dict[str, Any]) -> None:
         assert params == bindings, fn.get_function_name()
 
 
-def test_blob_trigger_binds_a_client_not_the_content(functions: dict[str, Any]) -> None:
-    from azurefunctions.extensions.bindings.blob import BlobClient
+def test_blob_trigger_asks_the_host_for_a_reference_not_the_content(
+    functions: dict[str, Any],
+) -> None:
+    """The metadata the worker sends flags the trigger SupportsDeferredBinding, so the host sends
+    model binding data (the blob's address) instead of the blob's bytes."""
+    from azurefunctions.extensions.base import get_binding_registry
 
-    annotation = inspect.signature(functions["ingest"].get_user_function()).parameters["client"]
-    assert annotation.annotation is BlobClient
+    from retrain.binding import BlobAddress
+
+    fn = functions["ingest"]
+    annotation = inspect.signature(fn.get_user_function()).parameters["blob"].annotation
+    assert annotation is BlobAddress
+    registry = get_binding_registry()
+    raw, _ = registry.get_raw_bindings(fn, {"blob": SimpleNamespace(pytype=annotation)})
+    (trigger,) = [json.loads(b) for b in raw]
+    assert trigger["type"] == "blobTrigger"
+    assert trigger["properties"] == {"SupportsDeferredBinding": True}
+    assert registry.get("blobTrigger").check_input_type_annotation(annotation)
 
 
-def test_import_loads_no_domain_code_and_no_settings() -> None:
-    """Settings and clients are built on first use: an import error would hide every function."""
-    code = "import sys, function_app; print(sorted(m for m in sys.modules if 'retrain' in m))"
+HEAVY = ("azure.storage", "azure.identity", "azure.core", "pydantic", "requests", "urllib3")
+
+
+def test_import_loads_no_domain_code_no_settings_and_no_sdk() -> None:
+    """Settings and clients are built on first use: an import error would hide every function,
+    and every module loaded here is paid on each cold start."""
+    code = (
+        "import sys, function_app\n"
+        "print(sorted(m for m in sys.modules if 'retrain' in m))\n"
+        f"print(sorted({{m.split('.')[0] + '.' + m.split('.')[1] if '.' in m else m "
+        f"for m in sys.modules if m.startswith({HEAVY!r})}}))\n"
+    )
     root = str(function_app.__file__).rsplit("/", 1)[0]
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -64,7 +88,9 @@ def test_import_loads_no_domain_code_and_no_settings() -> None:
         env={"PATH": ""},
         cwd=root,
     )
-    assert out.stdout.strip() == "[]"
+    domain, heavy = out.stdout.strip().splitlines()
+    assert domain == "['retrain', 'retrain.binding']"  # the blob trigger's converter only
+    assert heavy == "[]"
 
 
 def test_event_grid_ingest_needs_no_binding_extension() -> None:
