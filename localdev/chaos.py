@@ -6,8 +6,8 @@ reordered deliveries, a crash right after a side effect and before the ack, two 
 same queues, HTTP 429/5xx, dropped connections, answers slower than the client's timeout,
 failed and never-ending jobs, and a lost queue message. Afterwards it counts what the promise
 forbids: more than one started BES job per batch, more than one promotion per run, a run left
-in a non-terminal state, a blob no run or arrival record accounts for, and a promoted model that
-was not better than the champion it replaced.
+in a non-terminal state, a blob that is in no run and was not rejected, a blob version trained
+in two runs, and a promoted model that was not better than the champion it replaced.
 
     python -m localdev.chaos --scenarios 12 --seed 1       # the CI size
     python -m localdev.chaos --scenarios 500 --seed 1      # the long mode
@@ -144,6 +144,7 @@ class Result:
     promotions_max: int = 0
     not_terminal: int = 0
     blobs_missing: int = 0
+    trained_twice: int = 0
     worse_promoted: int = 0
     states: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
@@ -155,6 +156,7 @@ class Result:
             "extra promotions": max(0, self.promotions_max - 1),
             "runs not terminal": self.not_terminal,
             "blobs missing": self.blobs_missing,
+            "blob versions trained twice": self.trained_twice,
             "worse promoted": self.worse_promoted,
         }
         return {k: v for k, v in found.items() if v}
@@ -167,6 +169,7 @@ class Result:
             + max(0, self.promotions_max - 1)
             + self.not_terminal
             + self.blobs_missing
+            + self.trained_twice
             + self.worse_promoted
         )
 
@@ -348,11 +351,13 @@ def _check(result: Result, emulator: Emulator, settings: dict[str, str], connect
     ]
     promotions = Counter(rid for loc in patched if (rid := _run_id(loc)) is not None)
     result.promotions_max = max(promotions.values(), default=0)
-    accounted = {f["name"] for r in runs for f in r.get("files") or []}
-    accounted |= {
-        json.loads(state.download_blob(b.name).readall())["name"]
-        for b in state.list_blobs(name_starts_with="arrivals/")
-    }
+    trained = Counter((f["name"], f["etag"]) for r in runs for f in r.get("files") or [])
+    result.trained_twice = sum(1 for n in trained.values() if n > 1)
+    accounted = {name for name, _ in trained}
+    for b in state.list_blobs(name_starts_with="arrivals/"):
+        arrival = json.loads(state.download_blob(b.name).readall())
+        if arrival.get("status") == "rejected":
+            accounted.add(arrival["name"])
     data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
     result.blobs_missing = sum(1 for b in data.list_blobs() if b.name not in accounted)
     for run in runs:
@@ -406,6 +411,7 @@ def main() -> int:
         "max_promotions_per_run": max((r.promotions_max for r in results), default=0),
         "runs_not_terminal": sum(r.not_terminal for r in results),
         "blobs_missing": sum(r.blobs_missing for r in results),
+        "blob_versions_trained_twice": sum(r.trained_twice for r in results),
         "worse_models_promoted": sum(r.worse_promoted for r in results),
         "violations": sum(r.violations for r in results),
     }

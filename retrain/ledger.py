@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from retrain.errors import StateConflict
-from retrain.storage import DocumentStore
+from retrain.storage import DocumentStore, Versioned
 
 Doc = dict[str, Any]
 Mutation = Callable[[Doc], Doc | None]
@@ -36,22 +38,53 @@ def run_key(model: str, run_id: str) -> str:
 
 
 class Ledger:
-    """Reads and changes documents only through compare-and-swap loops."""
+    """Reads and changes documents only through compare-and-swap loops.
 
-    def __init__(self, store: DocumentStore) -> None:
+    It remembers the last version of each document it read or wrote (up to `remember`): an
+    update on a warm instance first tries that version's ETag and so costs one write instead of
+    a read and a write. A stale version fails the condition and the update starts over from a
+    fresh read, so the cache can cost a wasted write, never a wrong one.
+    """
+
+    def __init__(self, store: DocumentStore, *, remember: int = 256) -> None:
         self.store = store
+        self._remember = remember
+        self._known: OrderedDict[str, Versioned] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _keep(self, key: str, doc: Doc, etag: str) -> None:
+        with self._lock:
+            self._known[key] = Versioned(doc, etag)
+            self._known.move_to_end(key)
+            while len(self._known) > self._remember:
+                self._known.popitem(last=False)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._known.pop(key, None)
+
+    def known(self, key: str) -> Doc | None:
+        """A private copy of the last version this instance read or wrote (maybe stale), or None."""
+        with self._lock:
+            found = self._known.get(key)
+        return copy.deepcopy(found.doc) if found else None
 
     def get(self, key: str) -> Doc | None:
         """The current document, or None."""
         found = self.store.read(key)
-        return found.doc if found else None
+        if found is None:
+            self._forget(key)
+            return None
+        self._keep(key, copy.deepcopy(found.doc), found.etag)
+        return found.doc
 
     def create(self, key: str, doc: Doc) -> bool:
         """Create `key` if absent; False when it already existed."""
         try:
-            self.store.create(key, doc)
+            etag = self.store.create(key, doc)
         except StateConflict:
             return False
+        self._keep(key, copy.deepcopy(doc), etag)
         return True
 
     def update(self, key: str, mutate: Mutation, *, initial: Doc | None = None) -> tuple[Doc, bool]:
@@ -59,23 +92,39 @@ class Ledger:
 
         A missing document starts from `initial` (when given). Lost races re-read and re-apply.
         """
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None:
+            changed = mutate(copy.deepcopy(known.doc))
+            # "Nothing to do" on a copy that may be stale proves nothing: decide again below.
+            if changed is not None:
+                try:
+                    etag = self.store.replace(key, changed, known.etag)
+                except StateConflict:
+                    self._forget(key)
+                else:
+                    self._keep(key, copy.deepcopy(changed), etag)
+                    return changed, True
         for _ in range(MAX_ATTEMPTS):
             found = self.store.read(key)
+            version: str | None = None
             if found is None:
                 if initial is None:
                     raise KeyError(key)
-                current, etag = copy.deepcopy(initial), None
+                current = copy.deepcopy(initial)
             else:
-                current, etag = found.doc, found.etag
+                current, version = found.doc, found.etag
+                self._keep(key, copy.deepcopy(current), version)
             changed = mutate(copy.deepcopy(current))
             if changed is None:
                 return current, False
             try:
-                if etag is None:
-                    self.store.create(key, changed)
+                if version is None:
+                    new_etag = self.store.create(key, changed)
                 else:
-                    self.store.replace(key, changed, etag)
+                    new_etag = self.store.replace(key, changed, version)
             except StateConflict:
                 continue
+            self._keep(key, copy.deepcopy(changed), new_etag)
             return changed, True
         raise StateConflict(f"{key}: gave up after {MAX_ATTEMPTS} conflicting writes")

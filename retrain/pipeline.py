@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
@@ -16,7 +17,13 @@ from pydantic import BaseModel
 from retrain.bes import BatchJobs, BlobRef, JobState
 from retrain.clock import Clock
 from retrain.deploy import DeployTarget
-from retrain.errors import EvaluationError, InputRejected, MessageError, RemoteError
+from retrain.errors import (
+    EvaluationError,
+    InputRejected,
+    MessageError,
+    RemoteError,
+    StateConflict,
+)
 from retrain.evaluation import decide, parse_evaluation_csv
 from retrain.ingest import route, validate
 from retrain.ledger import TERMINAL, Doc, Ledger, arrival_key, model_key, run_key
@@ -38,6 +45,9 @@ EVALUATION_BLOB = "evaluation.csv"
 MAX_EVALUATION_BYTES = 1024 * 1024
 SAS_MARGIN = timedelta(hours=1)
 DEPLOY_SAS_LIFETIME = timedelta(hours=2)
+MAX_REJOINS = 10
+"""How often an arrival may find its claimed batch closed before it gives up (and is retried)."""
+_EPOCH = "1970-01-01T00:00:00+00:00"
 DEPLOY_LEASE = timedelta(minutes=2)
 """How long one delivery may hold the right to call the target's deploy (a PATCH is seconds)."""
 
@@ -107,7 +117,14 @@ class Retrainer:
     # ------------------------------------------------------------------ ingest
 
     def on_blob(self, container: str, name: str) -> str:
-        """Handle a blob arrival; returns what happened ('batched', 'rejected', 'duplicate', …)."""
+        """Handle a blob arrival; returns what happened ('batched', 'rejected', 'duplicate', …).
+
+        A new arrival on a warm instance costs three storage requests: read the blob's first
+        bytes, create its arrival record, add it to the model's batch (one conditional write on
+        the remembered ETag). Opening a batch adds one: its check is scheduled once per batch.
+        The record names the batch *before* the file is added to it, so a redelivery can tell
+        exactly whether the first delivery got the file in.
+        """
         head = self._data.head(container, name)
         if head is None:
             log.warning("arrival %s/%s: blob no longer exists; nothing to do", container, name)
@@ -120,7 +137,6 @@ class Retrainer:
             "etag": head.etag,
             "size": head.size,
             "arrived_at": _iso(now),
-            "status": "received",
         }
         try:
             spec = route(name, self._models.values())
@@ -133,18 +149,17 @@ class Retrainer:
                 log.warning("arrival %s/%s rejected: %s", container, name, exc)
                 return "rejected"
             return "duplicate"
-        if not self._ledger.create(key, record):
-            existing = self._ledger.get(key) or {}
-            if existing.get("status") != "received":
-                log.info("arrival %s/%s@%s: duplicate event ignored", container, name, head.etag)
-                return "duplicate"
         file = {"name": name, "etag": head.etag, "size": head.size, "arrived_at": _iso(now)}
-        doc, _ = self._ledger.update(
-            model_key(spec.name), lambda d: _add_to_batch(d, file, now), initial=_new_model(spec)
-        )
-        batch = doc["batch"]
-        self._schedule_check(spec, batch, now)
-        self._ledger.update(key, lambda d: {**d, "status": "batched", "batch_id": batch["id"]})
+        mkey = model_key(spec.name)
+        state = self._ledger.known(mkey) or self._ledger.get(mkey) or {}
+        open_batch = state.get("batch")
+        claim = open_batch["id"] if open_batch else _batch_id(now)
+        record.update(status="accepted", batch_id=claim)
+        if not self._ledger.create(key, record):
+            return self._arrived_again(spec, key, file, now)
+        batch, opened = self._join(spec, key, file, claim, fresh=open_batch is None, now=now)
+        if opened:
+            self._schedule_check(spec, batch, now)
         log.info(
             "arrival %s/%s: batch %s of %s now has %d file(s)",
             container,
@@ -156,10 +171,75 @@ class Retrainer:
         )
         return "batched"
 
+    def _join(
+        self, spec: ModelSpec, key: str, file: Doc, claim: str, *, fresh: bool, now: datetime
+    ) -> tuple[Doc, bool]:
+        """Add `file` to batch `claim`, which its arrival record names; returns the batch and
+        whether this call opened it.
+
+        `fresh`: `claim` is a new id, to open a batch with when none is open. When the claimed
+        batch is no longer open, the record is pointed at the open one (or a new one) first.
+        """
+        mkey = model_key(spec.name)
+        for _ in range(MAX_REJOINS):
+            opened = False
+
+            def add(d: Doc, claim: str = claim, fresh: bool = fresh) -> Doc | None:
+                nonlocal opened
+                batch = d.get("batch")
+                opened = batch is None and fresh
+                if opened or (batch is not None and batch["id"] == claim):
+                    return _add_to_batch(d, file, now, claim)
+                return None
+
+            doc, _ = self._ledger.update(mkey, add, initial=_new_model(spec))
+            batch = doc.get("batch")
+            if batch is not None and batch["id"] == claim:
+                return batch, opened
+            # The claimed batch was sealed, or another arrival opened one first: claim anew.
+            claim, fresh = (batch["id"], False) if batch else (_batch_id(now), True)
+            self._ledger.update(key, functools.partial(_claim_batch, claim))
+        raise StateConflict(f"{key}: batch of {spec.name} kept changing under the arrival")
+
+    def _arrived_again(self, spec: ModelSpec, key: str, file: Doc, now: datetime) -> str:
+        """A second delivery of a recorded arrival: finish what the first one may not have."""
+        existing = self._ledger.get(key) or {}
+        claim = existing.get("batch_id")
+        if existing.get("status") == "rejected" or not claim:
+            return "duplicate"
+        state = self._ledger.get(model_key(spec.name)) or {}
+        batch, sealed = state.get("batch"), state.get("sealed") or {}
+        if batch and batch["id"] == claim:
+            files = batch["files"]
+        elif sealed.get("id") == claim:
+            files = sealed["files"]
+        else:
+            run = self._ledger.get(run_key(spec.name, claim))
+            files = run.get("files") if run else None
+        if files is not None and any(
+            f["name"] == file["name"] and f["etag"] == file["etag"] for f in files
+        ):
+            opener = files[0]["name"] == file["name"] and files[0]["etag"] == file["etag"]
+            if opener and batch and batch["id"] == claim:
+                # Opening a batch sends its check after the write; the first delivery may have
+                # died in between. A second check is harmless (the first to act wins).
+                self._schedule_check(spec, batch, now)
+            log.info("arrival %s@%s: duplicate event ignored", file["name"], file["etag"])
+            return "duplicate"
+        # The first delivery died between recording the arrival and adding the file: add it.
+        joined, _ = self._join(spec, key, file, claim, fresh=files is None, now=now)
+        self._schedule_check(spec, joined, now)
+        log.warning(
+            "arrival %s@%s: redelivered before it reached a batch; added to %s",
+            file["name"],
+            file["etag"],
+            joined["id"],
+            extra=_dims(spec.name, joined["id"]),
+        )
+        return "batched"
+
     def _schedule_check(self, spec: ModelSpec, batch: Doc, now: datetime) -> None:
-        quiet_end = _parse(batch["last_at"]) + spec.quiet_period
-        hard_end = _parse(batch["opened_at"]) + spec.max_wait
-        delay = max(min(quiet_end, hard_end) - now, timedelta(0))
+        delay = max(_check_due(spec, batch) - now, timedelta(0))
         self._outbox.send(
             self._places.jobs_queue,
             CheckBatch(model=spec.name, batch_id=batch["id"], arrivals=len(batch["files"])),
@@ -181,11 +261,20 @@ class Retrainer:
                 self._start_run(spec, sealed, now)
                 return "resent"
             return "stale"
-        quiet = now >= _parse(batch["last_at"]) + spec.quiet_period
-        overdue = now >= _parse(batch["opened_at"]) + spec.max_wait
-        if not (quiet or overdue or batch.get("force")):
-            if msg.arrivals == len(batch["files"]):
-                self._schedule_check(spec, batch, now)  # delivered early; look again later
+        due = _check_due(spec, batch)
+        if now < due and not batch.get("force"):
+            # Arrivals since this check was scheduled moved the batch's quiet end: look again
+            # then. Of several checks waking early, the one that records the new time goes on.
+            def later(d: Doc) -> Doc | None:
+                b = d.get("batch")
+                if not b or b["id"] != batch["id"] or _parse(b.get("check_at") or _EPOCH) >= due:
+                    return None
+                b["check_at"] = _iso(due)
+                return d
+
+            _, rescheduled = self._ledger.update(model_key(spec.name), later)
+            if rescheduled:
+                self._schedule_check(spec, batch, now)
             return "waiting"
         if state.get("active_run"):
             log.info(
@@ -740,7 +829,7 @@ class Retrainer:
         }
 
         def add(d: Doc) -> Doc | None:
-            changed = _add_to_batch(d, file, now) or d
+            changed = _add_to_batch(d, file, now, _batch_id(now)) or d
             changed["batch"]["force"] = True
             return changed
 
@@ -909,10 +998,7 @@ class Retrainer:
             state = self._ledger.get(model_key(spec.name)) or {}
             batch = state.get("batch")
             if batch and not state.get("active_run"):
-                due = min(
-                    _parse(batch["last_at"]) + spec.quiet_period,
-                    _parse(batch["opened_at"]) + spec.max_wait,
-                )
+                due = _check_due(spec, batch)
                 if now >= due + self._stall and self._claim_sweep(model_key(spec.name), now):
                     self._schedule_check(spec, batch, now)
                     counts["checks"] += 1
@@ -1138,11 +1224,27 @@ def _new_model(spec: ModelSpec) -> Doc:
     }
 
 
-def _add_to_batch(doc: Doc, file: Doc, now: datetime) -> Doc | None:
+def _claim_batch(batch_id: str, record: Doc) -> Doc:
+    return {**record, "batch_id": batch_id}
+
+
+def _batch_id(now: datetime) -> str:
+    return f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _check_due(spec: ModelSpec, batch: Doc) -> datetime:
+    """When the batch may be sealed: quiet since its last arrival, or open for max_wait."""
+    quiet_end = _parse(batch["last_at"]) + spec.quiet_period
+    hard_end = _parse(batch["opened_at"]) + spec.max_wait
+    return min(quiet_end, hard_end)
+
+
+def _add_to_batch(doc: Doc, file: Doc, now: datetime, new_id: str) -> Doc | None:
+    """Add `file` to the open batch, or open batch `new_id` with it; None if already there."""
     batch = doc.get("batch")
     if batch is None:
         batch = {
-            "id": f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
+            "id": new_id,
             "opened_at": _iso(now),
             "last_at": _iso(now),
             "files": [],

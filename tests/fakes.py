@@ -21,12 +21,25 @@ class MemoryDocumentStore:
     def __init__(self) -> None:
         self.docs: dict[str, tuple[dict[str, Any], str]] = {}
         self._etags = itertools.count(1)
+        self.calls: list[tuple[str, str]] = []
+        """Every request as (operation, key), as a storage account would count them."""
+        self.crash_before: tuple[str, str] | None = None
+        """(operation, key prefix): the next such request raises, as if the process died."""
+
+    def _call(self, op: str, key: str) -> None:
+        self.calls.append((op, key))
+        crash = self.crash_before
+        if crash and op == crash[0] and key.startswith(crash[1]):
+            self.crash_before = None
+            raise RuntimeError(f"crashed before {op} {key}")
 
     def read(self, key: str) -> Versioned | None:
+        self._call("read", key)
         found = self.docs.get(key)
         return Versioned(copy.deepcopy(found[0]), found[1]) if found else None
 
     def create(self, key: str, doc: dict[str, Any]) -> str:
+        self._call("create", key)
         if key in self.docs:
             raise StateConflict(key)
         etag = f"e{next(self._etags)}"
@@ -34,6 +47,7 @@ class MemoryDocumentStore:
         return etag
 
     def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
+        self._call("replace", key)
         if key not in self.docs or self.docs[key][1] != etag:
             raise StateConflict(key)
         new = f"e{next(self._etags)}"

@@ -10,7 +10,7 @@ import pytest
 from localdev.sample import housing_csv
 from retrain.bes import JobState
 from retrain.errors import RemoteError
-from retrain.ledger import Ledger, run_key
+from retrain.ledger import Ledger, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline import Places, Retrainer, Timing
 from retrain.settings import ModelSpec
@@ -115,8 +115,22 @@ class TestIngest:
     def test_same_blob_version_twice_is_one_arrival(self) -> None:
         w = World()
         assert w.drop("housing/a.csv") == "batched"
+        assert w.drop("housing/b.csv") == "batched"
+        assert w.retrainer.on_blob("data", "housing/b.csv") == "duplicate"
+        assert len(w.outbox.sent) == 1  # only the batch's opener schedules its check
+        batch = w.ledger.get(model_key("housing"))["batch"]  # type: ignore[index]
+        assert [f["name"] for f in batch["files"]] == ["housing/a.csv", "housing/b.csv"]
+
+    def test_a_duplicate_of_the_opener_resends_the_check_it_may_have_lost(self) -> None:
+        w = World()
+        assert w.drop("housing/a.csv") == "batched"
         assert w.retrainer.on_blob("data", "housing/a.csv") == "duplicate"
-        assert len(w.outbox.sent) == 1
+        assert [type(m) for _, m, _ in w.outbox.sent] == [CheckBatch, CheckBatch]
+        w.clock.advance(seconds=61)
+        assert [w.retrainer.on_check_batch(m) for _, m, _ in w.outbox.sent[:2]] == [
+            "sealed",
+            "resent",
+        ]
 
     def test_bad_file_is_rejected_and_quarantined(self) -> None:
         w = World()
@@ -162,12 +176,30 @@ class TestCoalescing:
         for i in range(5):
             w.drop(f"housing/{i}.csv")
             w.clock.advance(seconds=30)
-        sent = w.outbox.take()
-        assert [d.total_seconds() for _, _, d in sent] == [60, 60, 60, 30, 0]
-        first = sent[0][1]
+        ((_, first, delay),) = w.outbox.take()  # one check per batch, sent by its opener
+        assert delay == timedelta(seconds=60)
         assert isinstance(first, CheckBatch)
         assert w.retrainer.on_check_batch(first) == "sealed"
         assert len(w.run()["files"]) == 5
+
+    def test_an_early_check_moves_to_the_new_quiet_end_once(self) -> None:
+        """Arrivals after the opener push the quiet end; the check follows it, and of two
+        copies of the check that wake early only one goes on."""
+        w = World(quiet_period=60, max_wait=600)
+        w.drop("housing/a.csv")
+        w.clock.advance(seconds=50)
+        w.drop("housing/b.csv")
+        ((_, check, _),) = w.outbox.take()
+        assert isinstance(check, CheckBatch)
+        w.clock.advance(seconds=10)
+        assert w.retrainer.on_check_batch(check) == "waiting"
+        assert w.retrainer.on_check_batch(check) == "waiting"
+        ((_, again, delay),) = w.outbox.take()
+        assert delay == timedelta(seconds=50)
+        w.clock.advance(seconds=50)
+        assert isinstance(again, CheckBatch)
+        assert w.retrainer.on_check_batch(again) == "sealed"
+        assert len(w.run()["files"]) == 2
 
     def test_batch_waits_while_a_run_is_active(self) -> None:
         w = World()

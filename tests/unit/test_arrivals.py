@@ -1,0 +1,154 @@
+"""Arrivals: what one costs, and how a redelivery finishes what a dead delivery started."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from retrain.ledger import Ledger, arrival_key, model_key
+from retrain.messages import CheckBatch
+from tests.fakes import MemoryDocumentStore
+from tests.unit.test_pipeline import World
+
+
+def _arrival(w: World, name: str) -> dict[str, Any]:
+    head = w.data.head("data", name)
+    assert head is not None
+    doc = w.ledger.get(arrival_key("data", name, head.etag))
+    assert doc is not None
+    return doc
+
+
+def _batch(w: World) -> dict[str, Any]:
+    state = w.ledger.get(model_key("housing"))
+    assert state is not None
+    batch: dict[str, Any] = state["batch"]
+    return batch
+
+
+def _crash(w: World, op: str, prefix: str, name: str) -> None:
+    w.store.crash_before = (op, prefix)
+    with pytest.raises(RuntimeError, match="crashed"):
+        w.drop(name)
+
+
+class TestCost:
+    def test_a_warm_arrival_is_one_create_and_one_conditional_write(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        w.store.calls.clear()
+        w.drop("housing/b.csv")
+        assert [op for op, _ in w.store.calls] == ["create", "replace"]
+        assert len(w.outbox.sent) == 1  # the opener's check only
+
+    def test_a_cold_instance_reads_the_model_state_once(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        w.retrainer._ledger = Ledger(w.store)  # a new instance: nothing remembered
+        w.store.calls.clear()
+        w.drop("housing/b.csv")
+        w.drop("housing/c.csv")
+        ops = [op for op, _ in w.store.calls]
+        assert ops == ["read", "create", "replace", "create", "replace"]
+
+
+class TestRedelivery:
+    def test_died_before_opening_the_batch_the_redelivery_opens_it(self) -> None:
+        w = World()
+        _crash(w, "create", "models/", "housing/a.csv")
+        claimed = _arrival(w, "housing/a.csv")["batch_id"]
+        assert w.outbox.sent == []
+        assert w.retrainer.on_blob("data", "housing/a.csv") == "batched"
+        batch = _batch(w)
+        assert batch["id"] == claimed
+        assert [f["name"] for f in batch["files"]] == ["housing/a.csv"]
+        ((_, check, _),) = w.outbox.sent
+        assert isinstance(check, CheckBatch)
+        assert check.batch_id == claimed
+
+    def test_died_before_joining_a_batch_since_sealed_goes_into_the_next(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        first = _batch(w)["id"]
+        _crash(w, "replace", "models/", "housing/b.csv")
+        assert _arrival(w, "housing/b.csv")["batch_id"] == first
+        assert w.deliver() == ["sealed"]  # the batch closes without b
+        assert w.retrainer.on_blob("data", "housing/b.csv") == "batched"
+        second = _batch(w)
+        assert second["id"] != first
+        assert [f["name"] for f in second["files"]] == ["housing/b.csv"]
+        assert _arrival(w, "housing/b.csv")["batch_id"] == second["id"]
+        assert [f["name"] for f in w.run()["files"]] == ["housing/a.csv"]
+
+    def test_an_opener_that_died_before_sending_its_check_sends_it_when_redelivered(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        w = World()
+
+        def die(*_: Any, **__: Any) -> None:
+            raise RuntimeError("crashed before send")
+
+        monkeypatch.setattr(w.outbox, "send", die)
+        with pytest.raises(RuntimeError, match="crashed"):
+            w.drop("housing/a.csv")
+        monkeypatch.undo()
+        assert w.retrainer.on_blob("data", "housing/a.csv") == "duplicate"
+        assert w.deliver() == ["sealed"]
+
+    def test_a_duplicate_of_a_joiner_sends_nothing(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        w.drop("housing/b.csv")
+        w.outbox.take()
+        assert w.retrainer.on_blob("data", "housing/b.csv") == "duplicate"
+        assert w.outbox.sent == []
+        assert len(_batch(w)["files"]) == 2
+
+    def test_a_duplicate_after_its_batch_ran_is_not_trained_again(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        assert w.deliver() == ["sealed"]
+        assert w.retrainer.on_blob("data", "housing/a.csv") == "duplicate"
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["batch"] is None
+        assert not any(isinstance(m, CheckBatch) for _, m, _ in w.outbox.sent)
+
+
+class TestRememberedVersions:
+    def test_a_stale_version_costs_a_write_never_a_wrong_one(self) -> None:
+        store = MemoryDocumentStore()
+        mine, theirs = Ledger(store), Ledger(store)
+        mine.create("k", {"n": 0})
+        theirs.update("k", lambda d: {**d, "n": d["n"] + 1})
+        doc, changed = mine.update("k", lambda d: {**d, "n": d["n"] + 1})
+        assert changed
+        assert doc == {"n": 2}
+        assert store.read("k") == (doc, store.docs["k"][1])
+
+    def test_nothing_to_do_on_a_stale_version_is_decided_again_on_a_fresh_one(self) -> None:
+        store = MemoryDocumentStore()
+        mine, theirs = Ledger(store), Ledger(store)
+        mine.create("k", {"open": False})
+        theirs.update("k", lambda d: {**d, "open": True})
+        doc, changed = mine.update("k", lambda d: {**d, "done": True} if d["open"] else None)
+        assert changed
+        assert doc == {"open": True, "done": True}
+
+    def test_memory_is_bounded(self) -> None:
+        ledger = Ledger(MemoryDocumentStore(), remember=2)
+        for key in "abc":
+            ledger.create(key, {})
+        assert ledger.known("a") is None
+        assert ledger.known("c") == {}
+
+    def test_a_document_deleted_under_a_remembered_version_starts_from_initial(self) -> None:
+        store = MemoryDocumentStore()
+        ledger = Ledger(store)
+        ledger.create("k", {"n": 5})
+        del store.docs["k"]
+        doc, _ = ledger.update("k", lambda d: {**d, "n": d["n"] + 1}, initial={"n": 0})
+        assert doc == {"n": 1}
+        with pytest.raises(KeyError):
+            Ledger(store).update("missing", lambda d: d)
