@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 from azure.storage.blob import BlobClient, BlobSasPermissions, generate_blob_sas
 
 from localdev import learn
+from retrain.clock import Clock
 
 log = logging.getLogger("amlemu")
 
@@ -120,6 +121,7 @@ class Job:
     state: str = "NotStarted"
     details: str | None = None
     results: dict[str, Any] | None = None
+    started_at: datetime | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -142,7 +144,10 @@ class Faults:
 class Emulator:
     """The emulator's state; the HTTP server is a thin layer over it."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], *, clock: Clock | None = None) -> None:
+        self.clock = clock
+        """With a clock, a job lasts `faults.job_seconds` of *its* time and finishes when a
+        status request finds the time passed (no thread, no waiting): hours run in seconds."""
         self.account_key: str | None = config.get("account_key")
         self.services = {
             (s["workspace"], s["service"]): TrainingService(**s)
@@ -222,12 +227,30 @@ class Emulator:
                     ),
                 )
             )
+        if self.clock is not None:
+            job.started_at = self.clock.now()
+            return
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
+
+    def status(self, job: Job) -> Job:
+        """The job as a status request sees it (on a clock: finished once its time is up)."""
+        if (
+            self.clock is not None
+            and job.state == "Running"
+            and job.started_at is not None
+            and not self.faults.hang_jobs
+            and self.clock.now() >= job.started_at + timedelta(seconds=self.faults.job_seconds)
+        ):
+            self._finish(job)
+        return job
 
     def _run(self, job: Job) -> None:
         wait = None if self.faults.hang_jobs else self.faults.job_seconds
         if job.cancel.wait(wait):
             return
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
         with self.lock:
             fail = self.faults.fail_jobs > 0
             if fail:
@@ -629,6 +652,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 emu.start(job)
                 self._send(200)
             elif self.command == "GET":
+                job = emu.status(job)
                 self._send(
                     200, {"StatusCode": job.state, "Results": job.results, "Details": job.details}
                 )

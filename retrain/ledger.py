@@ -17,6 +17,7 @@ Mutation = Callable[[Doc], Doc | None]
 """Gets a private copy of the document; returns it changed, or None to leave it as it is."""
 
 MAX_ATTEMPTS = 25
+LOCK_STRIPES = 64
 
 TERMINAL = frozenset({"promoted", "rejected", "failed", "superseded"})
 
@@ -51,6 +52,9 @@ class Ledger:
         self._remember = remember
         self._known: OrderedDict[str, Versioned] = OrderedDict()
         self._lock = threading.Lock()
+        # Concurrent invocations on one instance take turns per document instead of racing
+        # each other's conditional writes (a lost race costs a read and a write).
+        self._turns = [threading.Lock() for _ in range(LOCK_STRIPES)]
 
     def _keep(self, key: str, doc: Doc, etag: str) -> None:
         with self._lock:
@@ -92,6 +96,11 @@ class Ledger:
 
         A missing document starts from `initial` (when given). Lost races re-read and re-apply.
         """
+        stripe = int(hashlib.blake2b(key.encode(), digest_size=2).hexdigest(), 16)
+        with self._turns[stripe % LOCK_STRIPES]:
+            return self._update(key, mutate, initial)
+
+    def _update(self, key: str, mutate: Mutation, initial: Doc | None) -> tuple[Doc, bool]:
         with self._lock:
             known = self._known.get(key)
         if known is not None:

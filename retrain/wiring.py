@@ -8,7 +8,7 @@ from typing import Any
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
 from retrain.bes import BatchJobs, BesClient
-from retrain.clock import SystemClock
+from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget
 from retrain.http import make_session
 from retrain.ledger import Ledger
@@ -25,7 +25,9 @@ def _as_is(kind: str, port: Any) -> Any:
     return port
 
 
-def build(settings: Settings, *, decorate: Decorate = _as_is) -> Retrainer:
+def build(
+    settings: Settings, *, decorate: Decorate = _as_is, clock: Clock | None = None
+) -> Retrainer:
     """Assemble the pipeline from settings; nothing here talks to the network yet."""
     from azure.storage.blob import BlobServiceClient
     from azure.storage.queue import QueueServiceClient
@@ -89,7 +91,7 @@ def build(settings: Settings, *, decorate: Decorate = _as_is) -> Retrainer:
             events_queue=settings.events_queue,
         ),
         timing=Timing(settings.poll_first_delay, settings.poll_max_delay, settings.sweep_stall),
-        clock=SystemClock(),
+        clock=clock or SystemClock(),
     )
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
 from retrain.bes import BlobRef, JobState, JobStatus
+from retrain.clock import ManualClock as ManualClock  # re-exported for the tests
 from retrain.deploy import Progress
 from retrain.errors import RemoteError, StateConflict
 from retrain.storage import HEAD_BYTES, BlobHead, Versioned
@@ -193,16 +194,3 @@ class FakeTarget:
 
     def preflight(self) -> list[str]:
         return ["fake target ok"]
-
-
-class ManualClock:
-    """A clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.current = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def advance(self, **kwargs: float) -> None:
-        self.current += timedelta(**kwargs)
