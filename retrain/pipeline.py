@@ -186,16 +186,20 @@ class Retrainer:
 
             def add(d: Doc, claim: str = claim, fresh: bool = fresh) -> Doc | None:
                 nonlocal opened
-                batch = d.get("batch")
-                opened = batch is None and fresh
+                batch, sealed = d.get("batch"), d.get("sealed") or {}
+                # A fresh id that was sealed meanwhile was opened by a concurrent delivery of
+                # this same arrival: never open a second batch under it.
+                opened = batch is None and fresh and sealed.get("id") != claim
                 if opened or (batch is not None and batch["id"] == claim):
                     return _add_to_batch(d, file, now, claim)
                 return None
 
             doc, _ = self._ledger.update(mkey, add, initial=_new_model(spec))
-            batch = doc.get("batch")
+            batch, sealed = doc.get("batch"), doc.get("sealed") or {}
             if batch is not None and batch["id"] == claim:
                 return batch, opened
+            if sealed.get("id") == claim and _holds(sealed, file):
+                return sealed, False  # a concurrent delivery got it in before the seal
             # The claimed batch was sealed, or another arrival opened one first: claim anew.
             claim, fresh = (batch["id"], False) if batch else (_batch_id(now), True)
             self._ledger.update(key, functools.partial(_claim_batch, claim))
@@ -216,9 +220,7 @@ class Retrainer:
         else:
             run = self._ledger.get(run_key(spec.name, claim))
             files = run.get("files") if run else None
-        if files is not None and any(
-            f["name"] == file["name"] and f["etag"] == file["etag"] for f in files
-        ):
+        if files is not None and _holds({"files": files}, file):
             opener = files[0]["name"] == file["name"] and files[0]["etag"] == file["etag"]
             if opener and batch and batch["id"] == claim:
                 # Opening a batch sends its check after the write; the first delivery may have
@@ -1224,6 +1226,11 @@ def _new_model(spec: ModelSpec) -> Doc:
     }
 
 
+def _holds(batch: Doc, file: Doc) -> bool:
+    """Whether the batch has this version of the file."""
+    return any(f["name"] == file["name"] and f["etag"] == file["etag"] for f in batch["files"])
+
+
 def _claim_batch(batch_id: str, record: Doc) -> Doc:
     return {**record, "batch_id": batch_id}
 
@@ -1250,7 +1257,7 @@ def _add_to_batch(doc: Doc, file: Doc, now: datetime, new_id: str) -> Doc | None
             "files": [],
         }
         doc["batch"] = batch
-    if any(f["name"] == file["name"] and f["etag"] == file["etag"] for f in batch["files"]):
+    if _holds(batch, file):
         return None
     batch["files"].append(file)
     batch["last_at"] = _iso(now)

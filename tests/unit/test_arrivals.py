@@ -152,3 +152,27 @@ class TestRememberedVersions:
         assert doc == {"n": 1}
         with pytest.raises(KeyError):
             Ledger(store).update("missing", lambda d: d)
+
+
+def test_a_concurrent_delivery_that_finds_its_fresh_batch_sealed_opens_no_second() -> None:
+    """Two deliveries of one arrival: the first opened batch X and X was sealed before the
+    second's write. The second must see the file in X, not open another batch named X."""
+    w = World()
+    w.drop("housing/a.csv")
+    record = _arrival(w, "housing/a.csv")
+    assert w.deliver() == ["sealed"]
+    head = w.data.head("data", "housing/a.csv")
+    assert head is not None
+    file = {"name": "housing/a.csv", "etag": head.etag, "size": head.size, "arrived_at": "x"}
+    batch, opened = w.retrainer._join(
+        w.spec,
+        arrival_key("data", "housing/a.csv", head.etag),
+        file,
+        record["batch_id"],
+        fresh=True,
+        now=w.clock.now(),
+    )
+    assert (batch["id"], opened) == (record["batch_id"], False)
+    state = w.ledger.get(model_key("housing"))
+    assert state is not None
+    assert state["batch"] is None
