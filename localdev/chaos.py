@@ -308,7 +308,7 @@ def _drive(
 
 
 def _settled(runner: LocalRunner, blobs: BlobServiceClient, settings: dict[str, str]) -> bool:
-    if runner.pending():
+    if runner.pending() or runner.undelivered():
         return False
     state = blobs.get_container_client(settings["RETRAIN_STATE_CONTAINER"])
     for item in state.list_blobs(name_starts_with="runs/"):

@@ -11,6 +11,7 @@ What it does not: Event Grid delivery, concurrency limits, function timeouts, sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -268,6 +269,17 @@ class LocalRunner:
                     msg, visibility_timeout=int(self.failure_visibility.total_seconds())
                 )
         return len(messages)
+
+    def undelivered(self) -> int:
+        """Blobs a blob trigger has not yet handled successfully (the host would retry them)."""
+        count = 0
+        for t in self.triggers:
+            if t.kind != "blobTrigger":
+                continue
+            with contextlib.suppress(ResourceNotFoundError):
+                for props in self.blobs.get_container_client(t.target).list_blobs():
+                    count += (t.target, props.name, str(props.etag)) not in self.receipts
+        return count
 
     def pending(self) -> int:
         """Messages still in the trigger queues, visible or not (delayed polls count)."""

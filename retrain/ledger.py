@@ -73,13 +73,15 @@ class Ledger:
             found = self._known.get(key)
         return copy.deepcopy(found.doc) if found else None
 
-    def get(self, key: str) -> Doc | None:
-        """The current document, or None."""
+    def get(self, key: str, *, remember: bool = True) -> Doc | None:
+        """The current document, or None. `remember=False` for scans that would otherwise push
+        the hot documents out of memory."""
         found = self.store.read(key)
         if found is None:
             self._forget(key)
             return None
-        self._keep(key, copy.deepcopy(found.doc), found.etag)
+        if remember:
+            self._keep(key, copy.deepcopy(found.doc), found.etag)
         return found.doc
 
     def create(self, key: str, doc: Doc) -> bool:

@@ -212,14 +212,8 @@ class Retrainer:
         if existing.get("status") == "rejected" or not claim:
             return "duplicate"
         state = self._ledger.get(model_key(spec.name)) or {}
-        batch, sealed = state.get("batch"), state.get("sealed") or {}
-        if batch and batch["id"] == claim:
-            files = batch["files"]
-        elif sealed.get("id") == claim:
-            files = sealed["files"]
-        else:
-            run = self._ledger.get(run_key(spec.name, claim))
-            files = run.get("files") if run else None
+        batch = state.get("batch")
+        files = self._claimed_files(spec, state, claim, {})
         if files is not None and _holds({"files": files}, file):
             opener = files[0]["name"] == file["name"] and files[0]["etag"] == file["etag"]
             if opener and batch and batch["id"] == claim:
@@ -239,6 +233,21 @@ class Retrainer:
             extra=_dims(spec.name, joined["id"]),
         )
         return "batched"
+
+    def _claimed_files(
+        self, spec: ModelSpec, state: Doc, claim: str, runs: dict[str, list[Doc] | None]
+    ) -> list[Doc] | None:
+        """The files of batch `claim`: open, just sealed, or in its run; None if it never
+        opened. `runs` caches run lookups across calls."""
+        batch, sealed = state.get("batch"), state.get("sealed") or {}
+        if batch and batch["id"] == claim:
+            return list(batch["files"])
+        if sealed.get("id") == claim:
+            return list(sealed["files"])
+        if claim not in runs:
+            run = self._ledger.get(run_key(spec.name, claim), remember=False)
+            runs[claim] = run.get("files") if run else None
+        return runs[claim]
 
     def _schedule_check(self, spec: ModelSpec, batch: Doc, now: datetime) -> None:
         delay = max(_check_due(spec, batch) - now, timedelta(0))
@@ -993,8 +1002,20 @@ class Retrainer:
         now = self._clock.now()
         container = self._places.data_container
         for spec in self._models.values():
+            # A blob with no arrival record never reached ingest; one whose record names a
+            # batch that does not hold it lost its delivery between the two writes (and the
+            # host's retries ran out). Either way, ingest it now.
+            state = self._ledger.get(model_key(spec.name)) or {}
+            runs: dict[str, list[Doc] | None] = {}
             for name, etag in self._data.listing(container, spec.prefix):
-                if self._ledger.get(arrival_key(container, name, etag)) is None:
+                record = self._ledger.get(arrival_key(container, name, etag), remember=False)
+                if record is None or (
+                    record.get("status") == "accepted"
+                    and not _holds(
+                        {"files": self._claimed_files(spec, state, record["batch_id"], runs) or []},
+                        {"name": name, "etag": etag},
+                    )
+                ):
                     self.on_blob(container, name)
                     counts["blobs"] += 1
             state = self._ledger.get(model_key(spec.name)) or {}

@@ -176,3 +176,16 @@ def test_a_concurrent_delivery_that_finds_its_fresh_batch_sealed_opens_no_second
     state = w.ledger.get(model_key("housing"))
     assert state is not None
     assert state["batch"] is None
+
+
+def test_the_sweep_finishes_an_arrival_whose_retries_ran_out() -> None:
+    """Recorded, never added, never redelivered (the host gave up): the sweep adds it, and
+    leaves arrivals that are in their batch or their run alone."""
+    w = World()
+    w.drop("housing/a.csv")
+    assert w.deliver() == ["sealed"]
+    _crash(w, "replace", "models/", "housing/b.csv")
+    assert w.retrainer.sweep()["blobs"] == 1
+    assert [f["name"] for f in _batch(w)["files"]] == ["housing/b.csv"]
+    assert _arrival(w, "housing/b.csv")["batch_id"] == _batch(w)["id"]
+    assert w.retrainer.sweep()["blobs"] == 0
