@@ -198,7 +198,7 @@ class Retrainer:
             batch, sealed = doc.get("batch"), doc.get("sealed") or {}
             if batch is not None and batch["id"] == claim:
                 return batch, opened
-            if sealed.get("id") == claim and _holds(sealed, file):
+            if sealed.get("id") == claim and _holds(sealed["files"], file):
                 return sealed, False  # a concurrent delivery got it in before the seal
             # The claimed batch was sealed, or another arrival opened one first: claim anew.
             claim, fresh = (batch["id"], False) if batch else (_batch_id(now), True)
@@ -214,7 +214,7 @@ class Retrainer:
         state = self._ledger.get(model_key(spec.name)) or {}
         batch = state.get("batch")
         files = self._claimed_files(spec, state, claim, {})
-        if files is not None and _holds({"files": files}, file):
+        if files is not None and _holds(files, file):
             opener = files[0]["name"] == file["name"] and files[0]["etag"] == file["etag"]
             if opener and batch and batch["id"] == claim:
                 # Opening a batch sends its check after the write; the first delivery may have
@@ -1012,7 +1012,7 @@ class Retrainer:
                 if record is None or (
                     record.get("status") == "accepted"
                     and not _holds(
-                        {"files": self._claimed_files(spec, state, record["batch_id"], runs) or []},
+                        self._claimed_files(spec, state, record["batch_id"], runs) or [],
                         {"name": name, "etag": etag},
                     )
                 ):
@@ -1247,9 +1247,9 @@ def _new_model(spec: ModelSpec) -> Doc:
     }
 
 
-def _holds(batch: Doc, file: Doc) -> bool:
-    """Whether the batch has this version of the file."""
-    return any(f["name"] == file["name"] and f["etag"] == file["etag"] for f in batch["files"])
+def _holds(files: list[Doc], file: Doc) -> bool:
+    """Whether `files` has this version of the file."""
+    return any(f["name"] == file["name"] and f["etag"] == file["etag"] for f in files)
 
 
 def _claim_batch(batch_id: str, record: Doc) -> Doc:
@@ -1278,7 +1278,7 @@ def _add_to_batch(doc: Doc, file: Doc, now: datetime, new_id: str) -> Doc | None
             "files": [],
         }
         doc["batch"] = batch
-    if _holds(batch, file):
+    if _holds(batch["files"], file):
         return None
     batch["files"].append(file)
     batch["last_at"] = _iso(now)
