@@ -67,6 +67,21 @@ def test_blob_trigger_asks_the_host_for_a_reference_not_the_content(
     assert registry.get("blobTrigger").check_input_type_annotation(annotation)
 
 
+def _fresh_python(code: str, **env: str) -> str:
+    """Run `code` in a new interpreter beside function_app.py, with no app settings but `env`;
+    returns what it printed."""
+    root = str(function_app.__file__).rsplit("/", 1)[0]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={"PATH": "", **env},
+    )
+    return out.stdout
+
+
 HEAVY = ("azure.storage", "azure.identity", "azure.core", "pydantic", "requests", "urllib3")
 
 
@@ -79,16 +94,7 @@ def test_import_loads_no_domain_code_no_settings_and_no_sdk() -> None:
         f"print(sorted({{m.split('.')[0] + '.' + m.split('.')[1] if '.' in m else m "
         f"for m in sys.modules if m.startswith({HEAVY!r})}}))\n"
     )
-    root = str(function_app.__file__).rsplit("/", 1)[0]
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": ""},
-        cwd=root,
-    )
-    domain, heavy = out.stdout.strip().splitlines()
+    domain, heavy = _fresh_python(code).strip().splitlines()
     assert domain == "['retrain', 'retrain.binding']"  # the blob trigger's converter only
     assert heavy == "[]"
 
@@ -103,13 +109,5 @@ def test_event_grid_ingest_needs_no_binding_extension() -> None:
         "print(fn.get_trigger().get_binding_name(), params == {b.name for b in fn.get_bindings()},"
         " any(m.startswith('azurefunctions.extensions') for m in sys.modules))\n"
     )
-    root = str(function_app.__file__).rsplit("/", 1)[0]
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=root,
-        env={"PATH": "", "RETRAIN_INGEST_TRIGGER": "eventgrid"},
-    )
-    assert out.stdout.split() == ["eventGridTrigger", "True", "False"]
+    out = _fresh_python(code, RETRAIN_INGEST_TRIGGER="eventgrid")
+    assert out.split() == ["eventGridTrigger", "True", "False"]
