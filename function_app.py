@@ -2,8 +2,12 @@
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import azure.functions as func
+
+if TYPE_CHECKING:
+    from retrain.pipeline import Delivery
 
 app = func.FunctionApp()
 log = logging.getLogger(__name__)
@@ -54,6 +58,13 @@ else:
         retrainer().on_blob(blob.container_name, blob.blob_name)
 
 
+def _delivery(msg: func.QueueMessage) -> "Delivery":
+    """Which message this is, and which attempt: the same id comes back after a failure."""
+    from retrain.pipeline import Delivery
+
+    return Delivery(msg.id or "", msg.dequeue_count or 1)
+
+
 @app.function_name("train")
 @app.queue_trigger(arg_name="msg", queue_name="%RETRAIN_JOBS_QUEUE%", connection=STORAGE)
 def train(msg: func.QueueMessage) -> None:
@@ -65,7 +76,7 @@ def train(msg: func.QueueMessage) -> None:
     if isinstance(message, CheckBatch):
         retrainer().on_check_batch(message)
     else:
-        retrainer().on_track_run(message)
+        retrainer().on_track_run(message, delivery=_delivery(msg))
 
 
 @app.function_name("evaluate")
@@ -75,7 +86,7 @@ def evaluate(msg: func.QueueMessage) -> None:
     from retrain.messages import parse_evaluation
     from retrain.wiring import retrainer
 
-    retrainer().on_evaluate(parse_evaluation(msg.get_body()), delivery=msg.id)
+    retrainer().on_evaluate(parse_evaluation(msg.get_body()), delivery=_delivery(msg))
 
 
 @app.function_name("train_poison")

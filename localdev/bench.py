@@ -285,6 +285,7 @@ def _drive(app: Any, timeline: _Timeline, run_over: Callable[[], bool]) -> tuple
     """Deliver messages in due order, moving the clock to each; returns the seconds spent inside
     handlers and the number of invocations."""
     from retrain.messages import CheckBatch, EvaluateRun, TrackRun
+    from retrain.pipeline import Delivery
 
     inside, invocations = 0.0, 0
     while timeline.heap and not run_over():
@@ -294,9 +295,9 @@ def _drive(app: Any, timeline: _Timeline, run_over: Callable[[], bool]) -> tuple
         if isinstance(msg, CheckBatch):
             app.on_check_batch(msg)
         elif isinstance(msg, TrackRun):
-            app.on_track_run(msg)
+            app.on_track_run(msg, delivery=Delivery(f"bench-{seq}"))
         elif isinstance(msg, EvaluateRun):
-            app.on_evaluate(msg, delivery=f"bench-{seq}")
+            app.on_evaluate(msg, delivery=Delivery(f"bench-{seq}"))
         else:
             continue  # run events: the notify function, not part of the pipeline
         inside += time.perf_counter() - start

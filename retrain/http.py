@@ -14,6 +14,12 @@ from urllib3.util.retry import Retry
 from retrain.errors import RemoteError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+RETRIES = 4
+"""Retries of one call (connection failures; 429/5xx for idempotent methods)."""
+MAX_RETRY_WAIT = 5.0
+"""The longest wait between two attempts of one call, backoff or Retry-After; a service that
+asks for longer gets the call back as a retryable error carrying its Retry-After, and the
+handler re-sends its message with that delay instead of waiting inside the invocation."""
 _SIG = re.compile(r"(?i)(sig|signature|key|token|code)=[^&\s\"']+")
 
 
@@ -23,7 +29,13 @@ def redact(text: str) -> str:
     return _SIG.sub(r"\1=<redacted>", text)
 
 
-def make_session(*, total_retries: int = 4, backoff: float = 0.5) -> requests.Session:
+def worst_call(connect_timeout: float, read_timeout: float) -> float:
+    """Seconds one call through `make_session` can take at most: every attempt timing out,
+    with the longest wait between attempts. Leases that guard a call are derived from it."""
+    return (connect_timeout + read_timeout) * (RETRIES + 1) + MAX_RETRY_WAIT * RETRIES
+
+
+def make_session(*, total_retries: int = RETRIES, backoff: float = 0.5) -> requests.Session:
     """A session that retries idempotent calls (GET, DELETE) on 429/5xx, honouring Retry-After.
 
     POSTs and PATCHes are retried only when the connection failed before the request was sent:
@@ -38,7 +50,7 @@ def make_session(*, total_retries: int = 4, backoff: float = 0.5) -> requests.Se
         allowed_methods=frozenset({"GET", "DELETE", "HEAD"}),
         status_forcelist=RETRY_STATUSES,
         backoff_factor=backoff,
-        backoff_max=30,
+        backoff_max=MAX_RETRY_WAIT,
         respect_retry_after_header=True,
         raise_on_status=False,
     )

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from retrain.bes import BatchJobs, BlobRef, JobState
 from retrain.clock import Clock
-from retrain.deploy import DeployTarget
+from retrain.deploy import DeployTarget, Progress
 from retrain.errors import (
     EvaluationError,
     InputRejected,
@@ -48,8 +48,26 @@ DEPLOY_SAS_LIFETIME = timedelta(hours=2)
 MAX_REJOINS = 10
 """How often an arrival may find its claimed batch closed before it gives up (and is retried)."""
 _EPOCH = "1970-01-01T00:00:00+00:00"
-DEPLOY_LEASE = timedelta(minutes=2)
-"""How long one delivery may hold the right to call the target's deploy (a PATCH is seconds)."""
+
+
+MIN_POLL_GAP = timedelta(seconds=1)
+"""The least time between two status calls of one job (the spec's clients poll at 1 s or slower)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Which queue message is being handled: its id, and how often it was dequeued.
+
+    A redelivery after a failure has the same id and a higher attempt; a duplicate or a stale
+    copy has another id. Handlers use it to let a redelivery finish what its first attempt began.
+    """
+
+    id: str
+    attempt: int = 1
+
+
+def _delivery_doc(delivery: Delivery | None) -> Doc | None:
+    return {"id": delivery.id, "attempt": delivery.attempt} if delivery else None
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,15 @@ class Timing:
     max_delay: timedelta
     stall: timedelta = timedelta(minutes=15)
     """Beyond its poll delay, how long a step may stand still before the sweep re-drives it."""
+    call_bound: timedelta = timedelta(seconds=80)
+    """The longest one HTTP call to a service can take: (connect + read timeout) per attempt,
+    times attempts, plus the waits between them (see `retrain.http.worst_call`)."""
+
+    @property
+    def deploy_lease(self) -> timedelta:
+        """How long a delivery holds the right to deploy: a first promotion's preflight and the
+        deploy call fit in it (at most four calls), with a margin."""
+        return self.call_bound * 4 + timedelta(seconds=10)
 
     def delay(self, poll: int) -> timedelta:
         """The wait before poll number `poll` (1-based)."""
@@ -86,6 +113,14 @@ def _iso(moment: datetime) -> str:
 
 def _parse(moment: str) -> datetime:
     return datetime.fromisoformat(moment)
+
+
+@dataclass
+class _Step:
+    """What a handler did before an error interrupted it."""
+
+    polled: bool = False
+    """It claimed its message's poll number, so a retry must use the next one."""
 
 
 class Retrainer:
@@ -326,8 +361,13 @@ class Retrainer:
 
     # ------------------------------------------------------------------- train
 
-    def on_track_run(self, msg: TrackRun) -> str:
-        """Submit, start or poll the run's BES job; never waits inside the invocation."""
+    def on_track_run(self, msg: TrackRun, *, delivery: Delivery | None = None) -> str:
+        """Submit, start or poll the run's BES job; never waits inside the invocation.
+
+        One poll chain per run: poll number `n` is made by exactly one message (the first to
+        claim it); a redelivery of that same message after a failure may make it again, any
+        other copy is dropped.
+        """
         spec = self._spec(msg.model)
         key = run_key(spec.name, msg.run_id)
         run = self._ledger.get(key)
@@ -341,6 +381,7 @@ class Retrainer:
             return str(run["state"])
         now = self._clock.now()
         jobs = self._jobs_for(spec)
+        claimed = False
         try:
             if run["state"] == "queued":
                 if now >= _parse(run["deadline_at"]):
@@ -348,25 +389,21 @@ class Retrainer:
                 run, persisted = self._submit(spec, jobs, run, now)
                 if not persisted:
                     return "conflict"
+                return self._start(spec, jobs, run, now, delivery, known_unstarted=True)
             if run["state"] == "submitted":
-                jobs.start(run["job_id"])
-                run, _ = self._move(
-                    spec,
-                    msg.run_id,
-                    "submitted",
-                    "running",
-                    now,
-                    note=f"job {run['job_id']} started",
-                )
-                self._poll_later(spec, msg.run_id, 1)
-                return "started"
+                return self._start(spec, jobs, run, now, delivery, known_unstarted=False)
+            if not self._claim_poll(key, None, msg.poll, delivery):
+                return "duplicate"
+            claimed = True
             return self._poll(spec, jobs, run, msg, now)
         except RemoteError as exc:
             if exc.retryable:
-                delay = (
-                    timedelta(seconds=exc.retry_after)
-                    if exc.retry_after
-                    else (self._timing.delay(msg.poll + 1))
+                # A claimed poll number is spent: the retry is the chain's next poll.
+                poll = msg.poll + 1 if claimed else msg.poll
+                delay = max(
+                    timedelta(seconds=exc.retry_after or 0),
+                    self._timing.delay(poll) if claimed else MIN_POLL_GAP,
+                    MIN_POLL_GAP,
                 )
                 log.warning(
                     "run %s of %s: %s; trying again in %s",
@@ -378,7 +415,7 @@ class Retrainer:
                 )
                 self._outbox.send(
                     self._places.jobs_queue,
-                    TrackRun(model=spec.name, run_id=msg.run_id, poll=msg.poll),
+                    TrackRun(model=spec.name, run_id=msg.run_id, poll=poll),
                     delay=delay,
                 )
                 return "retry"
@@ -386,6 +423,48 @@ class Retrainer:
             if current.get("job_id") and current["state"] in ("submitted", "running"):
                 self._cancel_quietly(jobs, current["job_id"])
             return self._fail(spec, current, str(exc))
+
+    def _start(
+        self,
+        spec: ModelSpec,
+        jobs: BatchJobs,
+        run: Doc,
+        now: datetime,
+        delivery: Delivery | None,
+        *,
+        known_unstarted: bool,
+    ) -> str:
+        """Start the persisted job once, then begin the run's one poll chain.
+
+        A job id found persisted by an earlier delivery may have been started already (its
+        answer lost): ask BES first and start only a NotStarted job; a 409 on start means
+        another delivery started it.
+        """
+        job_id = run["job_id"]
+        already = False
+        if not known_unstarted:
+            already = jobs.status(job_id).state is not JobState.NOT_STARTED
+        if not already:
+            try:
+                jobs.start(job_id)
+            except RemoteError as exc:
+                if exc.status != 409:
+                    raise
+                log.info("job %s: already started (409 on start)", job_id)
+        _, moved = self._move(
+            spec,
+            run["run_id"],
+            "submitted",
+            "running",
+            now,
+            note=f"job {job_id} started",
+            polls=0,
+            poll_by=_delivery_doc(delivery),
+        )
+        if not moved:
+            return "duplicate"  # another delivery started the job and owns the poll chain
+        self._poll_later(spec, run["run_id"], 1)
+        return "started"
 
     def _submit(
         self, spec: ModelSpec, jobs: BatchJobs, run: Doc, now: datetime
@@ -440,9 +519,6 @@ class Retrainer:
     def _poll(
         self, spec: ModelSpec, jobs: BatchJobs, run: Doc, msg: TrackRun, now: datetime
     ) -> str:
-        key = run_key(spec.name, msg.run_id)
-        if not self._claim_poll(key, None, msg.poll):
-            return "duplicate"
         status = jobs.status(run["job_id"])
         if status.state is JobState.FINISHED:
             self._move(spec, msg.run_id, "running", "trained", now, note="BES job finished")
@@ -483,7 +559,7 @@ class Retrainer:
 
     # ------------------------------------------------------- evaluate, promote
 
-    def on_evaluate(self, msg: EvaluateRun, *, delivery: str | None = None) -> str:
+    def on_evaluate(self, msg: EvaluateRun, *, delivery: Delivery | None = None) -> str:
         """Gate the trained model; promote it through the model's target when it is better."""
         spec = self._spec(msg.model)
         key = run_key(spec.name, msg.run_id)
@@ -499,12 +575,30 @@ class Retrainer:
             run = self._judge(spec, run, now)
         if run["state"] != "promoting":
             return str(run["state"])
+        step = _Step()
         try:
-            return self._promote(spec, run, msg, delivery)
+            return self._promote(spec, run, msg, delivery, step)
         except RemoteError as exc:
-            if exc.retryable:
-                raise
-            return self._fail(spec, run, f"promotion failed: {exc}")
+            if not exc.retryable:
+                return self._fail(spec, run, f"promotion failed: {exc}")
+            # Honour the service's Retry-After with a delayed copy of the message, instead of
+            # failing the invocation and waiting out the queue's visibility timeout.
+            poll = msg.poll + 1 if step.polled else msg.poll
+            delay = max(timedelta(seconds=exc.retry_after or 0), MIN_POLL_GAP)
+            log.warning(
+                "run %s of %s: %s; trying again in %s",
+                msg.run_id,
+                spec.name,
+                exc,
+                delay,
+                extra=_dims(spec.name, msg.run_id),
+            )
+            self._outbox.send(
+                self._places.evaluations_queue,
+                EvaluateRun(model=spec.name, run_id=msg.run_id, poll=poll),
+                delay=delay,
+            )
+            return "retry"
 
     def _judge(self, spec: ModelSpec, run: Doc, now: datetime) -> Doc:
         key = run_key(spec.name, run["run_id"])
@@ -678,7 +772,12 @@ class Retrainer:
             )
 
     def _promote(
-        self, spec: ModelSpec, run: Doc, msg: EvaluateRun, delivery: str | None = None
+        self,
+        spec: ModelSpec,
+        run: Doc,
+        msg: EvaluateRun,
+        delivery: Delivery | None,
+        step: _Step,
     ) -> str:
         target = self._target_for(spec)
         path = run["outputs"]["model"]
@@ -689,70 +788,14 @@ class Retrainer:
         )
         pending = run.get("deployment")
         if pending is None or not pending.get("deployed"):
-            now = self._clock.now()
-            # The queue message's id: a re-delivery of the same message after a crash may take
-            # the claim over at once; another copy of the message waits out the lease.
-            token = delivery or secrets.token_hex(8)
-
-            def claim(d: Doc) -> Doc | None:
-                held = d.get("deployment")
-                if held and (
-                    held.get("deployed")
-                    or (now < _parse(held["until"]) and held.get("claim") != token)
-                ):
-                    return None
-                d["deployment"] = {
-                    "claim": token,
-                    "until": _iso(now + DEPLOY_LEASE),
-                    "started_at": _iso(now),
-                    "polls": 0,
-                    "operation": None,
-                    "deployed": False,
-                }
-                return d
-
-            run, claimed = self._ledger.update(key, claim)
-            if not claimed:
-                held = run["deployment"]
-                if held.get("deployed"):
-                    return "duplicate"
-                # Another delivery is deploying right now; look again when its lease ends.
-                self._outbox.send(
-                    self._places.evaluations_queue,
-                    msg,
-                    delay=max(_parse(held["until"]) - now, timedelta(seconds=1)),
-                )
-                return "waiting"
-            state = self._ledger.get(model_key(spec.name)) or {}
-            try:
-                if not state.get("champion"):
-                    target.preflight()  # a first promotion checks the target is set up right
-                progress = target.deploy(ref)
-            except Exception:
-                # Give the claim back so the retry of this message need not wait out the lease.
-                self._ledger.update(
-                    key,
-                    lambda d: (
-                        {**d, "deployment": None}
-                        if ((d.get("deployment") or {}).get("claim") == token)
-                        else None
-                    ),
-                )
-                raise
-            run, _ = self._ledger.update(
-                key,
-                lambda d: {
-                    **d,
-                    "deployment": {
-                        **d["deployment"],
-                        "operation": progress.operation,
-                        "deployed": True,
-                    },
-                },
-            )
+            outcome = self._deploy(spec, target, run, ref, msg, delivery)
+            if isinstance(outcome, str):
+                return outcome
+            run, progress = outcome
         else:
-            if not self._claim_poll(key, "deployment", msg.poll):
+            if not self._claim_poll(key, "deployment", msg.poll, delivery):
                 return "duplicate"
+            step.polled = True
             progress = target.progress(pending["operation"])
         if progress.state == "failed":
             return self._fail(spec, run, f"the target refused the model: {progress.detail}")
@@ -783,30 +826,152 @@ class Retrainer:
                 "after the update",
                 retryable=True,
             )
+        return self._crown(spec, run, path)
+
+    def _deploy(
+        self,
+        spec: ModelSpec,
+        target: DeployTarget,
+        run: Doc,
+        ref: BlobRef,
+        msg: EvaluateRun,
+        delivery: Delivery | None,
+    ) -> tuple[Doc, Progress] | str:
+        """Claim the run's deploy lease, call the target once, record it under the lease.
+
+        The lease's token fences every write after the call: a holder that lost the lease
+        cannot record a deployment or crown a model. Expiry is never read off a clock another
+        instance wrote: a waiter re-sends itself with the lease's duration as the queue delay
+        and takes over only if the very claim it saw is still there, undeployed, when it wakes
+        (the queue service times the wait). The holder measures on its own clock and starts the
+        target call only while the call's worst case still fits in its lease.
+        """
+        key = run_key(spec.name, run["run_id"])
+        lease = self._timing.deploy_lease
+        started = self._clock.now()
+        token = secrets.token_hex(8)
+        mine = _delivery_doc(delivery)
+
+        def claim(d: Doc) -> Doc | None:
+            held = d.get("deployment")
+            if d["state"] != "promoting" or (held and held.get("deployed")):
+                return None
+            if held:
+                by = held.get("by")
+                redelivery = bool(
+                    mine and by and by["id"] == mine["id"] and mine["attempt"] > by["attempt"]
+                )
+                if not redelivery and msg.lease != held["claim"]:
+                    return None
+            d["deployment"] = {
+                "claim": token,
+                "by": mine,
+                "poll_by": mine,
+                "lease_seconds": lease.total_seconds(),
+                "started_at": _iso(started),
+                "polls": 0,
+                "operation": None,
+                "deployed": False,
+            }
+            return d
+
+        run, claimed = self._ledger.update(key, claim)
+        if not claimed:
+            held = run.get("deployment") or {}
+            if run["state"] != "promoting" or held.get("deployed"):
+                return "duplicate"
+            # Another delivery holds the lease: look again after a whole lease, and take over
+            # only if that same claim is still there then.
+            self._outbox.send(
+                self._places.evaluations_queue,
+                EvaluateRun(
+                    model=spec.name, run_id=run["run_id"], poll=msg.poll, lease=held["claim"]
+                ),
+                delay=lease,
+            )
+            return "waiting"
+
+        def fenced(change: Callable[[Doc], None]) -> Callable[[Doc], Doc | None]:
+            def apply(d: Doc) -> Doc | None:
+                if (d.get("deployment") or {}).get("claim") != token:
+                    return None
+                change(d)
+                return d
+
+            return apply
+
+        def give_back(d: Doc) -> None:
+            d["deployment"] = None
+
+        try:
+            state = self._ledger.get(model_key(spec.name)) or {}
+            if not state.get("champion"):
+                target.preflight()  # a first promotion checks the target is set up right
+            if self._clock.now() - started > lease - self._timing.call_bound:
+                # Too late in the lease to start the call safely: give it back, go again.
+                self._ledger.update(key, fenced(give_back))
+                self._outbox.send(self._places.evaluations_queue, msg, delay=MIN_POLL_GAP)
+                return "retry"
+            progress = target.deploy(ref)
+        except Exception:
+            # Give the claim back so the retry of this message need not wait out the lease.
+            self._ledger.update(key, fenced(give_back))
+            raise
+
+        def deployed(d: Doc) -> None:
+            d["deployment"].update(operation=progress.operation, deployed=True)
+
+        run, recorded = self._ledger.update(key, fenced(deployed))
+        if not recorded:
+            log.error(
+                "run %s of %s: the deploy lease was lost during the target call; "
+                "the holder that took it over finishes the promotion",
+                run["run_id"],
+                spec.name,
+                extra=_dims(spec.name, run["run_id"]),
+            )
+            return "lease lost"
+        return run, progress
+
+    def _crown(self, spec: ModelSpec, run: Doc, path: str) -> str:
+        """Make the verified run the champion, only while it still holds the model."""
         now = self._clock.now()
+        run_id = run["run_id"]
         champion = {
-            "run_id": run["run_id"],
+            "run_id": run_id,
             "model": path,
             "promoted_at": _iso(now),
             "metrics": (run.get("metrics") or {}).get("challenger"),
         }
+        restore = run.get("kind") == "restore"
 
         def crown(d: Doc) -> Doc | None:
-            if (d.get("champion") or {}).get("run_id") == run["run_id"]:
+            if d.get("active_run") != run_id or (d.get("champion") or {}).get("run_id") == run_id:
                 return None
-            d["previous_champion"], d["champion"] = d.get("champion"), champion
+            if not restore:
+                d["previous_champion"] = d.get("champion")
+            d["champion"] = champion
             return d
 
-        self._ledger.update(model_key(spec.name), crown)
-        self._move(spec, run["run_id"], "promoting", "promoted", now, note=f"deployed {path}")
+        state, crowned = self._ledger.update(model_key(spec.name), crown)
+        if not crowned and (state.get("champion") or {}).get("run_id") != run_id:
+            log.error(
+                "run %s of %s no longer holds the model (active run: %s); not crowned",
+                run_id,
+                spec.name,
+                state.get("active_run"),
+                extra=_dims(spec.name, run_id),
+            )
+            return "superseded"
+        self._move(spec, run_id, "promoting", "promoted", now, note=f"deployed {path}")
         log.info(
             "run %s of %s promoted: the target serves %s",
-            run["run_id"],
+            run_id,
             spec.name,
             path,
-            extra=_dims(spec.name, run["run_id"], run.get("job_id")),
+            extra=_dims(spec.name, run_id, run.get("job_id")),
         )
-        self._release(spec, run["run_id"])
+        self._release(spec, run_id)
         return "promoted"
 
     # -------------------------------------------------------------- operations
@@ -1133,24 +1298,33 @@ class Retrainer:
 
     # ---------------------------------------------------------------- helpers
 
-    def _claim_poll(self, key: str, section: str | None, poll: int) -> bool:
-        """Record poll number `poll`; False when a later poll was already made (a stale copy).
+    def _claim_poll(
+        self, key: str, section: str | None, poll: int, delivery: Delivery | None
+    ) -> bool:
+        """Claim poll number `poll` of the run's chain for this delivery.
 
-        The same number again is a re-delivery after a failure, and goes ahead: losing the
-        poll chain would strand the run, while a duplicated chain only costs extra polls.
+        Granted when no poll that far was made yet, or when this is a redelivery (a later
+        attempt of the very message that claimed it) after a failure. Any other copy, a
+        duplicate or a stale message, is refused: one chain per run, whatever the duplicates.
         """
+        mine = _delivery_doc(delivery)
 
         def claim(d: Doc) -> Doc | None:
             holder = d[section] if section else d
-            if holder.get("polls", 0) >= poll:
+            made = holder.get("polls", 0)
+            if made > poll:
                 return None
+            if made == poll:
+                by = holder.get("poll_by")
+                if not (mine and by and by["id"] == mine["id"] and mine["attempt"] > by["attempt"]):
+                    return None
             holder["polls"] = poll
+            holder["poll_by"] = mine
             holder["polled_at"] = _iso(self._clock.now())
             return d
 
-        doc, _ = self._ledger.update(key, claim)
-        holder = doc[section] if section else doc
-        return bool(holder.get("polls", 0) <= poll)
+        _, claimed = self._ledger.update(key, claim)
+        return claimed
 
     def _spec(self, name: str) -> ModelSpec:
         try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
 from retrain.bes import BatchJobs, BesClient
 from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget
-from retrain.http import make_session
+from retrain.http import make_session, worst_call
 from retrain.ledger import Ledger
 from retrain.notify import Webhook
 from retrain.pipeline import Places, Retrainer, Timing
@@ -90,7 +91,12 @@ def build(
             evaluations_queue=settings.evaluations_queue,
             events_queue=settings.events_queue,
         ),
-        timing=Timing(settings.poll_first_delay, settings.poll_max_delay, settings.sweep_stall),
+        timing=Timing(
+            settings.poll_first_delay,
+            settings.poll_max_delay,
+            settings.sweep_stall,
+            call_bound=timedelta(seconds=worst_call(*timeout)),
+        ),
         clock=clock or SystemClock(),
     )
 

@@ -123,7 +123,11 @@ class MemoryOutbox:
 
 
 class FakeJobs:
-    """A BES stand-in that follows a script of states, one per status call."""
+    """A BES stand-in that follows a script of states, one per status call of a started job.
+
+    As strict as the service: a job is NotStarted until started, and a second start is
+    refused with 409.
+    """
 
     def __init__(self, script: list[JobState] | None = None, details: str | None = None) -> None:
         self.script = list(script or [JobState.FINISHED])
@@ -131,6 +135,7 @@ class FakeJobs:
         self.submitted: list[dict[str, Any]] = []
         self.started: list[str] = []
         self.cancelled: list[str] = []
+        self.polls: list[str] = []
         self.errors: dict[str, RemoteError] = {}
 
     def _maybe_fail(self, op: str) -> None:
@@ -151,11 +156,16 @@ class FakeJobs:
         return f"job{len(self.submitted)}"
 
     def start(self, job_id: str) -> None:
-        self._maybe_fail("start")
+        if job_id in self.started:
+            raise RemoteError(f"BES start {job_id}: HTTP 409: the job was started", status=409)
         self.started.append(job_id)
+        self._maybe_fail("start")  # an answer lost after the job was started
 
     def status(self, job_id: str) -> JobStatus:
         self._maybe_fail("status")
+        self.polls.append(job_id)
+        if job_id not in self.started:
+            return JobStatus(JobState.NOT_STARTED, None, {})
         state = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         return JobStatus(state, self.details if state is JobState.FAILED else None, {})
 

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from localdev.sample import housing_csv
-from retrain.bes import JobState
+from retrain.bes import JobState, JobStatus
 from retrain.errors import RemoteError
 from retrain.ledger import Ledger, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
-from retrain.pipeline import Places, Retrainer, Timing
+from retrain.pipeline import Delivery, Places, Retrainer, Timing
 from retrain.settings import ModelSpec
 from tests.fakes import (
     FakeData,
@@ -277,6 +277,72 @@ class TestTraining:
         w.retrainer.on_track_run(msg)
         assert len(w.jobs.submitted) == 1
 
+    def test_a_start_whose_answer_was_lost_is_not_repeated_and_the_run_goes_on(self) -> None:
+        w = self.sealed(FakeJobs([JobState.RUNNING, JobState.FINISHED]))
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, TrackRun)
+        w.jobs.errors["start"] = RemoteError("BES start: connection failed", retryable=True)
+        assert w.retrainer.on_track_run(msg, delivery=Delivery("m-1")) == "retry"
+        assert w.run()["state"] == "submitted"
+        assert w.jobs.started == ["job1"]  # the service did start it
+        # The retry asks BES first and does not start (or cancel) a running job.
+        assert w.deliver() == ["started"]
+        assert w.jobs.started == ["job1"]
+        assert w.jobs.cancelled == []
+        w.deliver()
+        assert w.run()["state"] == "trained"
+
+    def test_a_409_on_start_means_already_started(self) -> None:
+        w = self.sealed(FakeJobs([JobState.FINISHED]))
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, TrackRun)
+        w.retrainer.on_track_run(msg, delivery=Delivery("m-1"))
+        w.ledger.update(run_key("housing", msg.run_id), lambda d: {**d, "state": "submitted"})
+        w.jobs.status = lambda job_id: JobStatus(JobState.NOT_STARTED, None, {})  # type: ignore[method-assign]
+        w.outbox.take()
+        assert w.retrainer.on_track_run(msg, delivery=Delivery("m-1", 2)) == "started"
+        assert w.jobs.cancelled == []
+        assert w.run()["state"] == "running"
+
+    def test_duplicate_deliveries_make_one_poll_chain(self) -> None:
+        """Two copies of the start message and of every poll: polls are made once each."""
+        w = self.sealed(FakeJobs([JobState.RUNNING] * 3 + [JobState.FINISHED]))
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, TrackRun)
+        w.outbox.sent.append(("jobs", msg, timedelta(0)))
+        w.outbox.sent.append(("jobs", msg, timedelta(0)))
+        seq = 0
+        results: list[str] = []
+        evaluations = 0
+        for _ in range(12):
+            pending = w.outbox.take()
+            if not pending:
+                break
+            for _q, m, delay in pending:
+                if not isinstance(m, TrackRun):
+                    evaluations += 1  # the evaluation that follows training
+                    continue
+                w.clock.advance(seconds=delay.total_seconds())
+                for _copy in range(2):  # every message is delivered twice, as separate messages
+                    seq += 1
+                    results.append(w.retrainer.on_track_run(m, delivery=Delivery(f"m-{seq}")))
+        assert w.jobs.started == ["job1"]
+        assert w.jobs.polls == ["job1"] * 4  # one status call per poll, none twice
+        assert evaluations == 1
+        assert w.run()["state"] == "trained"
+
+    def test_a_retry_after_zero_still_waits_the_least_poll_gap(self) -> None:
+        w = self.sealed(FakeJobs([JobState.RUNNING]))
+        w.deliver()
+        ((_, poll, _),) = w.outbox.take()
+        assert isinstance(poll, TrackRun)
+        w.jobs.errors["status"] = RemoteError("429", status=429, retryable=True, retry_after=0)
+        assert w.retrainer.on_track_run(poll, delivery=Delivery("p")) == "retry"
+        ((_, again, delay),) = w.outbox.sent
+        assert isinstance(again, TrackRun)
+        assert again.poll == poll.poll + 1  # poll 1 was claimed; the retry is the next poll
+        assert delay >= timedelta(seconds=1)
+
     def test_stale_poll_message_is_dropped(self) -> None:
         w = self.sealed(FakeJobs([JobState.RUNNING]))
         w.deliver()
@@ -361,9 +427,11 @@ class TestEvaluate:
         w.evaluation("Root Mean Squared Error\n2.5\n")
         ((_, msg, _),) = w.outbox.take()
         assert isinstance(msg, EvaluateRun)
-        w.retrainer.on_evaluate(msg)
+        w.retrainer.on_evaluate(msg, delivery=Delivery("m-1"))
+        # The first attempt died after the deploy, before the run was marked promoted.
         w.ledger.update(run_key("housing", msg.run_id), lambda d: {**d, "state": "promoting"})
-        assert w.retrainer.on_evaluate(msg) == "promoted"
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-2")) == "duplicate"
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "promoted"
         assert len(w.target.deploys) == 1
 
     def test_unreadable_evaluation_fails_the_run(self) -> None:
@@ -512,7 +580,7 @@ class TestDeployLease:
         assert isinstance(msg, EvaluateRun)
         return w, msg
 
-    def claim_then_crash(self, w: World, msg: EvaluateRun, delivery: str) -> None:
+    def claim_then_crash(self, w: World, msg: EvaluateRun, delivery: Delivery) -> None:
         def crash(model: Any) -> Any:
             raise SystemExit("the worker died after claiming the deploy")
 
@@ -523,17 +591,93 @@ class TestDeployLease:
 
     def test_redelivery_of_the_same_message_takes_the_claim_over(self) -> None:
         w, msg = self.trained()
-        self.claim_then_crash(w, msg, "m-1")
-        assert w.retrainer.on_evaluate(msg, delivery="m-1") == "promoted"
+        self.claim_then_crash(w, msg, Delivery("m-1"))
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "promoted"
         assert len(w.target.deploys) == 1
 
-    def test_another_copy_waits_for_the_lease_and_never_patches_twice(self) -> None:
+    def test_a_concurrent_copy_of_the_same_attempt_does_not_take_over(self) -> None:
         w, msg = self.trained()
-        self.claim_then_crash(w, msg, "m-1")
-        assert w.retrainer.on_evaluate(msg, delivery="m-2") == "waiting"
+        self.claim_then_crash(w, msg, Delivery("m-1"))
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "waiting"
+        assert w.target.deploys == []
+
+    def test_another_copy_waits_a_whole_lease_then_takes_over_the_same_claim(self) -> None:
+        w, msg = self.trained()
+        self.claim_then_crash(w, msg, Delivery("m-1"))
+        held = w.run()["deployment"]["claim"]
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-2")) == "waiting"
         ((_, again, delay),) = w.outbox.take()
-        assert again == msg
-        assert timedelta(seconds=1) <= delay <= timedelta(minutes=2)
-        w.clock.advance(minutes=3)  # the claimant never came back: its lease ran out
-        assert w.retrainer.on_evaluate(msg, delivery="m-2") == "promoted"
+        assert isinstance(again, EvaluateRun)
+        assert again.lease == held
+        assert delay == w.retrainer._timing.deploy_lease
+        # Expiry is never read off a clock: even with no time passing here (another instance's
+        # clock may run behind), the copy that waited a lease on the queue takes over.
+        assert w.retrainer.on_evaluate(again, delivery=Delivery("m-3")) == "promoted"
         assert len(w.target.deploys) == 1
+
+    def test_a_copy_that_saw_an_older_claim_waits_again(self) -> None:
+        w, msg = self.trained()
+        self.claim_then_crash(w, msg, Delivery("m-1"))
+        old = w.run()["deployment"]["claim"]
+        self.claim_then_crash(w, msg, Delivery("m-1", 2))  # the holder came back: new claim
+        stale = msg.model_copy(update={"lease": old})
+        assert w.retrainer.on_evaluate(stale, delivery=Delivery("m-2")) == "waiting"
+        assert w.target.deploys == []
+
+    def test_a_holder_that_lost_its_lease_mid_call_neither_records_nor_crowns(self) -> None:
+        """The first holder's deploy call outlives its lease; a copy takes over and finishes.
+        When the first call returns, its writes are fenced off by the lease token."""
+        w, msg = self.trained()
+        original = w.target.deploy
+        outcome: list[str] = []
+
+        def slow_deploy(model: Any) -> Any:
+            w.target.deploy = original  # type: ignore[method-assign]
+            held = w.run()["deployment"]["claim"]
+            takeover = msg.model_copy(update={"lease": held})
+            outcome.append(w.retrainer.on_evaluate(takeover, delivery=Delivery("m-2")))
+            return original(model)
+
+        w.target.deploy = slow_deploy  # type: ignore[method-assign]
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "lease lost"
+        assert outcome == ["promoted"]
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["champion"]["run_id"] == w.run()["run_id"]
+        assert state["previous_champion"] is None  # crowned once, not twice
+
+    def test_a_stale_holder_of_an_older_run_cannot_crown_over_the_new_champion(self) -> None:
+        w, msg = self.trained()
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "promoted"
+        first = w.run()["run_id"]
+        # A stale delivery of the first run, which had deployed before it stalled, comes back
+        # after the model moved on (another run holds it now).
+        w.ledger.update(run_key("housing", first), lambda d: {**d, "state": "promoting"})
+        w.ledger.update(
+            model_key("housing"),
+            lambda d: {**d, "active_run": "later-run", "champion": {"run_id": "later-run"}},
+        )
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "superseded"
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["champion"] == {"run_id": "later-run"}
+
+    def test_no_call_is_started_when_the_lease_is_nearly_spent(self) -> None:
+        w, msg = self.trained()
+        lease = w.retrainer._timing.deploy_lease
+
+        def slow_preflight() -> list[str]:
+            w.clock.advance(seconds=lease.total_seconds())  # the first promotion's checks
+            return ["ok"]
+
+        w.target.preflight = slow_preflight  # type: ignore[method-assign]
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "retry"
+        assert w.target.deploys == []
+        assert w.run()["deployment"] is None  # given back: the retry claims afresh
+
+
+def test_the_deploy_lease_is_derived_from_the_http_timeouts() -> None:
+    short = Timing(timedelta(seconds=30), timedelta(minutes=10), call_bound=timedelta(seconds=5))
+    long = Timing(timedelta(seconds=30), timedelta(minutes=10), call_bound=timedelta(seconds=50))
+    assert short.deploy_lease < long.deploy_lease
+    assert long.deploy_lease >= 4 * long.call_bound
