@@ -43,6 +43,8 @@ class EvaluateRun(_Message):
     run_id: str = Field(min_length=1, max_length=64)
     poll: int = Field(default=0, ge=0)
     """Provisioning polls of an asynchronous promotion (New web services)."""
+    retries: int = Field(default=0, ge=0, le=100)
+    """How often this promotion step was re-sent after a service asked to retry later."""
     lease: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     """The deploy lease this copy saw held by another delivery, one lease ago: if that same
     claim is still there, unfinished, the holder is gone and this copy takes over."""

@@ -36,12 +36,14 @@ from retrain.messages import (
     parse_jobs,
 )
 from retrain.settings import ModelSpec
-from retrain.storage import DataStore, Outbox
+from retrain.storage import BlobVersion, DataStore, Outbox
 
 log = logging.getLogger(__name__)
 
 MODEL_BLOB = "model.ilearner"
 EVALUATION_BLOB = "evaluation.csv"
+INPUT_BLOB = "input"
+"""The run's copy of its training file (plus the file's own extension), what the job reads."""
 MAX_EVALUATION_BYTES = 1024 * 1024
 SAS_MARGIN = timedelta(hours=1)
 DEPLOY_SAS_LIFETIME = timedelta(hours=2)
@@ -50,6 +52,9 @@ MAX_REJOINS = 10
 _EPOCH = "1970-01-01T00:00:00+00:00"
 
 
+MAX_RETRY_AFTER = 5
+"""How often a promotion follows a service's Retry-After before its message fails for good
+(then the host's own retries and the poison queue take over, as for any other error)."""
 MIN_POLL_GAP = timedelta(seconds=1)
 """The least time between two status calls of one job (the spec's clients poll at 1 s or slower)."""
 
@@ -337,6 +342,7 @@ class Retrainer:
             if not d.get("batch") or d["batch"]["id"] != run_id or d.get("active_run"):
                 return None
             d["sealed"], d["batch"], d["active_run"] = d["batch"], None, run_id
+            d["active_since"] = _iso(now)
             return d
 
         state, _ = self._ledger.update(model_key(spec.name), seal)
@@ -469,17 +475,31 @@ class Retrainer:
     def _submit(
         self, spec: ModelSpec, jobs: BatchJobs, run: Doc, now: datetime
     ) -> tuple[Doc, bool]:
-        """Submit, then persist the job id; only a persisted job is ever started."""
+        """Submit, then persist the job id; only a persisted job is ever started.
+
+        The job reads a copy of exactly the validated version of the training file, made in the
+        artifacts container first: an overwrite of the data blob after validation cannot reach
+        the job.
+        """
         expires = _parse(run["deadline_at"]) + SAS_MARGIN
         folder = f"{spec.name}/{run['run_id']}"
         art = self._places.artifacts_container
-        inputs = {
-            spec.bes.input_name: self._data.reference(
-                self._places.data_container,
-                run["training_file"]["name"],
-                write=False,
-                expires=expires,
+        training = run["training_file"]
+        suffix = ".tsv" if training["name"].lower().endswith(".tsv") else ".csv"
+        frozen = f"{folder}/{INPUT_BLOB}{suffix}"
+        source = BlobVersion(self._places.data_container, training["name"], training["etag"])
+        try:
+            copied = self._data.freeze(source, art, frozen)
+        except InputRejected as exc:
+            raise RemoteError(f"the validated training file is gone: {exc}") from exc
+        if not copied:
+            raise RemoteError(
+                f"the copy of {training['name']} into {art}/{frozen} is still in progress",
+                retryable=True,
+                retry_after=5,
             )
+        inputs = {
+            spec.bes.input_name: self._data.reference(art, frozen, write=False, expires=expires)
         }
         outputs = {
             spec.bes.model_output: self._data.reference(
@@ -501,6 +521,7 @@ class Retrainer:
             note=f"job {job_id} submitted",
             job_id=job_id,
             outputs={
+                "input": f"{art}/{frozen}",
                 "model": f"{art}/{folder}/{MODEL_BLOB}",
                 "evaluation": f"{art}/{folder}/{EVALUATION_BLOB}",
             },
@@ -581,6 +602,8 @@ class Retrainer:
         except RemoteError as exc:
             if not exc.retryable:
                 return self._fail(spec, run, f"promotion failed: {exc}")
+            if exc.retry_after is None or msg.retries >= MAX_RETRY_AFTER:
+                raise  # the host retries the message, then keeps it as poison
             # Honour the service's Retry-After with a delayed copy of the message, instead of
             # failing the invocation and waiting out the queue's visibility timeout.
             poll = msg.poll + 1 if step.polled else msg.poll
@@ -595,7 +618,7 @@ class Retrainer:
             )
             self._outbox.send(
                 self._places.evaluations_queue,
-                EvaluateRun(model=spec.name, run_id=msg.run_id, poll=poll),
+                EvaluateRun(model=spec.name, run_id=msg.run_id, poll=poll, retries=msg.retries + 1),
                 delay=delay,
             )
             return "retry"
@@ -755,21 +778,30 @@ class Retrainer:
         self._unpark(name, run_id)
         return "rejected"
 
-    def _lock(self, spec: ModelSpec, run_id: str, action: str) -> None:
-        """Make `run_id` the model's active run, or explain which run holds the model."""
+    def _lock(
+        self, spec: ModelSpec, run_id: str, action: str, *, replacing: str | None = None
+    ) -> None:
+        """Make `run_id` the model's active run (taking it over from `replacing`, if that run
+        holds it), or explain which run holds the model."""
+        now = _iso(self._clock.now())
 
         def lock(d: Doc) -> Doc | None:
-            if d.get("active_run") in (None, run_id):
-                d["active_run"] = run_id
+            if d.get("active_run") in (None, run_id, replacing):
+                d["active_run"], d["active_since"] = run_id, now
                 return d
             return None
 
         state, _ = self._ledger.update(model_key(spec.name), lock, initial=_new_model(spec))
-        if state.get("active_run") != run_id:
-            raise InputRejected(
-                f"cannot {action} now: run {state['active_run']} of {spec.name} is in progress; "
-                "try again when it has ended"
+        holder = str(state.get("active_run"))
+        if holder != run_id:
+            recorded = self._ledger.get(run_key(spec.name, holder), remember=False)
+            what = (
+                "is in progress; try again when it has ended"
+                if recorded is not None
+                else "holds the model but has no run record (its writer died between the two "
+                "writes); the sweep frees the model after RETRAIN_SWEEP_STALL"
             )
+            raise InputRejected(f"cannot {action} now: run {holder} of {spec.name} {what}")
 
     def _promote(
         self,
@@ -901,7 +933,7 @@ class Retrainer:
             return apply
 
         def give_back(d: Doc) -> None:
-            d["deployment"] = None
+            d["deployment"], d["deploy_tried"] = None, True
 
         try:
             state = self._ledger.get(model_key(spec.name)) or {}
@@ -1023,11 +1055,12 @@ class Retrainer:
         """Re-deploy an earlier promoted run's model (default: the previous champion).
 
         A rollback is a run of its own, promoted through the model's target with a freshly
-        minted SAS for the model blob in the app's artifacts container. Returns its id.
+        minted SAS for the model blob in the app's artifacts container. Whether the target
+        already serves that model is asked of the target itself, not of the champion pointer.
+        Returns the rollback run's id.
         """
         spec = self._spec(name)
         state = self._ledger.get(model_key(name)) or {}
-        champion = state.get("champion") or {}
         if to is None:
             previous = state.get("previous_champion")
             if not previous:
@@ -1040,17 +1073,23 @@ class Retrainer:
             raise InputRejected(
                 f"run {to} is {source['state']}; only a promoted run's model can be restored"
             )
-        if champion.get("model") == source["outputs"]["model"]:
-            raise InputRejected(f"{name} already serves the model of run {to}")
+        if self._target_for(spec).serves(self._model_ref(source["outputs"]["model"])):
+            raise InputRejected(f"{name} already serves the model of run {to} (its target says so)")
+        return self._redeploy(spec, source, kind="rollback", by=by)
+
+    def _redeploy(
+        self, spec: ModelSpec, source: Doc, *, kind: str, by: str, replacing: str | None = None
+    ) -> str:
+        """A run that deploys promoted run `source`'s model again (a rollback or a restore)."""
         now = self._clock.now()
-        run_id = f"rollback-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-        self._lock(spec, run_id, "roll back")
-        note = f"rollback to run {to} requested by {by}"
+        run_id = f"{kind}-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+        self._lock(spec, run_id, f"deploy run {source['run_id']}'s model", replacing=replacing)
+        note = f"{kind} to run {source['run_id']} requested by {by}"
         run = {
             "run_id": run_id,
-            "model": name,
-            "kind": "rollback",
-            "restores": to,
+            "model": spec.name,
+            "kind": kind,
+            "restores": source["run_id"],
             "state": "promoting",
             "created_at": _iso(now),
             "updated_at": _iso(now),
@@ -1065,10 +1104,60 @@ class Retrainer:
             "requested_by": by,
             "history": [{"state": "promoting", "at": _iso(now), "note": note}],
         }
-        self._ledger.create(run_key(name, run_id), run)
+        self._ledger.create(run_key(spec.name, run_id), run)
         self._emit(spec, run, note)
-        self._outbox.send(self._places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
+        self._outbox.send(
+            self._places.evaluations_queue, EvaluateRun(model=spec.name, run_id=run_id)
+        )
         return run_id
+
+    def _model_ref(self, path: str) -> BlobRef:
+        container, _, blob = path.partition("/")
+        return self._data.reference(
+            container, blob, write=False, expires=self._clock.now() + DEPLOY_SAS_LIFETIME
+        )
+
+    def _restore(self, spec: ModelSpec, run: Doc) -> None:
+        """After a promotion failed past its claim, make the target serve the champion again
+        (or say what it serves when there is nothing to restore). Recorded on the failed run."""
+        state = self._ledger.get(model_key(spec.name)) or {}
+        champion = state.get("champion")
+        target = self._target_for(spec)
+        try:
+            if champion is None or run.get("kind") == "restore":
+                mine = target.serves(self._model_ref(run["outputs"]["model"]))
+                outcome = (
+                    "the target serves this run's model and there is no champion to restore; "
+                    "roll back or retrain"
+                    if mine
+                    else "the target does not serve this run's model"
+                )
+            elif target.serves(self._model_ref(champion["model"])):
+                outcome = f"the target still serves the champion (run {champion['run_id']})"
+            else:
+                source = self._ledger.get(run_key(spec.name, champion["run_id"])) or {
+                    "run_id": champion["run_id"],
+                    "outputs": {"model": champion["model"]},
+                }
+                restore = self._redeploy(
+                    spec, source, kind="restore", by="retrain", replacing=run["run_id"]
+                )
+                outcome = (
+                    f"the target may serve this run's model: restoring the champion "
+                    f"(run {champion['run_id']}) through run {restore}"
+                )
+        except (RemoteError, InputRejected) as exc:
+            outcome = f"what the target serves is unknown ({exc}); run `check`"
+        log.warning(
+            "run %s of %s failed after its deploy claim: %s",
+            run["run_id"],
+            spec.name,
+            outcome,
+            extra=_dims(spec.name, run["run_id"]),
+        )
+        self._ledger.update(
+            run_key(spec.name, run["run_id"]), lambda d: {**d, "target_after": outcome}
+        )
 
     def on_poison(self, queue: str, body: bytes) -> str:
         """A message failed every delivery: keep it for replay and fail its run with the reason."""
@@ -1229,9 +1318,10 @@ class Retrainer:
     def _redrive(self, spec: ModelSpec, run_id: str, now: datetime) -> int:
         key = run_key(spec.name, run_id)
         run = self._ledger.get(key)
-        if run is None or run["state"] in TERMINAL or run["state"] == "awaiting_approval":
-            if run is not None:
-                self._release(spec, run_id)
+        if run is None:
+            return self._repair_claim(spec, run_id, now)
+        if run["state"] in TERMINAL or run["state"] == "awaiting_approval":
+            self._release(spec, run_id)
             return 0
         deployment = run.get("deployment") or {}
         moments = [
@@ -1265,6 +1355,36 @@ class Retrainer:
             extra=_dims(spec.name, run_id),
         )
         self._outbox.send(queue, message)
+        return 1
+
+    def _repair_claim(self, spec: ModelSpec, run_id: str, now: datetime) -> int:
+        """The model's active run has no record: its writer died between claiming the model
+        and recording the run. A sealed batch gets its run recorded now; any other claim (a
+        rollback's) is freed. Only after a stall, so a writer still at work is left alone."""
+        state = self._ledger.get(model_key(spec.name)) or {}
+        since = state.get("active_since")
+        if state.get("active_run") != run_id or (since and now < _parse(since) + self._stall):
+            return 0
+        if not self._claim_sweep(model_key(spec.name), now):
+            return 0
+        sealed = state.get("sealed") or {}
+        if sealed.get("id") == run_id:
+            log.warning(
+                "sweep: batch %s of %s was sealed but its run never recorded; recording it",
+                run_id,
+                spec.name,
+                extra=_dims(spec.name, run_id),
+            )
+            self._start_run(spec, sealed, now)
+            return 1
+        log.warning(
+            "sweep: %s held %s without a run record since %s; freed",
+            run_id,
+            spec.name,
+            since or "before records kept the time",
+            extra=_dims(spec.name, run_id),
+        )
+        self._release(spec, run_id)
         return 1
 
     def poisoned(self) -> list[Doc]:
@@ -1347,9 +1467,12 @@ class Retrainer:
                 return None
             return _advance(d, d["state"], "failed", now, note=reason, error=reason, **fields)
 
+        before = (self._ledger.get(run_key(spec.name, run["run_id"])) or run)["state"]
         doc, changed = self._ledger.update(run_key(spec.name, run["run_id"]), fail)
         if changed:
             self._emit(spec, doc, reason)
+            if before == "promoting" and (doc.get("deployment") or doc.get("deploy_tried")):
+                self._restore(spec, doc)  # the target may have changed
         self._release(spec, run["run_id"])
         return "failed"
 

@@ -22,7 +22,7 @@ from azure.storage.queue import QueueServiceClient, TextBase64EncodePolicy
 from pydantic import BaseModel
 
 from retrain.bes import BlobRef
-from retrain.errors import ConfigError, RemoteError, StateConflict
+from retrain.errors import ConfigError, InputRejected, RemoteError, StateConflict
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,20 @@ class BlobHead:
     head: bytes
 
 
+@dataclass(frozen=True)
+class BlobVersion:
+    """One version of one blob: the validated thing a run trains on."""
+
+    container: str
+    name: str
+    etag: str
+
+
+FROZEN_FROM = "retrain_source"
+FROZEN_ETAG = "retrain_source_etag"
+"""Metadata on a run's input copy naming the blob version it was copied from."""
+
+
 class DataStore(Protocol):
     """Access to training data and the app's own artifacts."""
 
@@ -85,6 +99,12 @@ class DataStore(Protocol):
 
     def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
         """A SAS reference to one blob: read-only, or create/write for job outputs."""
+        ...
+
+    def freeze(self, source: BlobVersion, container: str, name: str) -> bool:
+        """Copy exactly version `source` to `container/name` (server-side, once); True when
+        the copy is complete, False while the service is still copying. Raises InputRejected
+        when that version no longer exists (the blob was overwritten or deleted)."""
         ...
 
 
@@ -274,6 +294,50 @@ class BlobData:
         )
         return BlobRef(self._service.url.rstrip("/") + "/", f"{container}/{name}", "?" + sas)
 
+    def freeze(self, source: BlobVersion, container: str, name: str) -> bool:
+        from azure.core import MatchConditions
+
+        target = self._service.get_blob_client(container, name)
+        origin = f"{source.container}/{source.name}"
+        try:
+            props = target.get_blob_properties()
+        except ResourceNotFoundError:
+            props = None
+        except AzureError as exc:
+            raise _wrap(f"read {container}/{name}", exc) from exc
+        version = source.etag.strip('"')
+        if props is not None and (props.metadata or {}).get(FROZEN_ETAG) == version:
+            status = props.copy.status if props.copy else "success"
+            if status == "pending":
+                return False
+            if status == "success":
+                return True  # made by an earlier delivery; a failed or aborted copy is redone
+        self._ensure(container)
+        sas = generate_blob_sas(
+            self._account,
+            source.container,
+            source.name,
+            account_key=self._key,
+            permission=BlobSasPermissions(read=True),
+            expiry=_in(timedelta(hours=1)),
+        )
+        url = self._service.get_blob_client(source.container, source.name).url
+        try:
+            result = target.start_copy_from_url(
+                f"{url}?{sas}",
+                metadata={FROZEN_FROM: _ascii(origin)[:1000], FROZEN_ETAG: version},
+                source_etag=_quoted(source.etag),
+                source_match_condition=MatchConditions.IfNotModified,
+            )
+        except (ResourceModifiedError, ResourceNotFoundError) as exc:
+            raise InputRejected(
+                f"{origin} changed after it was validated: version {source.etag} no longer "
+                "exists, so it cannot be trained (a new version is an arrival of its own)"
+            ) from exc
+        except AzureError as exc:
+            raise _wrap(f"copy {origin} to {container}/{name}", exc) from exc
+        return str(result.get("copy_status")) == "success"
+
     def _ensure(self, container: str) -> None:
         if container in self._created:
             return
@@ -296,6 +360,11 @@ def _in(delta: timedelta) -> datetime:
     from datetime import UTC
 
     return datetime.now(UTC) + delta
+
+
+def _quoted(etag: str) -> str:
+    """An ETag as the If-Match header wants it: quoted."""
+    return etag if etag.startswith('"') else f'"{etag}"'
 
 
 def _ascii(text: str) -> str:

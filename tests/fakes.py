@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from retrain.bes import BlobRef, JobState, JobStatus
 from retrain.clock import ManualClock as ManualClock  # re-exported for the tests
 from retrain.deploy import Progress
-from retrain.errors import RemoteError, StateConflict
-from retrain.storage import HEAD_BYTES, BlobHead, Versioned
+from retrain.errors import InputRejected, RemoteError, StateConflict
+from retrain.storage import HEAD_BYTES, BlobHead, BlobVersion, Versioned
 
 
 class MemoryDocumentStore:
@@ -65,6 +65,7 @@ class FakeData:
     def __init__(self) -> None:
         self.blobs: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.quarantined: list[tuple[str, str, str]] = []
+        self.frozen: list[tuple[BlobVersion, str]] = []
         self._etags = itertools.count(1)
 
     def put(self, container: str, name: str, data: bytes | str) -> None:
@@ -92,6 +93,14 @@ class FakeData:
     def newest(self, container: str, prefix: str) -> str | None:
         names = [n for n, _ in self.listing(container, prefix)]
         return names[-1] if names else None
+
+    def freeze(self, source: BlobVersion, container: str, name: str) -> bool:
+        found = self.blobs.get((source.container, source.name))
+        if found is None or found[1] != source.etag:
+            raise InputRejected(f"{source.container}/{source.name} changed after it was validated")
+        self.blobs[(container, name)] = found
+        self.frozen.append((source, f"{container}/{name}"))
+        return True
 
     def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
         perms = "cw" if write else "r"

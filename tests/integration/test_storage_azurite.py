@@ -11,10 +11,10 @@ import requests
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 
-from retrain.errors import StateConflict
+from retrain.errors import InputRejected, StateConflict
 from retrain.ledger import Ledger
 from retrain.messages import TrackRun, parse_jobs
-from retrain.storage import HEAD_BYTES, BlobData, BlobDocumentStore, QueueOutbox
+from retrain.storage import HEAD_BYTES, BlobData, BlobDocumentStore, BlobVersion, QueueOutbox
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +140,25 @@ def test_outbox_round_trips_base64_json_and_delays(azurite_connection: str, name
     )
     assert list(decoding.receive_messages()) == []
     assert decoding.get_queue_properties().approximate_message_count == 1
+
+
+class TestFrozenInput:
+    def test_the_validated_version_is_copied_and_an_overwrite_is_refused(
+        self, blobs: BlobServiceClient, name: str
+    ) -> None:
+        data = BlobData(blobs)
+        blobs.create_container(name)
+        source = blobs.get_blob_client(name, "housing/a.csv")
+        etag = str(source.upload_blob(b"rooms,price\n1,2\n")["etag"])
+        version = BlobVersion(name, "housing/a.csv", etag)
+        assert data.freeze(version, name + "art", "run/input.csv") is True
+        copy = blobs.get_blob_client(name + "art", "run/input.csv")
+        assert copy.download_blob().readall() == b"rooms,price\n1,2\n"
+        meta = copy.get_blob_properties().metadata
+        assert meta["retrain_source"] == f"{name}/housing/a.csv"
+        assert meta["retrain_source_etag"] == etag.strip('"')
+        assert data.freeze(version, name + "art", "run/input.csv") is True  # done already
+        source.upload_blob(b"rooms\n1\n", overwrite=True)  # overwritten after validation
+        assert copy.download_blob().readall() == b"rooms,price\n1,2\n"
+        with pytest.raises(InputRejected, match="changed after it was validated"):
+            data.freeze(version, name + "art", "other/input.csv")

@@ -9,7 +9,8 @@ import pytest
 
 from localdev.sample import housing_csv
 from retrain.bes import JobState, JobStatus
-from retrain.errors import RemoteError
+from retrain.deploy import Progress
+from retrain.errors import InputRejected, RemoteError
 from retrain.ledger import Ledger, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline import Delivery, Places, Retrainer, Timing
@@ -226,10 +227,25 @@ class TestTraining:
         assert run["job_id"] == "job1" == w.jobs.started[0]
         (request,) = w.jobs.submitted
         assert "sp=r&" in request["inputs"]["input1"].sas_token
-        assert request["inputs"]["input1"].relative_location == "data/housing/a.csv"
+        # The job reads the run's own copy of exactly the validated version.
+        frozen = f"artifacts/housing/{run['run_id']}/input.csv"
+        assert request["inputs"]["input1"].relative_location == frozen
+        ((source, copy),) = w.data.frozen
+        assert (source.name, source.etag, copy) == (
+            "housing/a.csv",
+            run["files"][0]["etag"],
+            frozen,
+        )
         model_ref = request["outputs"]["output1"]
         assert model_ref.relative_location.endswith("/model.ilearner")
         assert "sp=cw&" in model_ref.sas_token
+
+    def test_an_overwrite_after_validation_never_reaches_the_job(self) -> None:
+        w = self.sealed()
+        w.data.put("data", "housing/a.csv", "rooms\n1\n")  # a new version lacking a column
+        assert w.deliver() == ["failed"]
+        assert w.jobs.submitted == []
+        assert "changed after it was validated" in w.run()["error"]
 
     def test_polls_back_off_and_finish_into_evaluation(self) -> None:
         jobs = FakeJobs(
@@ -454,6 +470,40 @@ class TestEvaluate:
         w.deliver()
         assert w.run()["state"] == "failed"
         assert w.ledger.get("models/housing.json")["champion"] is None  # type: ignore[index]
+
+    def test_a_503_with_retry_after_on_the_patch_is_retried_after_that_delay(self) -> None:
+        w = self.trained()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, EvaluateRun)
+        original = w.target.deploy
+
+        def busy(model: Any) -> Any:
+            w.target.deploy = original  # type: ignore[method-assign]
+            raise RemoteError("PATCH: HTTP 503", status=503, retryable=True, retry_after=2)
+
+        w.target.deploy = busy  # type: ignore[method-assign]
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "retry"
+        ((_, again, delay),) = w.outbox.sent
+        assert delay == timedelta(seconds=2)  # not the host's 30 s visibility timeout
+        assert w.run()["deployment"] is None  # the lease is given back for the retry
+        assert w.deliver() == ["promoted"]
+        assert isinstance(again, EvaluateRun)
+        assert again.retries == 1
+
+    def test_a_service_that_keeps_asking_for_later_ends_in_the_poison_path(self) -> None:
+        w = self.trained()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        ((_, msg, _),) = w.outbox.take()
+
+        def busy(model: Any) -> Any:
+            raise RemoteError("PATCH: HTTP 503", status=503, retryable=True, retry_after=2)
+
+        w.target.deploy = busy  # type: ignore[method-assign]
+        assert isinstance(msg, EvaluateRun)
+        tired = msg.model_copy(update={"retries": 5})
+        with pytest.raises(RemoteError):
+            w.retrainer.on_evaluate(tired, delivery=Delivery("m-1"))
 
 
 def test_unknown_model_in_a_message_is_an_error() -> None:
@@ -681,3 +731,107 @@ def test_the_deploy_lease_is_derived_from_the_http_timeouts() -> None:
     long = Timing(timedelta(seconds=30), timedelta(minutes=10), call_bound=timedelta(seconds=50))
     assert short.deploy_lease < long.deploy_lease
     assert long.deploy_lease >= 4 * long.call_bound
+
+
+class TestFailedPromotionRestoresTheTarget:
+    def champion_then_trained(self) -> tuple[World, str]:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        assert w.deliver() == ["promoted"]
+        champion = w.run()["run_id"]
+        w.clock.advance(minutes=5)
+        w.drop("housing/b.csv", housing_csv(10, seed=2))
+        for _ in range(3):
+            w.deliver()
+        second = self.latest(w)
+        w.data.put(
+            "artifacts",
+            second["outputs"]["evaluation"].split("/", 1)[1],
+            "Root Mean Squared Error\n1.5\n",
+        )
+        return w, champion
+
+    def latest(self, w: World) -> dict[str, Any]:
+        docs = [w.store.docs[k][0] for k in w.store.keys("runs/")]
+        return max(docs, key=lambda d: d["created_at"])
+
+    def test_a_failure_after_the_target_changed_puts_the_champion_back(self) -> None:
+        w, champion = self.champion_then_trained()
+        champion_model = w.target.serving
+
+        answers = ["pending", "failed"]
+
+        def applied_then_failed(operation: str | None) -> Progress:
+            if answers.pop(0) == "pending":
+                return Progress("pending", operation="op-1")
+            w.target.serving = w.target.requested  # the service switched, then gave up
+            return Progress("failed", "provisioning failed (injected)")
+
+        w.target.progress = applied_then_failed  # type: ignore[method-assign]
+        w.deliver()  # deploy: pending
+        w.deliver()  # poll: failed
+        failed = [w.store.docs[k][0] for k in w.store.keys("runs/")]
+        (bad,) = [r for r in failed if r["state"] == "failed"]
+        assert "restoring the champion" in bad["target_after"]
+        del w.target.progress
+        assert w.deliver() == ["promoted"]  # the restore run
+        assert w.target.serving == champion_model
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["champion"]["model"] == champion_model
+        assert state["previous_champion"] is None  # a restore does not shift the history
+        restore = self.latest(w)
+        assert (restore["kind"], restore["restores"]) == ("restore", champion)
+        assert state["active_run"] is None
+
+    def test_rollback_asks_the_target_not_the_pointer(self) -> None:
+        w, champion = self.champion_then_trained()
+        w.deliver()  # the second run is promoted
+        first_model = w.ledger.get(run_key("housing", champion))["outputs"]["model"]  # type: ignore[index]
+        w.target.serving = first_model  # e.g. someone re-deployed it by hand
+        with pytest.raises(InputRejected, match="already serves"):
+            w.retrainer.rollback("housing", champion, by="me")
+        w.target.serving = "artifacts/elsewhere/model.ilearner"
+        second = self.latest(w)["run_id"]
+        # The pointer says run 2 is served; the target says otherwise: rolling "forward" to
+        # run 2 is allowed, because the target does not serve it.
+        assert w.retrainer.rollback("housing", second, by="me").startswith("rollback-")
+
+
+class TestWedgedModel:
+    def test_a_sealed_batch_whose_run_was_never_recorded_is_recorded_by_the_sweep(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        ((_, check, _),) = w.outbox.take()
+        w.clock.advance(seconds=61)
+        w.store.crash_before = ("create", "runs/")
+        with pytest.raises(RuntimeError):
+            w.retrainer.on_check_batch(check)  # type: ignore[arg-type]
+        # ...and the check message was lost with the worker.
+        assert w.retrainer.sweep()["runs"] == 0  # a writer may still be at work
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["runs"] == 1
+        assert w.run()["state"] == "queued"
+        assert [type(m) for _, m, _ in w.outbox.sent] == [TrackRun]
+
+    def test_a_rollback_claim_without_its_record_is_freed(self) -> None:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        w.deliver()
+        first = w.run()["run_id"]
+        w.target.serving = None
+        w.store.crash_before = ("create", "runs/housing/rollback-")
+        with pytest.raises(RuntimeError):
+            w.retrainer.rollback("housing", first, by="me")
+        with pytest.raises(InputRejected, match="has no run record"):
+            w.retrainer.rollback("housing", first, by="me")
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["runs"] == 1
+        assert w.ledger.get(model_key("housing"))["active_run"] is None  # type: ignore[index]
+        assert w.retrainer.rollback("housing", first, by="me").startswith("rollback-")
