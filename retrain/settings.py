@@ -310,8 +310,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _delays(self) -> Settings:
-        if self.poll_first_delay <= timedelta(0) or self.poll_max_delay < self.poll_first_delay:
-            raise ValueError("need 0 < RETRAIN_POLL_FIRST_DELAY <= RETRAIN_POLL_MAX_DELAY")
+        # The service's own clients poll a job at most once a second.
+        if self.poll_first_delay < timedelta(seconds=1) or (
+            self.poll_max_delay < self.poll_first_delay
+        ):
+            raise ValueError("need 1 s <= RETRAIN_POLL_FIRST_DELAY <= RETRAIN_POLL_MAX_DELAY")
         return self
 
     @functools.cached_property

@@ -100,3 +100,19 @@ def test_missing_secret_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("RETRAIN_BES_KEY_X", raising=False)
     with pytest.raises(ConfigError, match="RETRAIN_BES_KEY_X \\(BES key of x\\) is not set"):
         read_secret("RETRAIN_BES_KEY_X", purpose="BES key of x")
+
+
+def test_polls_closer_than_a_second_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    monkeypatch.setenv("RETRAIN_DATA_CONTAINER", "data")
+    monkeypatch.setenv("RETRAIN_JOBS_QUEUE", "jobs")
+    monkeypatch.setenv("RETRAIN_EVALUATIONS_QUEUE", "evals")
+    monkeypatch.setenv("RETRAIN_MODELS", json.dumps([raw_spec()]))
+    monkeypatch.setenv("RETRAIN_POLL_FIRST_DELAY", "PT0.5S")
+    get_settings.cache_clear()
+    with pytest.raises(ConfigError, match="1 s <= RETRAIN_POLL_FIRST_DELAY"):
+        get_settings()
+    monkeypatch.setenv("RETRAIN_POLL_FIRST_DELAY", "PT1S")
+    get_settings.cache_clear()
+    assert get_settings().poll_first_delay.total_seconds() == 1
+    get_settings.cache_clear()
