@@ -498,7 +498,13 @@ class TestSweep:
         w.deliver()
         assert w.run()["state"] == "awaiting_approval"
         w.clock.advance(days=3)
-        assert w.retrainer.sweep() == {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0}
+        assert w.retrainer.sweep() == {
+            "checks": 0,
+            "runs": 0,
+            "blobs": 0,
+            "scheduled": 0,
+            "errors": 0,
+        }
 
 
 class TestDeployLease:
