@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -813,11 +812,15 @@ class Retrainer:
 
     # -------------------------------------------------------------- operations
 
-    def request(self, name: str, blob: str | None = None, *, reason: str) -> str:
+    def request(
+        self, name: str, blob: str | None = None, *, reason: str, force: bool = False
+    ) -> str:
         """Retrain `name` now on `blob` (default: its newest data file), through the batch path.
 
         The file is validated like any arrival and added to the model's batch, which is marked
-        to be sealed without waiting for the quiet period. Returns the batch id.
+        to be sealed without waiting for the quiet period. Returns the batch id. A file version
+        some run already trained is refused (AlreadyTrained) unless `force`, which is recorded
+        on the file's batch entry and so on the run.
         """
         spec = self._spec(name)
         container = self._places.data_container
@@ -831,7 +834,19 @@ class Retrainer:
         head = self._data.head(container, blob)
         if head is None:
             raise InputRejected(f"{container}/{blob} does not exist")
-        validate(spec, blob, size=head.size, head=head.head)
+        try:
+            validate(spec, blob, size=head.size, head=head.head)
+        except InputRejected as exc:
+            raise InputRejected(f"{blob}: {exc}") from exc
+        trained = self._trained_by(spec, container, blob, head.etag)
+        if trained and not force:
+            raise AlreadyTrained(
+                f"{blob} (version {head.etag}) was already trained by run {trained}; training "
+                "the same data again can only repeat that run's result. Upload new data, or "
+                "retrain with --force if that run failed for a reason other than its data "
+                "(e.g. BES was down); a forced retrain is recorded on the run",
+                run_id=trained,
+            )
         now = self._clock.now()
         file = {
             "name": blob,
@@ -840,6 +855,12 @@ class Retrainer:
             "arrived_at": _iso(now),
             "requested": reason,
         }
+        if head.last_modified is not None:
+            file["modified_at"] = _iso(head.last_modified)
+        if force:
+            file["forced"] = True
+            if trained:
+                file["trained_before_by"] = trained
 
         def add(d: Doc) -> Doc | None:
             changed = _add_to_batch(d, file, now, _batch_id(now)) or d
@@ -853,8 +874,27 @@ class Retrainer:
                 model=name, batch_id=doc["batch"]["id"], arrivals=len(doc["batch"]["files"])
             ),
         )
-        log.info("retrain of %s requested on %s (%s)", name, blob, reason, extra=_dims(name))
+        log.info(
+            "retrain of %s requested on %s (%s%s)",
+            name,
+            blob,
+            reason,
+            f"; forced, already trained by run {trained}" if trained else "",
+            extra=_dims(name),
+        )
         return str(doc["batch"]["id"])
+
+    def _trained_by(self, spec: ModelSpec, container: str, name: str, etag: str) -> str | None:
+        """The run that trained this version of the file, if any: the run of its arrival
+        record, when that run submitted a BES job with this version as its training file."""
+        record = self._ledger.get(arrival_key(container, name, etag), remember=False)
+        if not record or record.get("status") != "accepted" or not record.get("batch_id"):
+            return None
+        run = self._ledger.get(run_key(spec.name, record["batch_id"]), remember=False)
+        trained = (run or {}).get("training_file")
+        if run is None or not run.get("job_id") or not trained:
+            return None
+        return str(run["run_id"]) if _holds([trained], {"name": name, "etag": etag}) else None
 
     def rollback(self, name: str, to: str | None = None, *, by: str) -> str:
         """Re-deploy an earlier promoted run's model (default: the previous champion).
@@ -1040,11 +1080,7 @@ class Retrainer:
             and now >= _parse(champion["promoted_at"]) + spec.retrain_every
             and self._claim_sweep(model_key(spec.name), now)
         ):
-            with contextlib.suppress(InputRejected):
-                self.request(
-                    spec.name, reason=f"scheduled: champion older than {spec.retrain_every}"
-                )
-                counts["scheduled"] += 1
+            counts["scheduled"] += self._scheduled_retrain(spec, champion, now)
 
     def _sweep_blobs(
         self, spec: ModelSpec, state: Doc, now: datetime, counts: dict[str, int]
@@ -1145,6 +1181,43 @@ class Retrainer:
             exc,
             extra=_dims(spec.name),
         )
+
+    def _scheduled_retrain(self, spec: ModelSpec, champion: Doc, now: datetime) -> int:
+        """Start the retrain `retrain_every` asks for when there is data no run has trained;
+        otherwise say why not (a file that cannot be trained on is also an event)."""
+        try:
+            self.request(spec.name, reason=f"scheduled: champion older than {spec.retrain_every}")
+        except AlreadyTrained as exc:
+            log.info(
+                "sweep: scheduled retrain of %s did not fire: no new data (the newest file was "
+                "trained by run %s)",
+                spec.name,
+                exc.run_id,
+                extra=_dims(spec.name, exc.run_id),
+            )
+            return 0
+        except InputRejected as exc:
+            reason = f"scheduled retrain skipped: {exc}"
+            log.warning("sweep: %s: %s", spec.name, reason, extra=_dims(spec.name))
+            _, changed = self._ledger.update(
+                sweep_key(spec.name),
+                lambda d: (
+                    {**d, "schedule_skipped": reason}
+                    if d.get("schedule_skipped") != reason
+                    else None
+                ),
+                initial={"model": spec.name},
+            )
+            if changed:  # once per reason, not every sweep period
+                skipped = {"run_id": champion["run_id"], "state": "schedule_skipped"}
+                self._emit(spec, {**skipped, "updated_at": _iso(now)}, reason)
+            return 0
+        self._ledger.update(
+            sweep_key(spec.name),
+            lambda d: {**d, "schedule_skipped": None} if d.get("schedule_skipped") else None,
+            initial={"model": spec.name},
+        )
+        return 1
 
     @property
     def _stall(self) -> timedelta:
@@ -1401,6 +1474,7 @@ def _new_run(spec: ModelSpec, batch: Doc, now: datetime) -> Doc:
         "files": batch["files"],
         "training_file": newest,
         "training_file_reason": why,
+        "forced": any(f.get("forced") for f in batch["files"]),
         "job_id": None,
         "polls": 0,
         "outputs": None,
@@ -1429,6 +1503,14 @@ def _training_file(files: list[Doc]) -> tuple[Doc, str]:
 def sweep_key(model: str) -> str:
     """The sweep's own notes on a model: its listing mark, the last schedule skip."""
     return f"sweeps/{model}.json"
+
+
+class AlreadyTrained(InputRejected):
+    """A retrain was asked for on a file version a run already trained."""
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 def _advance(

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from localdev.sample import housing_csv
+from retrain.cli import main
+from retrain.errors import RemoteError
 from retrain.ledger import Ledger, arrival_key, model_key
-from retrain.messages import RunEvent
-from retrain.pipeline import Places, Retrainer, Timing
+from retrain.messages import CheckBatch, RunEvent
+from retrain.pipeline import AlreadyTrained, Places, Retrainer, Timing
 from tests.unit.test_pipeline import World
 
 GOOD = "Root Mean Squared Error\n2.5\n"
-
-
-def promoted(w: World, name: str = "housing/a.csv") -> dict[str, Any]:
-    """Drop `name`, train it and promote it as the champion; returns its run."""
-    w.drop(name, housing_csv(10, seed=1))
-    for _ in range(3):
-        w.deliver()
-    run = w.runs()[-1]
-    w.data.put("artifacts", run["outputs"]["evaluation"].split("/", 1)[1], GOOD)
-    assert w.deliver() == ["promoted"]
-    return w.runs()[-1]
 
 
 def runs(w: World) -> list[dict[str, Any]]:
@@ -31,7 +25,15 @@ def runs(w: World) -> list[dict[str, Any]]:
     return sorted((f.doc for f in found if f), key=lambda r: r["created_at"])
 
 
-World.runs = runs  # type: ignore[attr-defined]
+def promoted(w: World, name: str = "housing/a.csv") -> dict[str, Any]:
+    """Drop `name`, train it and promote it as the champion; returns its run."""
+    w.drop(name, housing_csv(10, seed=1))
+    for _ in range(3):
+        w.deliver()
+    run = runs(w)[-1]
+    w.data.put("artifacts", run["outputs"]["evaluation"].split("/", 1)[1], GOOD)
+    assert w.deliver() == ["promoted"]
+    return runs(w)[-1]
 
 
 def with_events(w: World) -> World:
@@ -52,6 +54,107 @@ def with_events(w: World) -> World:
 
 def events(w: World) -> list[RunEvent]:
     return [m for q, m, _ in w.outbox.sent if q == "events" and isinstance(m, RunEvent)]
+
+
+class TestRetrainNow:
+    def test_a_version_already_trained_is_refused_naming_its_run(self) -> None:
+        w = World()
+        run = promoted(w)
+        with pytest.raises(AlreadyTrained, match=f"already trained by run {run['run_id']}"):
+            w.retrainer.request("housing", reason="requested by dave")
+        with pytest.raises(AlreadyTrained):
+            w.retrainer.request("housing", "housing/a.csv", reason="requested by dave")
+        assert w.outbox.sent == []
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["batch"] is None
+        assert len(w.jobs.submitted) == 1
+
+    def test_the_cli_refuses_with_exit_code_2(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        w = World()
+        run = promoted(w)
+        monkeypatch.setattr("retrain.cli._app", lambda: w.retrainer)
+        assert main(["retrain", "housing", "--by", "dave"]) == 2
+        err = capsys.readouterr().err
+        assert f"already trained by run {run['run_id']}" in err
+        assert "--force" in err
+        assert main(["retrain", "housing", "--by", "dave", "--force", "--reason", "BES down"]) == 0
+        w.deliver()
+        forced = runs(w)[-1]
+        assert forced["run_id"] != run["run_id"]
+        assert forced["forced"] is True
+        assert forced["training_file"]["forced"] is True
+        assert forced["training_file"]["requested"] == "requested by dave: BES down"
+        assert forced["training_file"]["trained_before_by"] == run["run_id"]
+        assert main(["show", forced["run_id"]]) == 0
+        assert "FORCED (requested by dave: BES down)" in capsys.readouterr().out
+
+    def test_a_version_whose_run_never_started_a_job_is_not_trained(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        w.deliver()  # sealed
+        w.jobs.errors["submit"] = RemoteError("BES submit: HTTP 400: bad input", status=400)
+        w.deliver()
+        assert runs(w)[-1]["state"] == "failed"
+        w.retrainer.request("housing", reason="requested by dave")
+        w.deliver()
+        assert runs(w)[-1]["forced"] is False
+
+
+class TestScheduledRetrain:
+    def test_no_new_data_does_not_fire_and_says_so(self, caplog: pytest.LogCaptureFixture) -> None:
+        w = World(retrain_every=86400)
+        run = promoted(w)
+        w.clock.advance(days=2)
+        with caplog.at_level(logging.INFO, logger="retrain.pipeline"):
+            assert w.retrainer.sweep()["scheduled"] == 0
+        assert f"no new data (the newest file was trained by run {run['run_id']})" in caplog.text
+        assert w.outbox.sent == []
+        assert len(w.jobs.submitted) == 1
+
+    def test_data_no_run_trained_fires(self) -> None:
+        w = World(retrain_every=86400)
+        promoted(w)
+        w.drop("housing/b.csv", housing_csv(10, seed=2))
+        w.deliver()  # sealed
+        w.jobs.errors["submit"] = RemoteError("BES submit: HTTP 503", status=503)
+        w.deliver()
+        assert runs(w)[-1]["state"] == "failed"
+        w.clock.advance(days=2)
+        assert w.retrainer.sweep()["scheduled"] == 1
+        ((_, check, _),) = w.outbox.take()
+        assert isinstance(check, CheckBatch)
+        w.retrainer.on_check_batch(check)
+        assert runs(w)[-1]["training_file"]["name"] == "housing/b.csv"
+
+    def test_a_quarantined_newest_file_is_logged_and_announced_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        w = World(retrain_every=86400)
+        run = promoted(w)
+        with_events(w)
+        assert w.drop("housing/b.csv", "rooms;price\n1;2\n") == "rejected"
+        w.outbox.take()
+        w.clock.advance(days=2)
+        with caplog.at_level(logging.WARNING, logger="retrain.pipeline"):
+            assert w.retrainer.sweep()["scheduled"] == 0
+        assert "scheduled retrain skipped: " in caplog.text
+        assert "housing/b.csv" in caplog.text
+        (event,) = events(w)
+        assert (event.model, event.run_id, event.state) == (
+            "housing",
+            run["run_id"],
+            "schedule_skipped",
+        )
+        assert "housing/b.csv" in event.reason
+        w.clock.advance(hours=1)  # past the sweep's claim: tried again, said again in the log
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="retrain.pipeline"):
+            w.retrainer.sweep()
+        assert "scheduled retrain skipped" in caplog.text
+        assert len(events(w)) == 1  # the same reason is announced once
 
 
 class TestSweepCost:
@@ -148,7 +251,7 @@ class TestTrainingFile:
         w.retrainer.on_blob("data", "housing/new.csv")
         w.retrainer.on_blob("data", "housing/old.csv")  # delivered last, modified first
         w.deliver()
-        (run,) = w.runs()
+        (run,) = runs(w)
         assert run["training_file"]["name"] == "housing/new.csv"
         assert run["training_file_reason"] == "newest by last-modified of 2 file(s)"
         assert [f["name"] for f in run["files"]] == ["housing/new.csv", "housing/old.csv"]
@@ -166,6 +269,6 @@ class TestTrainingFile:
         w.ledger.update(model_key("housing"), strip)
         w.data.put("data", "housing/b.csv", "rooms,price\n1,2\n", modified=w.data.EPOCH)
         w.deliver()
-        (run,) = w.runs()
+        (run,) = runs(w)
         assert run["training_file"]["name"] == "housing/b.csv"
         assert run["training_file_reason"].startswith("last delivered of 2 file(s)")
