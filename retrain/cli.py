@@ -86,8 +86,11 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
             lines.append(f"  restores run {run['restores']}")
         lines.append(f"  job: {run.get('job_id') or '-'}   polls: {run.get('polls', 0)}")
         lines.append(f"  training file: {(run.get('training_file') or {}).get('name', '-')}")
+        if run.get("training_file_reason"):
+            lines.append(f"    chosen: {run['training_file_reason']}")
         for f in run.get("files") or []:
-            lines.append(f"    {f['name']}  {f['size']} bytes  arrived {f['arrived_at']}")
+            forced = f"  FORCED ({f.get('requested')})" if f.get("forced") else ""
+            lines.append(f"    {f['name']}  {f['size']} bytes  arrived {f['arrived_at']}{forced}")
         for side in ("challenger", "champion"):
             metrics = (run.get("metrics") or {}).get(side)
             if metrics:
@@ -106,7 +109,8 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace, out: Output) -> int:
-    batch = _app().request(args.model, args.blob, reason=f"requested by {args.by}")
+    why = f"requested by {args.by}" + (f": {args.reason}" if args.reason else "")
+    batch = _app().request(args.model, args.blob, reason=why, force=args.force)
     out.emit(
         {"model": args.model, "batch_id": batch},
         lambda: f"queued: batch {batch} of {args.model} will be sealed into a run",
@@ -261,6 +265,12 @@ def parser() -> argparse.ArgumentParser:
     retrain = sub.add_parser("retrain", help="retrain a model now, through the normal path")
     retrain.add_argument("model")
     retrain.add_argument("--blob", help="the data file (default: the model's newest)")
+    retrain.add_argument(
+        "--force",
+        action="store_true",
+        help="retrain even on a file version a run already trained (recorded on the run)",
+    )
+    retrain.add_argument("--reason", help="why, recorded with the request")
     sub.add_parser("approve", help="promote a run waiting for approval").add_argument("run")
     reject = sub.add_parser("reject", help="turn down a run waiting for approval")
     reject.add_argument("run")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from retrain.errors import StateConflict
-from retrain.storage import DocumentStore, Versioned
+from retrain.storage import DocumentStore, Versioned, normalize_etag
 
 Doc = dict[str, Any]
 Mutation = Callable[[Doc], Doc | None]
@@ -23,8 +23,13 @@ TERMINAL = frozenset({"promoted", "rejected", "failed", "superseded"})
 
 
 def arrival_key(container: str, name: str, etag: str) -> str:
-    """One arrival per blob version: a re-upload gets a new ETag, a duplicate event does not."""
-    digest = hashlib.sha256(f"{container}/{name}@{etag}".encode()).hexdigest()
+    """One arrival per blob version: a re-upload gets a new ETag, a duplicate event does not.
+
+    The ETag is hashed in its quoted form whatever form it is given in: records written before
+    ETags were normalised were keyed on the quoted ETag of a download, and are found as they are.
+    """
+    quoted = f'"{normalize_etag(etag)}"'
+    digest = hashlib.sha256(f"{container}/{name}@{quoted}".encode()).hexdigest()
     return f"arrivals/{digest}.json"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -36,7 +35,14 @@ from retrain.messages import (
     parse_jobs,
 )
 from retrain.settings import ModelSpec
-from retrain.storage import BlobVersion, DataStore, Outbox
+from retrain.storage import (
+    BlobUnreadable,
+    BlobVersion,
+    DataStore,
+    Listed,
+    Outbox,
+    normalize_etag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +196,8 @@ class Retrainer:
                 return "rejected"
             return "duplicate"
         file = {"name": name, "etag": head.etag, "size": head.size, "arrived_at": _iso(now)}
+        if head.last_modified is not None:
+            file["modified_at"] = _iso(head.last_modified)
         mkey = model_key(spec.name)
         state = self._ledger.known(mkey) or self._ledger.get(mkey) or {}
         open_batch = state.get("batch")
@@ -1008,11 +1016,15 @@ class Retrainer:
 
     # -------------------------------------------------------------- operations
 
-    def request(self, name: str, blob: str | None = None, *, reason: str) -> str:
+    def request(
+        self, name: str, blob: str | None = None, *, reason: str, force: bool = False
+    ) -> str:
         """Retrain `name` now on `blob` (default: its newest data file), through the batch path.
 
         The file is validated like any arrival and added to the model's batch, which is marked
-        to be sealed without waiting for the quiet period. Returns the batch id.
+        to be sealed without waiting for the quiet period. Returns the batch id. A file version
+        some run already trained is refused (AlreadyTrained) unless `force`, which is recorded
+        on the file's batch entry and so on the run.
         """
         spec = self._spec(name)
         container = self._places.data_container
@@ -1026,7 +1038,19 @@ class Retrainer:
         head = self._data.head(container, blob)
         if head is None:
             raise InputRejected(f"{container}/{blob} does not exist")
-        validate(spec, blob, size=head.size, head=head.head)
+        try:
+            validate(spec, blob, size=head.size, head=head.head)
+        except InputRejected as exc:
+            raise InputRejected(f"{blob}: {exc}") from exc
+        trained = self._trained_by(spec, container, blob, head.etag)
+        if trained and not force:
+            raise AlreadyTrained(
+                f"{blob} (version {head.etag}) was already trained by run {trained}; training "
+                "the same data again can only repeat that run's result. Upload new data, or "
+                "retrain with --force if that run failed for a reason other than its data "
+                "(e.g. BES was down); a forced retrain is recorded on the run",
+                run_id=trained,
+            )
         now = self._clock.now()
         file = {
             "name": blob,
@@ -1035,6 +1059,12 @@ class Retrainer:
             "arrived_at": _iso(now),
             "requested": reason,
         }
+        if head.last_modified is not None:
+            file["modified_at"] = _iso(head.last_modified)
+        if force:
+            file["forced"] = True
+            if trained:
+                file["trained_before_by"] = trained
 
         def add(d: Doc) -> Doc | None:
             changed = _add_to_batch(d, file, now, _batch_id(now)) or d
@@ -1048,8 +1078,27 @@ class Retrainer:
                 model=name, batch_id=doc["batch"]["id"], arrivals=len(doc["batch"]["files"])
             ),
         )
-        log.info("retrain of %s requested on %s (%s)", name, blob, reason, extra=_dims(name))
+        log.info(
+            "retrain of %s requested on %s (%s%s)",
+            name,
+            blob,
+            reason,
+            f"; forced, already trained by run {trained}" if trained else "",
+            extra=_dims(name),
+        )
         return str(doc["batch"]["id"])
+
+    def _trained_by(self, spec: ModelSpec, container: str, name: str, etag: str) -> str | None:
+        """The run that trained this version of the file, if any: the run of its arrival
+        record, when that run submitted a BES job with this version as its training file."""
+        record = self._ledger.get(arrival_key(container, name, etag), remember=False)
+        if not record or record.get("status") != "accepted" or not record.get("batch_id"):
+            return None
+        run = self._ledger.get(run_key(spec.name, record["batch_id"]), remember=False)
+        trained = (run or {}).get("training_file")
+        if run is None or not run.get("job_id") or not trained:
+            return None
+        return str(run["run_id"]) if _holds([trained], {"name": name, "etag": etag}) else None
 
     def rollback(self, name: str, to: str | None = None, *, by: str) -> str:
         """Re-deploy an earlier promoted run's model (default: the previous champion).
@@ -1251,52 +1300,185 @@ class Retrainer:
         )
 
     def sweep(self) -> dict[str, int]:
-        """Re-drive what a lost message or event left behind. Safe to run anywhere, any time."""
-        counts = {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0}
+        """Re-drive what a lost message or event left behind. Safe to run anywhere, any time.
+
+        An error on one blob or one model is logged and counted (`errors`); the sweep goes on
+        with the next blob and the next model.
+        """
+        counts = {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0, "errors": 0}
         now = self._clock.now()
-        container = self._places.data_container
         for spec in self._models.values():
-            # A blob with no arrival record never reached ingest; one whose record names a
-            # batch that does not hold it lost its delivery between the two writes (and the
-            # host's retries ran out). Either way, ingest it now.
-            state = self._ledger.get(model_key(spec.name)) or {}
-            runs: dict[str, list[Doc] | None] = {}
-            for name, etag in self._data.listing(container, spec.prefix):
-                record = self._ledger.get(arrival_key(container, name, etag), remember=False)
-                if record is None or (
-                    record.get("status") == "accepted"
-                    and not _holds(
-                        self._claimed_files(spec, state, record["batch_id"], runs) or [],
-                        {"name": name, "etag": etag},
-                    )
-                ):
-                    self.on_blob(container, name)
-                    counts["blobs"] += 1
-            state = self._ledger.get(model_key(spec.name)) or {}
-            batch = state.get("batch")
-            if batch and not state.get("active_run"):
-                due = _check_due(spec, batch)
-                if now >= due + self._stall and self._claim_sweep(model_key(spec.name), now):
-                    self._schedule_check(spec, batch, now)
-                    counts["checks"] += 1
-            active = state.get("active_run")
-            if active:
-                counts["runs"] += self._redrive(spec, active, now)
-            champion = state.get("champion")
-            if (
-                spec.retrain_every
-                and champion
-                and not active
-                and not batch
-                and now >= _parse(champion["promoted_at"]) + spec.retrain_every
-                and self._claim_sweep(model_key(spec.name), now)
-            ):
-                with contextlib.suppress(InputRejected):
-                    self.request(
-                        spec.name, reason=f"scheduled: champion older than {spec.retrain_every}"
-                    )
-                    counts["scheduled"] += 1
+            try:
+                self._sweep_model(spec, now, counts)
+            except Exception:
+                counts["errors"] += 1
+                log.exception(
+                    "sweep of %s stopped; the next sweep tries again",
+                    spec.name,
+                    extra=_dims(spec.name),
+                )
         return counts
+
+    def _sweep_model(self, spec: ModelSpec, now: datetime, counts: dict[str, int]) -> None:
+        state = self._ledger.get(model_key(spec.name)) or {}
+        if self._sweep_blobs(spec, state, now, counts):
+            state = self._ledger.get(model_key(spec.name)) or {}
+        batch = state.get("batch")
+        if batch and not state.get("active_run"):
+            due = _check_due(spec, batch)
+            if now >= due + self._stall and self._claim_sweep(model_key(spec.name), now):
+                self._schedule_check(spec, batch, now)
+                counts["checks"] += 1
+        active = state.get("active_run")
+        if active:
+            counts["runs"] += self._redrive(spec, active, now)
+        champion = state.get("champion")
+        if (
+            spec.retrain_every
+            and champion
+            and not active
+            and not batch
+            and now >= _parse(champion["promoted_at"]) + spec.retrain_every
+            and self._claim_sweep(model_key(spec.name), now)
+        ):
+            counts["scheduled"] += self._scheduled_retrain(spec, champion, now)
+
+    def _sweep_blobs(
+        self, spec: ModelSpec, state: Doc, now: datetime, counts: dict[str, int]
+    ) -> int:
+        """Ingest the model's blobs that never reached a batch; returns how many it ingested.
+
+        A blob with no arrival record never reached ingest; one whose record names a batch that
+        does not hold it lost its delivery between the two writes (and the host's retries ran
+        out). Either way, ingest it now. Only blobs modified after the model's listing mark are
+        looked at: an idle sweep lists the prefix and reads the mark, whatever the number of
+        blobs already ingested. The mark is the newest Last-Modified seen with every blob up to
+        it settled, and never later than `stall` ago (a blob committed after the listing
+        cannot carry an older time than that).
+        """
+        container = self._places.data_container
+        key = sweep_key(spec.name)
+        mark = (self._ledger.get(key) or {}).get("listed_through")
+        since = _parse(mark) if mark else None
+        listed = self._data.listing(container, spec.prefix)
+        runs: dict[str, list[Doc] | None] = {}
+        unsettled: list[datetime] = []
+        ingested = 0
+        for blob in listed:
+            if since is not None and blob.last_modified <= since:
+                continue
+            try:
+                ingested += self._sweep_blob(spec, state, blob, runs)
+            except BlobUnreadable as exc:
+                counts["errors"] += 1
+                self._record_unreadable(spec, container, blob.name, exc)
+            except Exception:
+                counts["errors"] += 1
+                unsettled.append(blob.last_modified)
+                log.warning(
+                    "sweep: %s/%s of %s could not be checked; the next sweep tries again",
+                    container,
+                    blob.name,
+                    spec.name,
+                    exc_info=True,
+                    extra=_dims(spec.name),
+                )
+        counts["blobs"] += ingested
+        settled = (
+            min(unsettled) - timedelta(microseconds=1)
+            if unsettled
+            else max((b.last_modified for b in listed), default=None)
+        )
+        through = min(settled, now - self._timing.stall) if settled else None
+        if through is not None and (mark is None or through > _parse(mark)):
+            moved = _iso(through)
+            self._ledger.update(
+                key,
+                lambda d: (
+                    {**d, "listed_through": moved}
+                    if not d.get("listed_through") or _parse(d["listed_through"]) < through
+                    else None
+                ),
+                initial={"model": spec.name},
+            )
+        return ingested
+
+    def _sweep_blob(
+        self, spec: ModelSpec, state: Doc, blob: Listed, runs: dict[str, list[Doc] | None]
+    ) -> int:
+        container = self._places.data_container
+        record = self._ledger.get(arrival_key(container, blob.name, blob.etag), remember=False)
+        if record is not None and (
+            record.get("status") != "accepted"
+            or _holds(
+                self._claimed_files(spec, state, record["batch_id"], runs) or [],
+                {"name": blob.name, "etag": blob.etag},
+            )
+        ):
+            return 0
+        self.on_blob(container, blob.name)
+        return 1
+
+    def _record_unreadable(
+        self, spec: ModelSpec, container: str, name: str, exc: BlobUnreadable
+    ) -> None:
+        """A blob that cannot be read as it is gets a rejected arrival, with the reason."""
+        record = {
+            "container": container,
+            "name": name,
+            "etag": exc.etag,
+            "size": exc.size,
+            "arrived_at": _iso(self._clock.now()),
+            "model": spec.name,
+            "status": "rejected",
+            "reason": str(exc),
+        }
+        self._ledger.create(arrival_key(container, name, exc.etag), record)
+        log.warning(
+            "sweep: %s/%s of %s rejected: %s",
+            container,
+            name,
+            spec.name,
+            exc,
+            extra=_dims(spec.name),
+        )
+
+    def _scheduled_retrain(self, spec: ModelSpec, champion: Doc, now: datetime) -> int:
+        """Start the retrain `retrain_every` asks for when there is data no run has trained;
+        otherwise say why not (a file that cannot be trained on is also an event)."""
+        try:
+            self.request(spec.name, reason=f"scheduled: champion older than {spec.retrain_every}")
+        except AlreadyTrained as exc:
+            log.info(
+                "sweep: scheduled retrain of %s did not fire: no new data (the newest file was "
+                "trained by run %s)",
+                spec.name,
+                exc.run_id,
+                extra=_dims(spec.name, exc.run_id),
+            )
+            return 0
+        except InputRejected as exc:
+            reason = f"scheduled retrain skipped: {exc}"
+            log.warning("sweep: %s: %s", spec.name, reason, extra=_dims(spec.name))
+            _, changed = self._ledger.update(
+                sweep_key(spec.name),
+                lambda d: (
+                    {**d, "schedule_skipped": reason}
+                    if d.get("schedule_skipped") != reason
+                    else None
+                ),
+                initial={"model": spec.name},
+            )
+            if changed:  # once per reason, not every sweep period
+                skipped = {"run_id": champion["run_id"], "state": "schedule_skipped"}
+                self._emit(spec, {**skipped, "updated_at": _iso(now)}, reason)
+            return 0
+        self._ledger.update(
+            sweep_key(spec.name),
+            lambda d: {**d, "schedule_skipped": None} if d.get("schedule_skipped") else None,
+            initial={"model": spec.name},
+        )
+        return 1
 
     @property
     def _stall(self) -> timedelta:
@@ -1545,8 +1727,10 @@ def _new_model(spec: ModelSpec) -> Doc:
 
 
 def _holds(files: list[Doc], file: Doc) -> bool:
-    """Whether `files` has this version of the file."""
-    return any(f["name"] == file["name"] and f["etag"] == file["etag"] for f in files)
+    """Whether `files` has this version of the file (ETags compared normalised: entries written
+    before normalisation carry quoted ones)."""
+    etag = normalize_etag(file["etag"])
+    return any(f["name"] == file["name"] and normalize_etag(f["etag"]) == etag for f in files)
 
 
 def _claim_batch(batch_id: str, record: Doc) -> Doc:
@@ -1584,7 +1768,7 @@ def _add_to_batch(doc: Doc, file: Doc, now: datetime, new_id: str) -> Doc | None
 
 def _new_run(spec: ModelSpec, batch: Doc, now: datetime) -> Doc:
     # Each file is a full dataset: the newest one of the batch is what the model trains on.
-    newest = batch["files"][-1]
+    newest, why = _training_file(batch["files"])
     return {
         "run_id": batch["id"],
         "model": spec.name,
@@ -1593,6 +1777,8 @@ def _new_run(spec: ModelSpec, batch: Doc, now: datetime) -> Doc:
         "deadline_at": _iso(now + spec.job_deadline),
         "files": batch["files"],
         "training_file": newest,
+        "training_file_reason": why,
+        "forced": any(f.get("forced") for f in batch["files"]),
         "job_id": None,
         "polls": 0,
         "outputs": None,
@@ -1603,6 +1789,32 @@ def _new_run(spec: ModelSpec, batch: Doc, now: datetime) -> Doc:
             {"state": "queued", "at": _iso(now), "note": f"batch of {len(batch['files'])} file(s)"}
         ],
     }
+
+
+def _training_file(files: list[Doc]) -> tuple[Doc, str]:
+    """The file a batch trains on, and why: a requested one, else the newest by the blob's own
+    Last-Modified (then by name); entries recorded without it fall back to delivery order."""
+    count = f"{len(files)} file(s)"
+    requested = [f for f in files if f.get("requested")]
+    if requested:
+        return requested[-1], f"requested ({requested[-1]['requested']}), of {count}"
+    if all(f.get("modified_at") for f in files):
+        newest = max(files, key=lambda f: (_parse(f["modified_at"]), f["name"]))
+        return newest, f"newest by last-modified of {count}"
+    return files[-1], f"last delivered of {count} (last-modified not recorded)"
+
+
+def sweep_key(model: str) -> str:
+    """The sweep's own notes on a model: its listing mark, the last schedule skip."""
+    return f"sweeps/{model}.json"
+
+
+class AlreadyTrained(InputRejected):
+    """A retrain was asked for on a file version a run already trained."""
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 def _advance(

@@ -53,6 +53,33 @@ class DocumentStore(Protocol):
     def keys(self, prefix: str) -> list[str]: ...
 
 
+def normalize_etag(etag: object) -> str:
+    """An ETag without its quotes (or weak marker): listings give `0x8D…`, downloads `"0x8D…"`.
+
+    Every ETag that leaves this module goes through here, so the two compare equal.
+    """
+    text = str(etag).strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    return text
+
+
+def _wire(etag: str) -> str:
+    """An ETag as an If-Match header carries it (quoted)."""
+    return f'"{normalize_etag(etag)}"'
+
+
+class BlobUnreadable(RemoteError):
+    """The blob exists but its content cannot be read as it is (e.g. in the archive tier)."""
+
+    def __init__(self, message: str, *, etag: str, size: int) -> None:
+        super().__init__(message, status=409, retryable=False)
+        self.etag = etag
+        self.size = size
+
+
 @dataclass(frozen=True)
 class BlobHead:
     """What validation needs from an arriving blob: identity, size and its first bytes."""
@@ -60,6 +87,16 @@ class BlobHead:
     etag: str
     size: int
     head: bytes
+    last_modified: datetime | None = None
+    """The blob's own Last-Modified (from the same read's properties), when known."""
+
+
+class Listed(NamedTuple):
+    """One blob of a listing."""
+
+    name: str
+    etag: str
+    last_modified: datetime
 
 
 @dataclass(frozen=True)
@@ -80,7 +117,10 @@ class DataStore(Protocol):
     """Access to training data and the app's own artifacts."""
 
     def head(self, container: str, name: str) -> BlobHead | None:
-        """The blob's ETag, size and first HEAD_BYTES, or None if it no longer exists."""
+        """The blob's ETag, size and first HEAD_BYTES, or None if it no longer exists.
+
+        Raises BlobUnreadable when the blob exists but its content cannot be read (archived).
+        """
         ...
 
     def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
@@ -89,8 +129,8 @@ class DataStore(Protocol):
 
     def read_text(self, container: str, name: str, *, max_bytes: int) -> str: ...
 
-    def listing(self, container: str, prefix: str) -> list[tuple[str, str]]:
-        """(name, ETag) of every blob under `prefix`."""
+    def listing(self, container: str, prefix: str) -> list[Listed]:
+        """Name, ETag and last-modified time of every blob under `prefix`."""
         ...
 
     def newest(self, container: str, prefix: str) -> str | None:
@@ -144,7 +184,7 @@ class BlobDocumentStore:
             return None
         except AzureError as exc:
             raise _wrap(f"read {key}", exc) from exc
-        return Versioned(json.loads(stream.readall()), str(stream.properties.etag))
+        return Versioned(json.loads(stream.readall()), normalize_etag(stream.properties.etag))
 
     def create(self, key: str, doc: dict[str, Any]) -> str:
         self._ensure()
@@ -154,7 +194,7 @@ class BlobDocumentStore:
             raise StateConflict(f"{key} already exists") from exc
         except AzureError as exc:
             raise _wrap(f"create {key}", exc) from exc
-        return str(result["etag"])
+        return normalize_etag(result["etag"])
 
     def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
         from azure.core import MatchConditions
@@ -163,14 +203,14 @@ class BlobDocumentStore:
             result = self._container.get_blob_client(key).upload_blob(
                 _dump(doc),
                 overwrite=True,
-                etag=etag,
+                etag=_wire(etag),
                 match_condition=MatchConditions.IfNotModified,
             )
         except (ResourceModifiedError, ResourceNotFoundError) as exc:
             raise StateConflict(f"{key} changed since it was read") from exc
         except AzureError as exc:
             raise _wrap(f"replace {key}", exc) from exc
-        return str(result["etag"])
+        return normalize_etag(result["etag"])
 
     def keys(self, prefix: str) -> list[str]:
         try:
@@ -204,13 +244,19 @@ class BlobData:
         try:
             stream = blob.download_blob(offset=0, length=HEAD_BYTES)
             return BlobHead(
-                str(stream.properties.etag), _total_size(stream.properties), stream.readall()
+                normalize_etag(stream.properties.etag),
+                _total_size(stream.properties),
+                stream.readall(),
+                stream.properties.last_modified,
             )
         except ResourceNotFoundError:
             return None
         except HttpResponseError as exc:
-            if exc.status_code != 416:  # a range read of an empty blob is 'InvalidRange'
+            archived = getattr(exc, "error_code", None) == "BlobArchived"
+            if exc.status_code != 416 and not archived:  # 416: a range read of an empty blob
                 raise _wrap(f"read {container}/{name}", exc) from exc
+            if archived:
+                return self._archived(blob, container, name)
         except AzureError as exc:
             raise _wrap(f"read {container}/{name}", exc) from exc
         try:
@@ -219,7 +265,21 @@ class BlobData:
             return None
         except AzureError as exc:
             raise _wrap(f"read {container}/{name}", exc) from exc
-        return BlobHead(str(props.etag), int(props.size), b"")
+        return BlobHead(normalize_etag(props.etag), int(props.size), b"", props.last_modified)
+
+    def _archived(self, blob: Any, container: str, name: str) -> BlobHead | None:
+        try:
+            props = blob.get_blob_properties()  # properties stay readable in the archive tier
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise _wrap(f"read {container}/{name}", exc) from exc
+        raise BlobUnreadable(
+            f"{container}/{name} is in the archive tier and cannot be read; rehydrate it to the "
+            "hot or cool tier (a new version arrives as a new file)",
+            etag=normalize_etag(props.etag),
+            size=int(props.size),
+        )
 
     def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
         self._ensure(target)
@@ -259,8 +319,11 @@ class BlobData:
             raise RemoteError(f"{container}/{name} is larger than {max_bytes} bytes")
         return data.decode("utf-8-sig", errors="replace")
 
-    def listing(self, container: str, prefix: str) -> list[tuple[str, str]]:
-        return [(b.name, str(b.etag)) for b in self._list(container, prefix)]
+    def listing(self, container: str, prefix: str) -> list[Listed]:
+        return [
+            Listed(str(b.name), normalize_etag(b.etag), b.last_modified)
+            for b in self._list(container, prefix)
+        ]
 
     def newest(self, container: str, prefix: str) -> str | None:
         blobs = self._list(container, prefix)
@@ -305,7 +368,7 @@ class BlobData:
             props = None
         except AzureError as exc:
             raise _wrap(f"read {container}/{name}", exc) from exc
-        version = source.etag.strip('"')
+        version = normalize_etag(source.etag)
         if props is not None and (props.metadata or {}).get(FROZEN_ETAG) == version:
             status = props.copy.status if props.copy else "success"
             if status == "pending":
@@ -326,7 +389,7 @@ class BlobData:
             result = target.start_copy_from_url(
                 f"{url}?{sas}",
                 metadata={FROZEN_FROM: _ascii(origin)[:1000], FROZEN_ETAG: version},
-                source_etag=_quoted(source.etag),
+                source_etag=_wire(source.etag),
                 source_match_condition=MatchConditions.IfNotModified,
             )
         except (ResourceModifiedError, ResourceNotFoundError) as exc:
@@ -360,11 +423,6 @@ def _in(delta: timedelta) -> datetime:
     from datetime import UTC
 
     return datetime.now(UTC) + delta
-
-
-def _quoted(etag: str) -> str:
-    """An ETag as the If-Match header wants it: quoted."""
-    return etag if etag.startswith('"') else f'"{etag}"'
 
 
 def _ascii(text: str) -> str:

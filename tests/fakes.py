@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -13,7 +13,7 @@ from retrain.bes import BlobRef, JobState, JobStatus
 from retrain.clock import ManualClock as ManualClock  # re-exported for the tests
 from retrain.deploy import Progress
 from retrain.errors import InputRejected, RemoteError, StateConflict
-from retrain.storage import HEAD_BYTES, BlobHead, BlobVersion, Versioned
+from retrain.storage import HEAD_BYTES, BlobHead, BlobUnreadable, BlobVersion, Listed, Versioned
 
 
 class MemoryDocumentStore:
@@ -60,21 +60,44 @@ class MemoryDocumentStore:
 
 
 class FakeData:
-    """Blobs in a dict; quarantine and SAS references recorded."""
+    """Blobs in a dict; quarantine and SAS references recorded.
+
+    Each put is one second after the previous one (its Last-Modified), unless `modified` says
+    otherwise. `archived` blobs answer a read as the archive tier does.
+    """
+
+    EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
     def __init__(self) -> None:
         self.blobs: dict[tuple[str, str], tuple[bytes, str]] = {}
+        self.modified: dict[tuple[str, str], datetime] = {}
+        self.archived: set[tuple[str, str]] = set()
         self.quarantined: list[tuple[str, str, str]] = []
         self.frozen: list[tuple[BlobVersion, str]] = []
+        self.calls: list[tuple[str, str]] = []
+        """Every request as (operation, container/name or prefix)."""
         self._etags = itertools.count(1)
 
-    def put(self, container: str, name: str, data: bytes | str) -> None:
+    def put(
+        self, container: str, name: str, data: bytes | str, *, modified: datetime | None = None
+    ) -> None:
         raw = data.encode() if isinstance(data, str) else data
-        self.blobs[(container, name)] = (raw, f"0x{next(self._etags)}")
+        n = next(self._etags)
+        self.blobs[(container, name)] = (raw, f"0x{n}")
+        self.modified[(container, name)] = modified or self.EPOCH + timedelta(seconds=n)
 
     def head(self, container: str, name: str) -> BlobHead | None:
+        self.calls.append(("head", f"{container}/{name}"))
         found = self.blobs.get((container, name))
-        return BlobHead(found[1], len(found[0]), found[0][:HEAD_BYTES]) if found else None
+        if found is None:
+            return None
+        if (container, name) in self.archived:
+            raise BlobUnreadable(
+                f"{container}/{name} is in the archive tier", etag=found[1], size=len(found[0])
+            )
+        return BlobHead(
+            found[1], len(found[0]), found[0][:HEAD_BYTES], self.modified[(container, name)]
+        )
 
     def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
         self.quarantined.append((f"{container}/{name}", target, reason))
@@ -85,14 +108,17 @@ class FakeData:
             raise RemoteError(f"{container}/{name} does not exist")
         return found[0].decode()
 
-    def listing(self, container: str, prefix: str) -> list[tuple[str, str]]:
+    def listing(self, container: str, prefix: str) -> list[Listed]:
+        self.calls.append(("list", f"{container}/{prefix}"))
         return [
-            (n, v[1]) for (c, n), v in self.blobs.items() if c == container and n.startswith(prefix)
+            Listed(n, v[1], self.modified[(c, n)])
+            for (c, n), v in sorted(self.blobs.items())
+            if c == container and n.startswith(prefix)
         ]
 
     def newest(self, container: str, prefix: str) -> str | None:
-        names = [n for n, _ in self.listing(container, prefix)]
-        return names[-1] if names else None
+        found = self.listing(container, prefix)
+        return max(found, key=lambda b: (b.last_modified, b.name)).name if found else None
 
     def freeze(self, source: BlobVersion, container: str, name: str) -> bool:
         found = self.blobs.get((source.container, source.name))

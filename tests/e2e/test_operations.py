@@ -306,12 +306,18 @@ class TestCli:
         assert "challenger: " in text
         assert "Root Mean Squared Error" in text
 
-        code, batch = cli(capsys, "retrain", "housing", "--by", "dave")
+        code, err = cli(capsys, "retrain", "housing", "--by", "dave")
+        assert code == 2  # the same data again: refused, naming the run that trained it
+        assert f"already trained by run {run['run_id']}" in err
+        code, batch = cli(
+            capsys, "retrain", "housing", "--by", "dave", "--force", "--reason", "BES was down"
+        )
         assert code == 0
         s.runner.run_until_idle()
         retrained = s.runs()[-1]
         assert retrained["run_id"] == batch["batch_id"]
-        assert retrained["files"][0]["requested"] == "requested by dave"
+        assert retrained["files"][0]["requested"] == "requested by dave: BES was down"
+        assert retrained["forced"] is True
         assert retrained["state"] in ("promoted", "rejected")
 
         code, runs = cli(capsys, "runs", "--model", "housing")

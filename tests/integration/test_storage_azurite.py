@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import requests
@@ -162,3 +163,96 @@ class TestFrozenInput:
         assert copy.download_blob().readall() == b"rooms,price\n1,2\n"
         with pytest.raises(InputRejected, match="changed after it was validated"):
             data.freeze(version, name + "art", "other/input.csv")
+
+
+class TestEtags:
+    def test_listing_and_ranged_read_give_the_same_etag_and_time(
+        self, blobs: BlobServiceClient, name: str
+    ) -> None:
+        """Azure lists ETags bare and returns them quoted on a download: the adapter hands out
+        one form, so a listed version and a read version of the same blob compare equal."""
+        blobs.create_container(name)
+        blobs.get_blob_client(name, "m/a.csv").upload_blob(b"a,b\n1,2\n")
+        data = BlobData(blobs)
+        (listed,) = data.listing(name, "m/")
+        head = data.head(name, "m/a.csv")
+        assert head is not None
+        assert head.etag == listed.etag
+        assert '"' not in head.etag
+        assert head.last_modified == listed.last_modified
+
+    def test_document_etags_are_bare_and_conditional_writes_still_work(
+        self, blobs: BlobServiceClient, name: str
+    ) -> None:
+        store = BlobDocumentStore(blobs, name)
+        etag = store.create("d.json", {"n": 1})
+        found = store.read("d.json")
+        assert found is not None
+        assert found.etag == etag
+        assert '"' not in etag
+        newer = store.replace("d.json", {"n": 2}, etag)
+        assert '"' not in newer
+        with pytest.raises(StateConflict):
+            store.replace("d.json", {"n": 3}, etag)
+
+
+def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
+    azurite_connection: str, name: str
+) -> None:
+    """Storage requests of an idle sweep, counted on the wire: before ETags were normalised
+    (the sweep never matched a listed blob to its arrival) this was 1,502 for 300 blobs."""
+    from azure.core.pipeline.transport import RequestsTransport
+
+    from retrain.clock import SystemClock
+    from retrain.pipeline import Places, Retrainer, Timing
+    from retrain.settings import ModelSpec
+    from tests.fakes import FakeJobs, FakeTarget, MemoryOutbox
+
+    requests_made: list[str] = []
+
+    class Counting(RequestsTransport):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            requests_made.append(f"{request.method} {request.url.split('?')[0]}")
+            return super().send(request, **kwargs)
+
+    service = BlobServiceClient.from_connection_string(azurite_connection, transport=Counting())
+    service.create_container(name)
+    spec = ModelSpec.model_validate(
+        {
+            "name": "housing",
+            "columns": ["rooms", "price"],
+            "bes": {
+                "jobs_url": "https://bes.example/workspaces/w/services/s/jobs",
+                "api_key_setting": "K",
+            },
+            "gate": {"metric": "Root Mean Squared Error"},
+            "target": {
+                "kind": "classic",
+                "endpoint_url": "https://management.azureml.net/workspaces/w/webservices/p/"
+                "endpoints/prod",
+                "api_key_setting": "E",
+                "resource_name": "M [trained model]",
+            },
+        }
+    )
+    retrainer = Retrainer(
+        models={"housing": spec},
+        ledger=Ledger(BlobDocumentStore(service, name + "-state")),
+        data=BlobData(service),
+        outbox=MemoryOutbox(),
+        jobs_for=lambda _: FakeJobs(),
+        target_for=lambda _: FakeTarget(),
+        places=Places(name, name + "-artifacts", name + "-q", "jobs", "evals"),
+        timing=Timing(timedelta(seconds=30), timedelta(minutes=10), stall=timedelta(0)),
+        clock=SystemClock(),
+    )
+    for i in range(300):
+        blob = f"housing/{i:04d}.csv"
+        service.get_blob_client(name, blob).upload_blob(b"rooms,price\n1,2\n")
+        assert retrainer.on_blob(name, blob) == "batched"
+    retrainer.sweep()  # the first sweep after the arrivals looks at each once
+    requests_made.clear()
+    counts = retrainer.sweep()
+    assert counts["blobs"] == counts["errors"] == 0
+    # list the prefix (one page), read the model document and the listing mark
+    assert len(requests_made) == 3, requests_made
