@@ -171,7 +171,15 @@ class Retrainer:
         The record names the batch *before* the file is added to it, so a redelivery can tell
         exactly whether the first delivery got the file in.
         """
-        head = self._data.head(container, name)
+        try:
+            head = self._data.head(container, name)
+        except BlobUnreadable as exc:
+            try:
+                spec = route(name, self._models.values())
+            except InputRejected:
+                raise exc from None
+            self._record_unreadable(spec, container, name, exc)
+            return "rejected"
         if head is None:
             log.warning("arrival %s/%s: blob no longer exists; nothing to do", container, name)
             return "gone"
@@ -1435,7 +1443,7 @@ class Retrainer:
         }
         self._ledger.create(arrival_key(container, name, exc.etag), record)
         log.warning(
-            "sweep: %s/%s of %s rejected: %s",
+            "arrival %s/%s of %s rejected: %s",
             container,
             name,
             spec.name,

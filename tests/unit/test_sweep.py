@@ -215,13 +215,24 @@ class TestSweepErrors:
         w.data.put("data", "housing/z.csv", "rooms,price\n1,2\n")  # its event never came
         w.clock.advance(minutes=30)
         counts = w.retrainer.sweep()
-        assert counts == {"checks": 1, "runs": 0, "blobs": 1, "scheduled": 0, "errors": 1}
+        # The archived blob goes through ingest like any other and is rejected there.
+        assert counts == {"checks": 1, "runs": 0, "blobs": 2, "scheduled": 0, "errors": 0}
         head = w.data.blobs[("data", "housing/archived.csv")]
         record = w.ledger.get(arrival_key("data", "housing/archived.csv", head[1]))
         assert record is not None
         assert record["status"] == "rejected"
         assert "archive tier" in record["reason"]
         assert w.retrainer.sweep()["errors"] == 0  # recorded: not tried again
+
+    def test_an_archived_blob_delivered_by_its_trigger_is_rejected_not_retried(self) -> None:
+        w = World()
+        w.data.put("data", "housing/archived.csv", "rooms,price\n1,2\n")
+        w.data.archived.add(("data", "housing/archived.csv"))
+        assert w.retrainer.on_blob("data", "housing/archived.csv") == "rejected"
+        head = w.data.blobs[("data", "housing/archived.csv")]
+        record = w.ledger.get(arrival_key("data", "housing/archived.csv", head[1]))
+        assert record is not None
+        assert "archive tier" in record["reason"]
 
     def test_a_failing_blob_is_counted_and_tried_again_next_time(self) -> None:
         w = World()
