@@ -523,7 +523,11 @@ class Retrainer:
         if champion is None and state.get("champion"):
             champion = state["champion"].get("metrics")
             source = "recorded when it was promoted"
-        decision = decide(spec.gate, evaluation.challenger, champion)
+        try:
+            decision = decide(spec.gate, evaluation.challenger, champion)
+        except EvaluationError as exc:
+            self._fail(spec, run, f"cannot read the evaluation: {exc}")
+            return self._ledger.get(key) or run
         verdict = {
             "promote": decision.promote,
             "reason": decision.reason,

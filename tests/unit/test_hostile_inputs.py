@@ -234,12 +234,27 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         EvaluationError,
         "the evaluation has no 'AUC' column (the gate metric)",
     ),
-    ("NaN metric", gate({"AUC": math.nan}), EvaluationError, "AUC of the retrained model is nan"),
+    ("NaN metric", gate({"AUC": math.nan}), EvaluationError, "AUC is nan"),
+    ("Infinity metric", gate({"AUC": math.inf}), EvaluationError, "AUC is inf"),
+    ("AUC of 93", gate({"AUC": 93.0}), EvaluationError, "AUC is 93, outside its valid range"),
+    ("negative AUC", gate({"AUC": -0.4}), EvaluationError, "(between 0 and 1)"),
     (
-        "Infinity metric",
-        gate({"AUC": math.inf}),
+        "negative RMSE in the CSV",
+        lambda: parse_evaluation_csv("Root Mean Squared Error\n-5\n"),
         EvaluationError,
-        "AUC of the retrained model is inf",
+        "Root Mean Squared Error is -5, outside its valid range (at least 0)",
+    ),
+    (
+        "R squared above 1",
+        lambda: parse_evaluation_csv("Coefficient of Determination\n7.5\n"),
+        EvaluationError,
+        "Coefficient of Determination is 7.5, outside its valid range (at most 1)",
+    ),
+    (
+        "duplicate gate column",
+        lambda: parse_evaluation_csv("AUC,Accuracy, auc\n0.6,0.8,0.9\n"),
+        EvaluationError,
+        "two columns named 'AUC' and 'auc'",
     ),
     # BES answers
     (
