@@ -940,12 +940,16 @@ class Retrainer:
                 f"a {message.kind} message failed on every delivery and was moved "
                 f"to {queue}-poison (the function's log has each error)"
             )
-        run = (
-            self._ledger.get(run_key(record["model"], record["run_id"]))
-            if record["run_id"]
-            else None
-        )
-        if run is not None and run["state"] not in TERMINAL:
+            if message.model not in self._models:
+                record["reason"] += f"; model {message.model!r} is not configured"
+        # Only a parsed message names a run, and its fields matched their patterns: no ledger
+        # key is ever built from text that did not.
+        run: Doc | None = None
+        if message is not None and record["run_id"] and message.model in self._models:
+            found = self._ledger.get(run_key(message.model, record["run_id"]))
+            if found is not None and found.get("run_id") == record["run_id"]:
+                run = found
+        if run is not None and run.get("state") not in TERMINAL:
             record["state_before"] = run["state"]
         self._ledger.update(
             key,
