@@ -25,6 +25,7 @@ from retrain.errors import (
     StateConflict,
 )
 from retrain.evaluation import decide, parse_evaluation_csv
+from retrain.http import redact
 from retrain.ingest import route, validate
 from retrain.ledger import TERMINAL, Doc, Ledger, arrival_key, model_key, run_key
 from retrain.messages import (
@@ -1168,6 +1169,7 @@ class Retrainer:
 
     def _fail(self, spec: ModelSpec, run: Doc, reason: str, **fields: Any) -> str:
         now = self._clock.now()
+        reason = redact(reason)
         log.error(
             "run %s of %s failed: %s",
             run["run_id"],
@@ -1214,7 +1216,7 @@ class Retrainer:
             model=spec.name,
             run_id=run["run_id"],
             state=run["state"],
-            reason=reason[:2000],
+            reason=redact(reason)[:2000],
             at=run.get("updated_at") or _iso(self._clock.now()),
             job_id=run.get("job_id"),
             metrics=(run.get("metrics") or {}).get("challenger"),
@@ -1321,10 +1323,12 @@ def _advance(
 ) -> Doc | None:
     if doc["state"] != expected:
         return None
+    if isinstance(fields.get("error"), str):
+        fields["error"] = redact(fields["error"])
     doc.update(fields)
     doc["state"] = state
     doc["updated_at"] = _iso(now)
-    doc["history"].append({"state": state, "at": _iso(now), "note": note})
+    doc["history"].append({"state": state, "at": _iso(now), "note": redact(note)})
     return doc
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import responses
 
 from retrain.bes import parse_state
 from retrain.errors import ConfigError, EvaluationError, InputRejected, MessageError, RemoteError
@@ -20,6 +21,8 @@ from retrain.evaluation import decide, parse_evaluation_csv
 from retrain.ingest import route, validate
 from retrain.messages import parse_evaluation, parse_jobs
 from retrain.settings import GateSpec, load_models
+from tests.unit.test_http_clients import JOBS
+from tests.unit.test_http_clients import bes as client
 from tests.unit.test_pipeline import spec
 from tests.unit.test_settings import raw_spec
 
@@ -42,6 +45,15 @@ def gate(challenger: dict[str, float]) -> Callable[[], Any]:
         if not decision.promote:
             raise EvaluationError(decision.reason)
         return decision
+
+    return check
+
+
+def bes_reply(body: Any) -> Callable[[], Any]:
+    def check() -> Any:
+        with responses.RequestsMock() as mock:
+            mock.get(f"{JOBS}/abc", json=body)
+            return client().status("abc")
 
     return check
 
@@ -195,6 +207,22 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "model: String should match pattern",
     ),
     (
+        "run id with a path",
+        lambda: parse_jobs(
+            '{"version": 1, "kind": "track-run", "model": "m", "run_id": "../../models/m"}'
+        ),
+        MessageError,
+        "run_id: String should match pattern",
+    ),
+    (
+        "batch id with a dot-dot",
+        lambda: parse_jobs(
+            '{"version": 1, "kind": "check-batch", "model": "m", "batch_id": "..", "arrivals": 1}'
+        ),
+        MessageError,
+        "batch_id: String should match pattern",
+    ),
+    (
         "negative poll",
         lambda: parse_jobs(
             '{"version": 1, "kind": "track-run", "model": "m", "run_id": "r", "poll": -1}'
@@ -264,6 +292,18 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "unknown StatusCode 'Exploded'",
     ),
     ("BES status out of range", lambda: parse_state(7), RemoteError, "unknown StatusCode 7"),
+    (
+        "BES Results as a list",
+        bes_reply({"StatusCode": "Finished", "Results": ["output1"]}),
+        RemoteError,
+        "BES status abc: Results should be a JSON object, got list",
+    ),
+    (
+        "BES result reference without a location",
+        bes_reply({"StatusCode": "Finished", "Results": {"output1": {"BaseLocation": "x"}}}),
+        RemoteError,
+        "RelativeLocation should be a string, got NoneType",
+    ),
     (
         "BES status of the wrong type",
         lambda: parse_state(None),
