@@ -660,6 +660,7 @@ class Retrainer:
             now,
             note=f"rejected by {by}: {reason}",
             rejected_by=by,
+            rejected_reason=reason,
         )
         if not moved:
             raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
