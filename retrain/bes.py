@@ -8,6 +8,7 @@ import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import requests
 
@@ -20,6 +21,13 @@ API_VERSION = "2.0"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
+def relative_location(container: str, name: str) -> str:
+    """`container/name` as a URL path: the blob name percent-encoded per RFC 3986 (UTF-8),
+    only unreserved characters and '/' left as they are. BES and the Classic endpoint append
+    it to BaseLocation as it is, so a raw '#', '?', '%' or space would name another blob."""
+    return f"{container}/{quote(name, safe='/')}"
+
+
 @dataclass(frozen=True)
 class BlobRef:
     """An AzureBlobDataReference in SAS mode. The token is a secret: never log it."""
@@ -27,6 +35,11 @@ class BlobRef:
     base_location: str
     relative_location: str
     sas_token: str
+
+    @classmethod
+    def to_blob(cls, base_location: str, container: str, name: str, sas_token: str) -> BlobRef:
+        """The reference to blob `name` (unencoded) in `container`; the one place that encodes."""
+        return cls(base_location.rstrip("/") + "/", relative_location(container, name), sas_token)
 
     def to_bes(self) -> dict[str, str | None]:
         """The reference as BES and Classic management expect it (PascalCase, unused = null)."""
@@ -39,7 +52,8 @@ class BlobRef:
 
     @property
     def path(self) -> str:
-        """'container/blob', without the leading slash some writers add."""
+        """'container/blob' (blob percent-encoded), without the leading slash some writers add;
+        compares equal with the RelativeLocation a Classic endpoint reports back."""
         return self.relative_location.lstrip("/")
 
     def __repr__(self) -> str:

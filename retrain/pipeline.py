@@ -26,7 +26,7 @@ from retrain.errors import (
 )
 from retrain.evaluation import decide, parse_evaluation_csv
 from retrain.http import redact
-from retrain.ingest import route, validate
+from retrain.ingest import check_name, route, validate
 from retrain.ledger import TERMINAL, Doc, Ledger, arrival_key, model_key, run_key
 from retrain.messages import (
     CheckBatch,
@@ -37,7 +37,7 @@ from retrain.messages import (
     parse_jobs,
 )
 from retrain.settings import ModelSpec
-from retrain.storage import DataStore, Outbox
+from retrain.storage import BlobHead, DataStore, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,15 @@ class Retrainer:
         The record names the batch *before* the file is added to it, so a redelivery can tell
         exactly whether the first delivery got the file in.
         """
-        head = self._data.head(container, name)
+        refused = _unreferenceable(name)
+        try:
+            head = self._data.head(container, name)
+        except RemoteError:
+            if refused is None:
+                raise
+            # A request signed for such a name may not authenticate: record the rejection
+            # instead of failing (and being retried) forever.
+            head = BlobHead("unreadable", 0, b"")
         if head is None:
             log.warning("arrival %s/%s: blob no longer exists; nothing to do", container, name)
             return "gone"
@@ -142,12 +150,14 @@ class Retrainer:
         try:
             spec = route(name, self._models.values())
             record["model"] = spec.name
+            if refused is not None:
+                raise refused
             validate(spec, name, size=head.size, head=head.head)
         except InputRejected as exc:
             record.update(status="rejected", reason=str(exc))
             if self._ledger.create(key, record):
                 self._data.quarantine(container, name, self._places.quarantine_container, str(exc))
-                log.warning("arrival %s/%s rejected: %s", container, name, exc)
+                log.warning("arrival %s/%r rejected: %s", container, name, exc)
                 return "rejected"
             return "duplicate"
         file = {"name": name, "etag": head.etag, "size": head.size, "arrived_at": _iso(now)}
@@ -1246,6 +1256,15 @@ class Retrainer:
         state, _ = self._ledger.update(model_key(spec.name), release, initial=_new_model(spec))
         if state.get("batch") and not state.get("active_run"):
             self._schedule_check(spec, state["batch"], self._clock.now())
+
+
+def _unreferenceable(name: str) -> InputRejected | None:
+    """Why a blob name cannot be referenced, or None."""
+    try:
+        check_name(name)
+    except InputRejected as exc:
+        return exc
+    return None
 
 
 def _new_model(spec: ModelSpec) -> Doc:

@@ -150,6 +150,30 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "the blob name is 1112 characters; at most 1024",
     ),
     (
+        "newline in the name",
+        file("housing/a\nb.csv", GOOD),
+        InputRejected,
+        "the blob name contains the control character '\\n' (U+000A)",
+    ),
+    (
+        "tab in the name",
+        file("housing/a\tb.csv", GOOD),
+        InputRejected,
+        "control character '\\t' (U+0009)",
+    ),
+    (
+        "backslash in the name",
+        file("housing/a\\b.csv", GOOD),
+        InputRejected,
+        "contains a backslash, which Azure Storage turns into '/'",
+    ),
+    (
+        "segment ending in a dot",
+        file("housing/dir./a.csv", GOOD),
+        InputRejected,
+        "ends with '.', which Azure Storage drops",
+    ),
+    (
         "under no model's prefix",
         file("other/a.csv", GOOD),
         InputRejected,
