@@ -114,8 +114,13 @@ def call(
     json_body: Any = None,
     send_body: bool = False,
     data: bytes | None = None,
+    follow_redirects: bool = True,
 ) -> requests.Response:
-    """Send one request and turn every failure into a RemoteError that names the operation."""
+    """Send one request and turn every failure into a RemoteError that names the operation.
+
+    With `follow_redirects=False` a 3xx answer is an error: the request (and its headers) is
+    not re-sent to wherever the answer points.
+    """
     try:
         response = session.request(
             method,
@@ -123,6 +128,7 @@ def call(
             headers=headers,
             data=json.dumps(json_body) if send_body else data,
             timeout=timeout,
+            allow_redirects=follow_redirects,
         )
     except requests.exceptions.RetryError as exc:
         raise RemoteError(
@@ -136,6 +142,13 @@ def call(
         ) from exc
     except requests.exceptions.RequestException as exc:
         raise RemoteError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from exc
+    if not follow_redirects and 300 <= response.status_code < 400:
+        location = redact(response.headers.get("Location") or "nowhere")
+        raise RemoteError(
+            f"{what}: HTTP {response.status_code} redirect to {location} not followed; "
+            "configure the final URL",
+            status=response.status_code,
+        )
     if response.status_code >= 400:
         status = response.status_code
         retryable = status in RETRY_STATUSES
