@@ -18,12 +18,13 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import azure.functions as func
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -319,6 +320,16 @@ class _Timer:
     past_due = False
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s %(message)s"
+
+
+def log_handler(stream: TextIO) -> logging.Handler:
+    """The runner's log lines: time, level name, logger, message."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
 def main() -> None:
     """Run the app locally against the storage in AzureWebJobsStorage."""
     parser = argparse.ArgumentParser(description="Run the function app against Azurite.")
@@ -331,7 +342,7 @@ def main() -> None:
     args = parser.parse_args()
     values = json.loads(args.settings.read_text(encoding="utf-8")).get("Values", {})
     os.environ.update({k: str(v) for k, v in values.items() if k not in os.environ})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, handlers=[log_handler(sys.stderr)])
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every request at INFO
     from function_app import app
 

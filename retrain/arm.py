@@ -11,7 +11,7 @@ import requests
 from retrain.bes import BlobRef
 from retrain.deploy import SUCCEEDED, Progress
 from retrain.errors import RemoteError
-from retrain.http import call, json_of
+from retrain.http import call, field_of, json_of, redact, shape_error
 
 ROLE_HINT = "the app's identity needs the Contributor role on the web service or its resource group"
 
@@ -107,9 +107,16 @@ class NewWebService:
         body = json_of(
             self._call("GET", f"{self._url}?api-version={self._api_version}", what), what=what
         )
-        if not isinstance(body, dict) or not isinstance(body.get("properties"), dict):
-            raise RemoteError(f"{what}: the response has no 'properties' object")
+        if not isinstance(body, dict):
+            raise shape_error(what, "the reply", "a JSON object", body)
+        field_of(body, "properties", dict, what=what, required=True)
         return body
+
+    def _asset_uri(self, assets: dict[str, Any], key: str) -> str | None:
+        what = f"ARM GET web service {self._name}: asset {key}"
+        info = field_of(assets[key], "locationInfo", dict, what=what) or {}
+        uri = field_of(info, "uri", str, what=f"{what} locationInfo")
+        return str(uri) if uri else None
 
     def _checked(self, service: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         props = service["properties"]
@@ -123,8 +130,8 @@ class NewWebService:
                 f"web service {self._name} keeps its definition in blob storage "
                 "(over 3 MB), so its assets cannot be patched through ARM"
             )
-        assets = props.get("assets")
-        if not isinstance(assets, dict) or not assets:
+        assets = field_of(props, "assets", dict, what=f"ARM GET web service {self._name}")
+        if not assets:
             raise RemoteError(f"web service {self._name} has no assets in its definition")
         return self._find_asset(assets), assets
 
@@ -159,7 +166,7 @@ class NewWebService:
     def serves(self, model: BlobRef) -> bool:
         service = self.get()
         key, assets = self._checked(service)
-        uri = (assets[key].get("locationInfo") or {}).get("uri")
+        uri = self._asset_uri(assets, key)
         state = service["properties"].get("provisioningState")
         return bool(uri == self._uri(model) and state == "Succeeded")
 
@@ -170,7 +177,7 @@ class NewWebService:
         key, assets = self._checked(service)
         uri = self._uri(model)
         state = service["properties"].get("provisioningState")
-        if (assets[key].get("locationInfo") or {}).get("uri") == uri:
+        if self._asset_uri(assets, key) == uri:
             if state == "Succeeded":
                 return SUCCEEDED
             if state == "Provisioning":
@@ -190,7 +197,10 @@ class NewWebService:
         if operation:
             return Progress("pending", operation=operation)
         result = json_of(response, what=what) if response.content else {}
-        return self._from_state((result.get("properties") or {}).get("provisioningState"), None)
+        if not isinstance(result, dict):
+            raise shape_error(what, "the reply", "a JSON object", result)
+        props = field_of(result, "properties", dict, what=what) or {}
+        return self._from_state(props.get("provisioningState"), None)
 
     def progress(self, operation: str | None) -> Progress:
         if operation is None:
@@ -201,13 +211,15 @@ class NewWebService:
         what = f"ARM operation status for {self._name}"
         body = json_of(self._call("GET", operation, what), what=what)
         if not isinstance(body, dict):
-            raise RemoteError(f"{what}: expected a JSON object")
+            raise shape_error(what, "the reply", "a JSON object", body)
         # The generic ARM field is 'status'; this provider's model names it 'provisioningState'.
         state = body.get("status") or body.get("provisioningState")
         error = body.get("error") or body.get("errorInfo") or {}
         detail = None
         if isinstance(error, dict) and error:
-            detail = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+            detail = redact(f"{error.get('code', 'error')}: {error.get('message', '')}".strip())
+        elif error:
+            detail = redact(str(error))[:300]
         return self._from_state(state, detail)
 
     @staticmethod
@@ -227,5 +239,5 @@ class NewWebService:
             f"web service {self._name} answers (provisioningState "
             f"{service['properties'].get('provisioningState')})",
             f"asset {asset.get('name')!r} ({key}) serves "
-            f"{(asset.get('locationInfo') or {}).get('uri') or 'nothing yet'}",
+            f"{self._asset_uri(assets, key) or 'nothing yet'}",
         ]

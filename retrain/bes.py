@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import requests
 
 from retrain.errors import RemoteError
-from retrain.http import call, json_of
+from retrain.http import call, field_of, json_of, redact, shape_error
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "2.0"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def relative_location(container: str, name: str) -> str:
+    """`container/name` as a URL path: the blob name percent-encoded per RFC 3986 (UTF-8),
+    only unreserved characters and '/' left as they are. BES and the Classic endpoint append
+    it to BaseLocation as it is, so a raw '#', '?', '%' or space would name another blob."""
+    return f"{container}/{quote(name, safe='/')}"
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,11 @@ class BlobRef:
     base_location: str
     relative_location: str
     sas_token: str
+
+    @classmethod
+    def to_blob(cls, base_location: str, container: str, name: str, sas_token: str) -> BlobRef:
+        """The reference to blob `name` (unencoded) in `container`; the one place that encodes."""
+        return cls(base_location.rstrip("/") + "/", relative_location(container, name), sas_token)
 
     def to_bes(self) -> dict[str, str | None]:
         """The reference as BES and Classic management expect it (PascalCase, unused = null)."""
@@ -38,7 +52,8 @@ class BlobRef:
 
     @property
     def path(self) -> str:
-        """'container/blob', without the leading slash some writers add."""
+        """'container/blob' (blob percent-encoded), without the leading slash some writers add;
+        compares equal with the RelativeLocation a Classic endpoint reports back."""
         return self.relative_location.lstrip("/")
 
     def __repr__(self) -> str:
@@ -159,7 +174,7 @@ class BesClient:
         )
         job_id = json_of(response, what="BES submit")
         if not isinstance(job_id, str) or not _JOB_ID.match(job_id.strip('"')):
-            raise RemoteError(f"BES submit: expected a job id string, got {job_id!r:.80}")
+            raise shape_error("BES submit", "the reply", "a job id string", job_id)
         return job_id.strip('"')
 
     def start(self, job_id: str) -> None:
@@ -188,21 +203,27 @@ class BesClient:
         )
         body = json_of(response, what=what)
         if not isinstance(body, dict):
-            raise RemoteError(f"{what}: expected a JSON object, got {type(body).__name__}")
+            raise shape_error(what, "the reply", "a JSON object", body)
         code = body.get("StatusCode", body.get("Status Code"))
         if code is None:
             raise RemoteError(f"{what}: the response has no StatusCode")
         state = parse_state(code)
         outputs: dict[str, BlobRef] = {}
-        for name, ref in (body.get("Results") or {}).items():
-            if isinstance(ref, dict) and ref.get("BaseLocation") and ref.get("RelativeLocation"):
-                outputs[name] = BlobRef(
-                    str(ref["BaseLocation"]),
-                    str(ref["RelativeLocation"]),
-                    str(ref.get("SasBlobToken") or ""),
-                )
+        results = field_of(body, "Results", dict, what=what) or {}
+        for name, ref in results.items():
+            if ref is None:
+                continue
+            where = f"{what}: Results[{name!r}]"
+            if not isinstance(ref, dict):
+                raise shape_error(where, "the reference", "a JSON object", ref)
+            base = field_of(ref, "BaseLocation", str, what=where, required=True)
+            relative = field_of(ref, "RelativeLocation", str, what=where, required=True)
+            token = field_of(ref, "SasBlobToken", str, what=where)
+            outputs[name] = BlobRef(base, relative, token or "")
         details = body.get("Details")
-        return JobStatus(state, str(details) if details is not None else None, outputs)
+        if details is not None and not isinstance(details, str):
+            details = json.dumps(details, default=str)
+        return JobStatus(state, redact(details) if details is not None else None, outputs)
 
     def cancel(self, job_id: str) -> None:
         """DELETE the job (cancels it if running)."""

@@ -40,7 +40,20 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _reason(run: Doc) -> str:
-    return str(run.get("error") or (run.get("decision") or {}).get("reason") or "")
+    if run.get("error"):
+        return str(run["error"])
+    if run.get("state") == "rejected" and run.get("rejected_by"):
+        return _rejection(run)
+    return str((run.get("decision") or {}).get("reason") or "")
+
+
+def _rejection(run: Doc) -> str:
+    """Who turned a run down by hand, and why (older records keep it only in the history)."""
+    reason = run.get("rejected_reason")
+    if reason is None:
+        notes = [h["note"] for h in run.get("history") or [] if h.get("state") == "rejected"]
+        return str(notes[-1]) if notes else f"rejected by {run['rejected_by']}"
+    return f"rejected by {run['rejected_by']}: {reason}"
 
 
 def _app() -> Any:
@@ -98,6 +111,8 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
                 lines.append(f"  {side}: {shown}")
         if run.get("decision"):
             lines.append(f"  decision: {run['decision']['reason']}")
+        if run.get("state") == "rejected" and run.get("rejected_by"):
+            lines.append(f"  {_rejection(run)}")
         if run.get("error"):
             lines.append(f"  error: {run['error']}")
         lines.append("  timeline:")

@@ -10,7 +10,7 @@ import requests
 
 from retrain.bes import BlobRef
 from retrain.errors import RemoteError
-from retrain.http import call, json_of
+from retrain.http import call, field_of, json_of, shape_error
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,16 @@ class ClassicEndpoint:
         )
         body = json_of(response, what=what)
         if not isinstance(body, dict):
-            raise RemoteError(f"{what}: expected a JSON object")
+            raise shape_error(what, "the reply", "a JSON object", body)
         return body
 
     def _resource_entry(self, endpoint: dict[str, Any]) -> dict[str, Any]:
-        resources = [r for r in endpoint.get("Resources") or [] if isinstance(r, dict)]
+        what = f"Classic endpoint GET {self._name}"
+        resources: list[dict[str, Any]] = []
+        for index, resource in enumerate(field_of(endpoint, "Resources", list, what=what) or []):
+            if not isinstance(resource, dict):
+                raise shape_error(what, f"Resources[{index}]", "a JSON object", resource)
+            resources.append(resource)
         names = [str(r.get("Name")) for r in resources]
         for resource in resources:
             if resource.get("Name") == self._resource:
@@ -99,10 +104,15 @@ class ClassicEndpoint:
             f"endpoint {self._name} has no resource named {self._resource!r} (it has {names}){hint}"
         )
 
+    def _location(self, entry: dict[str, Any]) -> str | None:
+        what = f"Classic endpoint GET {self._name}: resource {self._resource!r}"
+        location = field_of(entry, "Location", dict, what=what) or {}
+        relative = field_of(location, "RelativeLocation", str, what=f"{what} Location")
+        return str(relative) if relative else None
+
     def _deployed(self) -> str | None:
-        location = self._resource_entry(self.get()).get("Location") or {}
-        relative = location.get("RelativeLocation")
-        return str(relative).lstrip("/") if relative else None
+        relative = self._location(self._resource_entry(self.get()))
+        return relative.lstrip("/") if relative else None
 
     def serves(self, model: BlobRef) -> bool:
         return self._deployed() == model.path
@@ -142,7 +152,7 @@ class ClassicEndpoint:
     def preflight(self) -> list[str]:
         endpoint = self.get()
         entry = self._resource_entry(endpoint)
-        where = (entry.get("Location") or {}).get("RelativeLocation") or "nothing yet"
+        where = self._location(entry) or "nothing yet"
         return [
             f"endpoint {self._name} of web service {endpoint.get('WebServiceId', '?')} answers",
             f"resource {self._resource!r} is updatable; it serves {where}",

@@ -34,7 +34,9 @@ class RemoteError(RetrainError):
         retryable: bool = False,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message)
+        from retrain.http import redact  # texts from services may echo a SAS URL or a key
+
+        super().__init__(redact(message))
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after

@@ -5,13 +5,66 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from retrain.errors import EvaluationError
 from retrain.settings import GateSpec, metric_key
 
 Metrics = dict[str, float]
+
+_INF = math.inf
+VALID_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0),
+    "f-score": (0.0, 1.0),
+    "auc": (0.0, 1.0),
+    "mean zero one error": (0.0, 1.0),
+    "coefficient of determination": (-_INF, 1.0),
+    "mean absolute error": (0.0, _INF),
+    "root mean squared error": (0.0, _INF),
+    "relative absolute error": (0.0, _INF),
+    "relative squared error": (0.0, _INF),
+    "average log loss": (0.0, _INF),
+    "negative log likelihood": (-_INF, _INF),
+}
+"""The values each known Evaluate Model metric can take (normalised names, closed intervals)."""
+
+MAY_BE_INFINITE = frozenset({"negative log likelihood"})
+"""Metrics Evaluate Model may write as `Infinity` (spec §4); only when the gate ignores them."""
+
+
+def _show_range(low: float, high: float) -> str:
+    if low == -_INF:
+        return f"at most {_fmt(high)}"
+    if high == _INF:
+        return f"at least {_fmt(low)}"
+    return f"between {_fmt(low)} and {_fmt(high)}"
+
+
+def check_metrics(metrics: Mapping[str, float], row: str, *, used: Iterable[str] = ()) -> None:
+    """Raise EvaluationError for an impossible row: a known metric out of its valid range or
+    not a number, a metric the gate uses that is not finite, or two columns with one name."""
+    needed = {metric_key(name) for name in used}
+    seen: dict[str, str] = {}
+    for name, value in metrics.items():
+        key = metric_key(name)
+        if key in seen:
+            raise EvaluationError(
+                f"{row}: columns {seen[key]!r} and {name!r} are the same metric; "
+                "which one counts is ambiguous"
+            )
+        seen[key] = name
+        bounds = VALID_RANGES.get(key)
+        finite_needed = key in needed or (bounds is not None and key not in MAY_BE_INFINITE)
+        if math.isnan(value) or (finite_needed and not math.isfinite(value)):
+            wanted = _show_range(*bounds) if bounds else "a finite number"
+            raise EvaluationError(f"{row}: {name} is {value}; it must be {wanted}")
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise EvaluationError(
+                f"{row}: {name} is {_fmt(value)}, outside its valid range ({_show_range(*bounds)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -33,6 +86,14 @@ def parse_evaluation_csv(text: str) -> Evaluation:
     if not rows:
         raise EvaluationError("the evaluation output is empty")
     header = [" ".join(name.split()) for name in rows[0]]
+    seen: dict[str, str] = {}
+    for name in header:
+        if metric_key(name) in seen:
+            raise EvaluationError(
+                f"the evaluation output has two columns named {seen[metric_key(name)]!r} and "
+                f"{name!r}; which one counts is ambiguous"
+            )
+        seen[metric_key(name)] = name
     data = rows[1:]
     if not data:
         raise EvaluationError("the evaluation output has a header but no data row")
@@ -44,7 +105,12 @@ def parse_evaluation_csv(text: str) -> Evaluation:
     parsed = [_row(header, row, number) for number, row in enumerate(data, start=2)]
     if not parsed[0]:
         raise EvaluationError(f"no numeric metric in the evaluation output (columns: {header})")
+    for metrics, row in zip(parsed, _ROWS, strict=False):
+        check_metrics(metrics, row)
     return Evaluation(challenger=parsed[0], champion=parsed[1] if len(parsed) > 1 else None)
+
+
+_ROWS = ("the retrained model's row", "the champion's row")
 
 
 def _row(header: list[str], row: list[str], line: int) -> Metrics:
@@ -83,12 +149,18 @@ def _fmt(value: float) -> str:
 
 
 def decide(gate: GateSpec, challenger: Metrics, champion: Metrics | None) -> Decision:
-    """Apply the gate: floors first, then improvement and allowed regression vs the champion."""
+    """Apply the gate: floors first, then improvement and allowed regression vs the champion.
+
+    Impossible metrics (out of range, not finite, ambiguous) in either row raise EvaluationError:
+    such an evaluation cannot be trusted to promote or to reject.
+    """
+    used = [gate.metric, *gate.floors, *gate.max_regression]
+    check_metrics(challenger, _ROWS[0], used=used)
+    if champion is not None:
+        check_metrics(champion, _ROWS[1], used=used)
     primary = lookup(challenger, gate.metric)
     if primary is None:
         return Decision(False, f"the evaluation has no {gate.metric!r} column (the gate metric)")
-    if not math.isfinite(primary):
-        return Decision(False, f"{gate.metric} of the retrained model is {primary}, not a number")
     for metric, bound in gate.floors.items():
         value = lookup(challenger, metric)
         if value is None or not math.isfinite(value):

@@ -20,12 +20,22 @@ MAX_RETRY_WAIT = 5.0
 """The longest wait between two attempts of one call, backoff or Retry-After; a service that
 asks for longer gets the call back as a retryable error carrying its Retry-After, and the
 handler re-sends its message with that delay instead of waiting inside the invocation."""
-_SIG = re.compile(r"(?i)(sig|signature|key|token|code)=[^&\s\"']+")
+_URL_QUERY = re.compile(r"(https?://[^\s\"'?<>]+)\?[^\s\"'<>]+")
+_SAS_QUERY = re.compile(r"(?i)(?<![\w%])\??sv=\d{4}-\d{2}-\d{2}[^\s\"'<>]*")
+_SIG = re.compile(r"(?i)\b(sig|signature|key|token|code|password|secret)(=|%3d)[^&;\s\"'<>]+")
+_ACCOUNT_KEY = re.compile(r"(?i)\b(AccountKey|SharedAccessKey|SharedAccessSignature)=[^;\s\"'<>]+")
+_BEARER = re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*")
 
 
 def redact(text: str) -> str:
-    """Drop query strings from URLs and mask anything that looks like a signature or key."""
-    text = re.sub(r"(https?://[^\s\"'?]+)\?[^\s\"']*", r"\1?<redacted>", text)
+    """Remove every secret a service may echo: a URL's whole query string, a SAS query without
+    its URL (`?sv=…&sig=…`), a bare `sig=`/`key=`/`token=` value, `AccountKey=…` of a
+    connection string, and `Bearer` tokens. Applied to every text that comes from a service
+    before it is stored, logged or sent on."""
+    text = _URL_QUERY.sub(r"\1?<redacted>", text)
+    text = _SAS_QUERY.sub("<redacted SAS>", text)
+    text = _ACCOUNT_KEY.sub(r"\1=<redacted>", text)
+    text = _BEARER.sub("Bearer <redacted>", text)
     return _SIG.sub(r"\1=<redacted>", text)
 
 
@@ -33,6 +43,32 @@ def worst_call(connect_timeout: float, read_timeout: float) -> float:
     """Seconds one call through `make_session` can take at most: every attempt timing out,
     with the longest wait between attempts. Leases that guard a call are derived from it."""
     return (connect_timeout + read_timeout) * (RETRIES + 1) + MAX_RETRY_WAIT * RETRIES
+
+
+def shape_error(what: str, field: str, expected: str, got: Any) -> RemoteError:
+    """A reply that does not have the documented shape: names the field and what came instead."""
+    shown = redact(json.dumps(got, default=str)[:80]) if got is not None else "null"
+    return RemoteError(f"{what}: {field} should be {expected}, got {type(got).__name__} {shown}")
+
+
+def field_of(
+    body: Any, field: str, expected: type | tuple[type, ...], *, what: str, required: bool = False
+) -> Any:
+    """`body[field]` if it has the expected JSON type (None when absent and not required)."""
+    if not isinstance(body, dict):
+        raise shape_error(what, "the reply", "a JSON object", body)
+    value = body.get(field)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise shape_error(what, field, _kind(expected), value)
+    return value
+
+
+def _kind(expected: type | tuple[type, ...]) -> str:
+    names = {dict: "a JSON object", list: "a JSON array", str: "a string", int: "a number"}
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 def make_session(*, total_retries: int = RETRIES, backoff: float = 0.5) -> requests.Session:
@@ -90,8 +126,13 @@ def call(
     json_body: Any = None,
     send_body: bool = False,
     data: bytes | None = None,
+    follow_redirects: bool = True,
 ) -> requests.Response:
-    """Send one request and turn every failure into a RemoteError that names the operation."""
+    """Send one request and turn every failure into a RemoteError that names the operation.
+
+    With `follow_redirects=False` a 3xx answer is an error: the request (and its headers) is
+    not re-sent to wherever the answer points.
+    """
     try:
         response = session.request(
             method,
@@ -99,6 +140,7 @@ def call(
             headers=headers,
             data=json.dumps(json_body) if send_body else data,
             timeout=timeout,
+            allow_redirects=follow_redirects,
         )
     except requests.exceptions.RetryError as exc:
         raise RemoteError(
@@ -112,6 +154,13 @@ def call(
         ) from exc
     except requests.exceptions.RequestException as exc:
         raise RemoteError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from exc
+    if not follow_redirects and 300 <= response.status_code < 400:
+        location = redact(response.headers.get("Location") or "nowhere")
+        raise RemoteError(
+            f"{what}: HTTP {response.status_code} redirect to {location} not followed; "
+            "configure the final URL",
+            status=response.status_code,
+        )
     if response.status_code >= 400:
         status = response.status_code
         retryable = status in RETRY_STATUSES
@@ -120,7 +169,7 @@ def call(
             403: "the key is not allowed to do this",
             404: "the URL does not exist (check the configured URL and names)",
         }.get(status, "")
-        body = redact(_snippet(response))
+        body = _snippet(response)
         raise RemoteError(
             f"{what}: HTTP {status}{' - ' + hint if hint else ''}{': ' + body if body else ''}",
             status=status,
@@ -135,7 +184,7 @@ def _snippet(response: requests.Response) -> str:
     ctype = response.headers.get("Content-Type", "")
     if "html" in ctype or text[:1] == "<":
         return f"(an HTML page, {len(text)} characters)"
-    return " ".join(text.split())[:300]
+    return redact(" ".join(text.split()))[:300]
 
 
 def json_of(response: requests.Response, *, what: str) -> Any:
@@ -145,6 +194,6 @@ def json_of(response: requests.Response, *, what: str) -> Any:
     except ValueError as exc:
         ctype = response.headers.get("Content-Type") or "no content type"
         raise RemoteError(
-            f"{what}: expected JSON, got {ctype} {redact(_snippet(response))!r}",
+            f"{what}: expected JSON, got {ctype} {_snippet(response)!r}",
             status=response.status_code,
         ) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -11,6 +12,8 @@ from retrain.errors import InputRejected
 from retrain.settings import ModelSpec
 
 MAX_NAME = 1024
+MAX_SEGMENTS = 254
+"""Azure Storage's limits on a blob name: characters, and '/'-separated segments."""
 
 
 FINAL_COMMIT_APIS = frozenset({"PutBlob", "PutBlockList", "FlushWithClose", "CopyBlob"})
@@ -40,12 +43,46 @@ def route(name: str, models: Iterable[ModelSpec]) -> ModelSpec:
     raise InputRejected(f"{name!r} is under no model's data prefix")
 
 
-def validate(spec: ModelSpec, name: str, *, size: int, head: bytes) -> list[str]:
-    """Check an arriving file from its size and first bytes; returns its header columns."""
+def check_name(name: str) -> None:
+    """Refuse a blob name that cannot be referenced as it is: one Azure Storage refuses or
+    rewrites, so a SAS reference minted for it would name another blob or fail to authenticate.
+
+    Everything else (spaces, '#', '?', '%', non-ASCII) is fine: references percent-encode it.
+    """
     if len(name) > MAX_NAME:
         raise InputRejected(f"the blob name is {len(name)} characters; at most {MAX_NAME}")
-    if any(part in ("", ".", "..") for part in name[len(spec.prefix) :].split("/")):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputRejected(
+            f"the blob name is not valid Unicode (character {exc.start}): it has no URL form"
+        ) from exc
+    control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise InputRejected(
+            f"the blob name contains the control character {control!r} "
+            f"(U+{ord(control):04X}): it cannot be referenced safely; rename the file"
+        )
+    if "\\" in name:
+        raise InputRejected(
+            "the blob name contains a backslash, which Azure Storage turns into '/': "
+            "the file cannot be referenced by the name it arrived with; rename it"
+        )
+    parts = name.split("/")
+    if len(parts) > MAX_SEGMENTS:
+        raise InputRejected(f"the blob name has {len(parts)} path segments; at most {MAX_SEGMENTS}")
+    if any(part in ("", ".", "..") for part in parts):
         raise InputRejected("the blob name has an empty, '.' or '..' path segment")
+    if any(part.endswith(".") for part in parts):
+        raise InputRejected(
+            "a path segment of the blob name ends with '.', which Azure Storage drops from "
+            "URLs: the file cannot be referenced by its name; rename it"
+        )
+
+
+def validate(spec: ModelSpec, name: str, *, size: int, head: bytes) -> list[str]:
+    """Check an arriving file from its name, size and first bytes; returns its header columns."""
+    check_name(name)
     suffix = name.rsplit(".", 1)[-1].casefold() if "." in name.rsplit("/", 1)[-1] else ""
     if suffix not in spec.formats:
         raise InputRejected(

@@ -4,12 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from retrain.errors import MessageError
 from retrain.settings import ModelName
 
 MAX_MESSAGE_BYTES = 48 * 1024  # storage queues cap a message at 64 KiB, base64 costs a third
+
+RunId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+"""Run and batch ids as the app makes them (`20250101T120000-1a2b3c`, `rollback-…`): they name
+ledger documents, so never a '/', a '.' or anything else a path could be built from."""
+JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+State = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{0,31}$")]
+Timestamp = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?([+-]\d{2}:\d{2}|Z)?$"
+    ),
+]
+MetricName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+MAX_POLLS = 100_000
+MAX_ARRIVALS = 1_000_000
 
 
 class _Message(BaseModel):
@@ -23,8 +45,8 @@ class CheckBatch(_Message):
     """Look at the model's open batch: seal it into a run once quiet, or wait."""
 
     kind: Literal["check-batch"] = "check-batch"
-    batch_id: str = Field(min_length=1, max_length=64)
-    arrivals: int = Field(ge=0)
+    batch_id: RunId
+    arrivals: int = Field(ge=0, le=MAX_ARRIVALS)
     """How many files the batch had when this check was scheduled."""
 
 
@@ -32,16 +54,16 @@ class TrackRun(_Message):
     """Advance a run's training: submit, start, or poll its BES job."""
 
     kind: Literal["track-run"] = "track-run"
-    run_id: str = Field(min_length=1, max_length=64)
-    poll: int = Field(default=0, ge=0)
+    run_id: RunId
+    poll: int = Field(default=0, ge=0, le=MAX_POLLS)
 
 
 class EvaluateRun(_Message):
     """Read a finished run's evaluation, apply the gate, promote or keep the champion."""
 
     kind: Literal["evaluate-run"] = "evaluate-run"
-    run_id: str = Field(min_length=1, max_length=64)
-    poll: int = Field(default=0, ge=0)
+    run_id: RunId
+    poll: int = Field(default=0, ge=0, le=MAX_POLLS)
     """Provisioning polls of an asynchronous promotion (New web services)."""
     retries: int = Field(default=0, ge=0, le=100)
     """How often this promotion step was re-sent after a service asked to retry later."""
@@ -58,12 +80,12 @@ class RunEvent(BaseModel):
     version: Literal[1] = 1
     kind: Literal["run-event"] = "run-event"
     model: ModelName
-    run_id: str
-    state: str
-    reason: str
-    at: str
-    job_id: str | None = None
-    metrics: dict[str, float] | None = None
+    run_id: RunId
+    state: State
+    reason: str = Field(max_length=2000)
+    at: Timestamp
+    job_id: JobId | None = None
+    metrics: dict[MetricName, float] | None = Field(default=None, max_length=100)
 
 
 JobsMessage = Annotated[CheckBatch | TrackRun, Field(discriminator="kind")]

@@ -24,7 +24,8 @@ from retrain.errors import (
     StateConflict,
 )
 from retrain.evaluation import decide, parse_evaluation_csv
-from retrain.ingest import route, validate
+from retrain.http import redact
+from retrain.ingest import check_name, route, validate
 from retrain.ledger import TERMINAL, Doc, Ledger, arrival_key, model_key, run_key
 from retrain.messages import (
     CheckBatch,
@@ -36,6 +37,7 @@ from retrain.messages import (
 )
 from retrain.settings import ModelSpec
 from retrain.storage import (
+    BlobHead,
     BlobUnreadable,
     BlobVersion,
     DataStore,
@@ -171,6 +173,7 @@ class Retrainer:
         The record names the batch *before* the file is added to it, so a redelivery can tell
         exactly whether the first delivery got the file in.
         """
+        refused = _unreferenceable(name)
         try:
             head = self._data.head(container, name)
         except BlobUnreadable as exc:
@@ -180,6 +183,12 @@ class Retrainer:
                 raise exc from None
             self._record_unreadable(spec, container, name, exc)
             return "rejected"
+        except RemoteError:
+            if refused is None:
+                raise
+            # A request signed for such a name may not authenticate: record the rejection
+            # instead of failing (and being retried) forever.
+            head = BlobHead("unreadable", 0, b"")
         if head is None:
             log.warning("arrival %s/%s: blob no longer exists; nothing to do", container, name)
             return "gone"
@@ -195,12 +204,14 @@ class Retrainer:
         try:
             spec = route(name, self._models.values())
             record["model"] = spec.name
+            if refused is not None:
+                raise refused
             validate(spec, name, size=head.size, head=head.head)
         except InputRejected as exc:
             record.update(status="rejected", reason=str(exc))
             if self._ledger.create(key, record):
                 self._data.quarantine(container, name, self._places.quarantine_container, str(exc))
-                log.warning("arrival %s/%s rejected: %s", container, name, exc)
+                log.warning("arrival %s/%r rejected: %s", container, name, exc)
                 return "rejected"
             return "duplicate"
         file = {"name": name, "etag": head.etag, "size": head.size, "arrived_at": _iso(now)}
@@ -656,7 +667,11 @@ class Retrainer:
         if champion is None and state.get("champion"):
             champion = state["champion"].get("metrics")
             source = "recorded when it was promoted"
-        decision = decide(spec.gate, evaluation.challenger, champion)
+        try:
+            decision = decide(spec.gate, evaluation.challenger, champion)
+        except EvaluationError as exc:
+            self._fail(spec, run, f"cannot read the evaluation: {exc}")
+            return self._ledger.get(key) or run
         verdict = {
             "promote": decision.promote,
             "reason": decision.reason,
@@ -788,6 +803,7 @@ class Retrainer:
             now,
             note=f"rejected by {by}: {reason}",
             rejected_by=by,
+            rejected_reason=reason,
         )
         if not moved:
             raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
@@ -1247,12 +1263,16 @@ class Retrainer:
                 f"a {message.kind} message failed on every delivery and was moved "
                 f"to {queue}-poison (the function's log has each error)"
             )
-        run = (
-            self._ledger.get(run_key(record["model"], record["run_id"]))
-            if record["run_id"]
-            else None
-        )
-        if run is not None and run["state"] not in TERMINAL:
+            if message.model not in self._models:
+                record["reason"] += f"; model {message.model!r} is not configured"
+        # Only a parsed message names a run, and its fields matched their patterns: no ledger
+        # key is ever built from text that did not.
+        run: Doc | None = None
+        if message is not None and record["run_id"] and message.model in self._models:
+            found = self._ledger.get(run_key(message.model, record["run_id"]))
+            if found is not None and found.get("run_id") == record["run_id"]:
+                run = found
+        if run is not None and run.get("state") not in TERMINAL:
             record["state_before"] = run["state"]
         self._ledger.update(
             key,
@@ -1644,6 +1664,7 @@ class Retrainer:
 
     def _fail(self, spec: ModelSpec, run: Doc, reason: str, **fields: Any) -> str:
         now = self._clock.now()
+        reason = redact(reason)
         log.error(
             "run %s of %s failed: %s",
             run["run_id"],
@@ -1693,7 +1714,7 @@ class Retrainer:
             model=spec.name,
             run_id=run["run_id"],
             state=run["state"],
-            reason=reason[:2000],
+            reason=redact(reason)[:2000],
             at=run.get("updated_at") or _iso(self._clock.now()),
             job_id=run.get("job_id"),
             metrics=(run.get("metrics") or {}).get("challenger"),
@@ -1722,6 +1743,15 @@ class Retrainer:
         state, _ = self._ledger.update(model_key(spec.name), release, initial=_new_model(spec))
         if state.get("batch") and not state.get("active_run"):
             self._schedule_check(spec, state["batch"], self._clock.now())
+
+
+def _unreferenceable(name: str) -> InputRejected | None:
+    """Why a blob name cannot be referenced, or None."""
+    try:
+        check_name(name)
+    except InputRejected as exc:
+        return exc
+    return None
 
 
 def _new_model(spec: ModelSpec) -> Doc:
@@ -1830,10 +1860,12 @@ def _advance(
 ) -> Doc | None:
     if doc["state"] != expected:
         return None
+    if isinstance(fields.get("error"), str):
+        fields["error"] = redact(fields["error"])
     doc.update(fields)
     doc["state"] = state
     doc["updated_at"] = _iso(now)
-    doc["history"].append({"state": state, "at": _iso(now), "note": note})
+    doc["history"].append({"state": state, "at": _iso(now), "note": redact(note)})
     return doc
 
 

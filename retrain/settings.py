@@ -42,7 +42,6 @@ _HIGHER_IS_BETTER = {
     "relative squared error": False,
     "negative log likelihood": False,
     "average log loss": False,
-    "training log loss": False,
     "mean zero one error": False,
 }
 
@@ -303,10 +302,20 @@ class Settings(BaseSettings):
         lambda url: _require_https(url) if url is not None else None
     )
 
-    @field_validator("models_json", "models_file", "webhook_url", "webhook_secret", mode="before")
+    @field_validator("models_json", "models_file", "webhook_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _no_blank_secret(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "is set but blank, which would sign nothing; set a real secret or remove the "
+                "setting"
+            )
+        return value
 
     @model_validator(mode="after")
     def _delays(self) -> Settings:

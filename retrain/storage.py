@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
     AzureError,
@@ -23,6 +24,8 @@ from pydantic import BaseModel
 
 from retrain.bes import BlobRef
 from retrain.errors import ConfigError, InputRejected, RemoteError, StateConflict
+from retrain.http import RETRY_STATUSES
+from retrain.settings import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -281,27 +284,62 @@ class BlobData:
             size=int(props.size),
         )
 
-    def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
-        self._ensure(target)
-        source = self._service.get_blob_client(container, name)
-        sas = generate_blob_sas(
+    def _sas(
+        self,
+        container: str,
+        name: str,
+        permission: BlobSasPermissions,
+        expires: datetime,
+        start: datetime | None = None,
+    ) -> str:
+        """A blob-scoped SAS; HTTPS only (`spr=https`) unless storage is a loopback emulator."""
+        return generate_blob_sas(
             self._account,
             container,
             name,
             account_key=self._key,
-            permission=BlobSasPermissions(read=True),
-            expiry=_in(timedelta(hours=1)),
+            permission=permission,
+            expiry=expires,
+            start=start,
+            protocol=None if self._loopback else "https",
         )
-        copy = self._service.get_blob_client(target, f"{container}/{name}")
+
+    @property
+    def _loopback(self) -> bool:
+        return is_loopback(urlsplit(self._service.url).hostname or "")
+
+    def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
+        self._ensure(target)
+        # Azure Storage (and Azurite) store a '\' in a name as '/': copy what is stored.
+        stored = name.replace("\\", "/")
+        source = BlobRef.to_blob(
+            self._service.url,
+            container,
+            stored,
+            "?"
+            + self._sas(container, stored, BlobSasPermissions(read=True), _in(timedelta(hours=1))),
+        )
+        copy = self._service.get_blob_client(target, f"{container}/{stored}")
         try:
             copy.start_copy_from_url(
-                f"{source.url}?{sas}",
+                source.base_location + source.relative_location + source.sas_token,
                 metadata={"reason": _ascii(reason)[:1000], "source": _ascii(f"{container}/{name}")},
             )
         except ResourceNotFoundError:
-            log.warning("quarantine: %s/%s vanished before it could be copied", container, name)
+            log.warning("quarantine: %s/%r vanished before it could be copied", container, name)
+        except HttpResponseError as exc:
+            if exc.status_code in RETRY_STATUSES:
+                raise _wrap(f"quarantine {container}/{name!r}", exc) from exc
+            # Retrying cannot help (a name the service refuses, a copy it forbids): the arrival
+            # record already holds the rejection and its reason.
+            log.warning(
+                "quarantine: %s/%r cannot be copied (HTTP %s); its rejection is recorded",
+                container,
+                name,
+                exc.status_code,
+            )
         except AzureError as exc:
-            raise _wrap(f"quarantine {container}/{name}", exc) from exc
+            raise _wrap(f"quarantine {container}/{name!r}", exc) from exc
 
     def read_text(self, container: str, name: str, *, max_bytes: int) -> str:
         blob = self._service.get_blob_client(container, name)
@@ -346,16 +384,8 @@ class BlobData:
         permission = (
             BlobSasPermissions(create=True, write=True) if write else BlobSasPermissions(read=True)
         )
-        sas = generate_blob_sas(
-            self._account,
-            container,
-            name,
-            account_key=self._key,
-            permission=permission,
-            expiry=expires,
-            start=_in(timedelta(minutes=-5)),
-        )
-        return BlobRef(self._service.url.rstrip("/") + "/", f"{container}/{name}", "?" + sas)
+        sas = self._sas(container, name, permission, expires, _in(timedelta(minutes=-5)))
+        return BlobRef.to_blob(self._service.url, container, name, "?" + sas)
 
     def freeze(self, source: BlobVersion, container: str, name: str) -> bool:
         from azure.core import MatchConditions
@@ -376,13 +406,11 @@ class BlobData:
             if status == "success":
                 return True  # made by an earlier delivery; a failed or aborted copy is redone
         self._ensure(container)
-        sas = generate_blob_sas(
-            self._account,
+        sas = self._sas(
             source.container,
             source.name,
-            account_key=self._key,
             permission=BlobSasPermissions(read=True),
-            expiry=_in(timedelta(hours=1)),
+            expires=_in(timedelta(hours=1)),
         )
         url = self._service.get_blob_client(source.container, source.name).url
         try:

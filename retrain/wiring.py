@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -17,6 +18,8 @@ from retrain.notify import Webhook
 from retrain.pipeline import Places, Retrainer, Timing
 from retrain.settings import ClassicTarget, ModelSpec, Settings, get_settings, read_secret
 from retrain.storage import BlobData, BlobDocumentStore, QueueOutbox
+
+log = logging.getLogger(__name__)
 
 Decorate = Callable[[str, Any], Any]
 """Wraps a port by kind ('store', 'data', 'outbox', 'jobs', 'target'); for fault injection."""
@@ -131,6 +134,11 @@ def webhook() -> Webhook | None:
     if settings.webhook_url is None:
         return None
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    if secret is None:
+        log.warning(
+            "RETRAIN_WEBHOOK_SECRET is not set: webhook posts are unsigned, so a receiver "
+            "cannot tell them from forged ones"
+        )
     return Webhook(
         str(settings.webhook_url),
         secret,

@@ -151,9 +151,15 @@ class TestEvents:
         s.runner.run_until_idle()
         states = [json.loads(body)["state"] for _, body in received]
         assert states == ["queued", "submitted", "running", "trained", "promoting", "promoted"]
+        now = datetime.now(UTC).timestamp()
         for headers, body in received:
-            expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-            assert headers["X-Retrain-Signature-256"] == expected
+            scheme = dict(p.split("=", 1) for p in headers["X-Retrain-Signature"].split(","))
+            signed = scheme["t"].encode() + b"." + body
+            expected = hmac.new(b"s3cret", signed, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(scheme["v1"], expected)
+            assert abs(now - int(scheme["t"])) < 300
+        deliveries = [headers["X-Retrain-Delivery"] for headers, _ in received]
+        assert len(set(deliveries)) == len(deliveries)
         last = json.loads(received[-1][1])
         assert last["metrics"]["Root Mean Squared Error"] > 0
         assert last["run_id"] == s.runs()[0]["run_id"]

@@ -1,47 +1,92 @@
-"""Properties of the gate, for every metric it knows: it never promotes a worse model."""
+"""Properties of the gate, for every metric it knows: it never promotes a worse model.
+
+The expected answers come from the tables below, written from the Evaluate Model columns of
+the REST contract (spec §4), not from the code under test.
+"""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from retrain.errors import EvaluationError
 from retrain.evaluation import decide
 from retrain.settings import KNOWN_METRICS, GateSpec, known_direction
 
+HIGHER_IS_BETTER = {
+    "accuracy",
+    "precision",
+    "recall",
+    "f-score",
+    "auc",
+    "coefficient of determination",
+}
+RANGES = {
+    "accuracy": (0.0, 1.0),
+    "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0),
+    "f-score": (0.0, 1.0),
+    "auc": (0.0, 1.0),
+    "mean zero one error": (0.0, 1.0),
+    "coefficient of determination": (-1e6, 1.0),
+    "mean absolute error": (0.0, 1e6),
+    "root mean squared error": (0.0, 1e6),
+    "relative absolute error": (0.0, 1e6),
+    "relative squared error": (0.0, 1e6),
+    "average log loss": (0.0, 1e6),
+    "negative log likelihood": (-1e6, 1e6),
+}
+"""Finite values each metric can take (the unbounded sides cut at ±1e6 for the strategies)."""
+BOUNDED_BELOW = {m for m, (low, _) in RANGES.items() if low == 0.0}
+BOUNDED_ABOVE = {m for m, (_, high) in RANGES.items() if high == 1.0}
+
 METRICS = list(KNOWN_METRICS)
-finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 margin = st.floats(min_value=0, max_value=10, allow_nan=False, allow_infinity=False)
 not_finite = st.sampled_from([math.nan, math.inf, -math.inf])
+any_finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 
 
-def test_directions_of_the_known_metrics() -> None:
-    higher = {"accuracy", "precision", "recall", "f-score", "auc", "coefficient of determination"}
+def higher(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER
+
+
+def valid(metric: str) -> st.SearchStrategy[float]:
+    low, high = RANGES[metric]
+    return st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def metric_and_values(draw: st.DrawFn, n: int) -> tuple[str, list[float]]:
+    metric = draw(st.sampled_from(METRICS))
+    return metric, [draw(valid(metric)) for _ in range(n)]
+
+
+def test_the_tables_cover_every_known_metric() -> None:
+    assert set(RANGES) == set(METRICS)
     for metric in METRICS:
-        assert known_direction(metric.upper()) is (metric in higher)
+        assert known_direction(metric.upper()) is higher(metric)
 
 
-@given(st.sampled_from(METRICS), finite, finite, margin)
+@given(metric_and_values(2), margin)
 def test_a_model_that_is_not_better_by_the_margin_is_never_promoted(
-    metric: str, champion: float, challenger: float, min_improvement: float
+    drawn: tuple[str, list[float]], min_improvement: float
 ) -> None:
+    metric, (champion, challenger) = drawn
     gate = GateSpec(metric=metric, min_improvement=min_improvement)
     decision = decide(gate, {metric: challenger}, {metric: champion})
-    gain = challenger - champion if known_direction(metric) else champion - challenger
+    gain = challenger - champion if higher(metric) else champion - challenger
     assert decision.promote is (gain > min_improvement)
 
 
-@given(st.sampled_from(METRICS), st.sampled_from(METRICS), finite, finite, finite, finite, margin)
+@given(metric_and_values(2), metric_and_values(2), margin)
 def test_regression_beyond_the_allowed_margin_is_never_promoted(
-    metric: str,
-    other: str,
-    new: float,
-    old: float,
-    new_other: float,
-    old_other: float,
-    allowed: float,
+    primary: tuple[str, list[float]], secondary: tuple[str, list[float]], allowed: float
 ) -> None:
+    metric, (new, old) = primary
+    other, (new_other, old_other) = secondary
     gate = GateSpec(metric=metric, max_regression={other: allowed})
     challenger = {metric: new, other: new_other}
     champion = {metric: old, other: old_other}
@@ -49,30 +94,56 @@ def test_regression_beyond_the_allowed_margin_is_never_promoted(
         challenger, champion = {metric: new}, {metric: old}
         new_other, old_other = new, old
     decision = decide(gate, challenger, champion)
-    loss = old_other - new_other if known_direction(other) else new_other - old_other
+    loss = old_other - new_other if higher(other) else new_other - old_other
     if decision.promote:
         assert loss <= allowed
 
 
-@given(st.sampled_from(METRICS), not_finite, finite)
-def test_non_finite_challenger_metric_never_promotes(
-    metric: str, value: float, champion: float
+@given(metric_and_values(1), not_finite)
+def test_non_finite_gate_metric_is_an_evaluation_error(
+    drawn: tuple[str, list[float]], value: float
 ) -> None:
+    metric, (good,) = drawn
     gate = GateSpec(metric=metric)
-    assert not decide(gate, {metric: value}, {metric: champion}).promote
-    assert not decide(gate, {metric: value}, None).promote
+    for challenger, champion in (
+        ({metric: value}, {metric: good}),
+        ({metric: good}, {metric: value}),
+        ({metric: value}, None),
+    ):
+        with pytest.raises(EvaluationError, match=metric):
+            decide(gate, challenger, champion)
 
 
-@given(st.sampled_from(METRICS), st.sampled_from(METRICS), finite)
-def test_missing_metric_never_promotes(metric: str, present: str, value: float) -> None:
-    gate = GateSpec(metric=metric, floors={present: 0.0})
+@given(st.sampled_from(METRICS), any_finite, st.booleans(), st.booleans())
+def test_out_of_range_values_are_an_evaluation_error_in_either_row(
+    metric: str, value: float, in_champion: bool, has_champion: bool
+) -> None:
+    low, high = RANGES[metric]
+    out = value < low if metric in BOUNDED_BELOW else False
+    out = out or (value > high if metric in BOUNDED_ABOVE else False)
+    gate = GateSpec(metric=metric)
+    fine = {metric: (low + high) / 2 if metric in BOUNDED_ABOVE else 0.5}
+    challenger, champion = ({metric: value}, fine if has_champion else None)
+    if in_champion:
+        challenger, champion = fine, {metric: value}
+    if out:
+        with pytest.raises(EvaluationError, match=f"{metric} is"):
+            decide(gate, challenger, champion)
+    else:
+        decide(gate, challenger, champion)
+
+
+@given(st.sampled_from(METRICS), st.sampled_from(METRICS), st.data())
+def test_missing_metric_never_promotes(metric: str, present: str, data: st.DataObject) -> None:
+    gate = GateSpec(metric=metric, floors={present: RANGES[present][0]})
     assert not decide(gate, {}, None).promote
     if present != metric:
-        assert not decide(gate, {metric: value}, None).promote
+        assert not decide(gate, {metric: data.draw(valid(metric))}, None).promote
 
 
-@given(st.sampled_from(METRICS), finite, finite)
-def test_floors_are_direction_aware(metric: str, value: float, bound: float) -> None:
+@given(metric_and_values(2))
+def test_floors_are_direction_aware(drawn: tuple[str, list[float]]) -> None:
+    metric, (value, bound) = drawn
     decision = decide(GateSpec(metric=metric, floors={metric: bound}), {metric: value}, None)
-    meets = value >= bound if known_direction(metric) else value <= bound
+    meets = value >= bound if higher(metric) else value <= bound
     assert decision.promote is meets

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import responses
 
 from retrain.bes import parse_state
 from retrain.errors import ConfigError, EvaluationError, InputRejected, MessageError, RemoteError
@@ -20,6 +21,8 @@ from retrain.evaluation import decide, parse_evaluation_csv
 from retrain.ingest import route, validate
 from retrain.messages import parse_evaluation, parse_jobs
 from retrain.settings import GateSpec, load_models
+from tests.unit.test_http_clients import JOBS
+from tests.unit.test_http_clients import bes as client
 from tests.unit.test_pipeline import spec
 from tests.unit.test_settings import raw_spec
 
@@ -42,6 +45,15 @@ def gate(challenger: dict[str, float]) -> Callable[[], Any]:
         if not decision.promote:
             raise EvaluationError(decision.reason)
         return decision
+
+    return check
+
+
+def bes_reply(body: Any) -> Callable[[], Any]:
+    def check() -> Any:
+        with responses.RequestsMock() as mock:
+            mock.get(f"{JOBS}/abc", json=body)
+            return client().status("abc")
 
     return check
 
@@ -138,6 +150,30 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "the blob name is 1112 characters; at most 1024",
     ),
     (
+        "newline in the name",
+        file("housing/a\nb.csv", GOOD),
+        InputRejected,
+        "the blob name contains the control character '\\n' (U+000A)",
+    ),
+    (
+        "tab in the name",
+        file("housing/a\tb.csv", GOOD),
+        InputRejected,
+        "control character '\\t' (U+0009)",
+    ),
+    (
+        "backslash in the name",
+        file("housing/a\\b.csv", GOOD),
+        InputRejected,
+        "contains a backslash, which Azure Storage turns into '/'",
+    ),
+    (
+        "segment ending in a dot",
+        file("housing/dir./a.csv", GOOD),
+        InputRejected,
+        "ends with '.', which Azure Storage drops",
+    ),
+    (
         "under no model's prefix",
         file("other/a.csv", GOOD),
         InputRejected,
@@ -195,6 +231,22 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "model: String should match pattern",
     ),
     (
+        "run id with a path",
+        lambda: parse_jobs(
+            '{"version": 1, "kind": "track-run", "model": "m", "run_id": "../../models/m"}'
+        ),
+        MessageError,
+        "run_id: String should match pattern",
+    ),
+    (
+        "batch id with a dot-dot",
+        lambda: parse_jobs(
+            '{"version": 1, "kind": "check-batch", "model": "m", "batch_id": "..", "arrivals": 1}'
+        ),
+        MessageError,
+        "batch_id: String should match pattern",
+    ),
+    (
         "negative poll",
         lambda: parse_jobs(
             '{"version": 1, "kind": "track-run", "model": "m", "run_id": "r", "poll": -1}'
@@ -234,12 +286,27 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         EvaluationError,
         "the evaluation has no 'AUC' column (the gate metric)",
     ),
-    ("NaN metric", gate({"AUC": math.nan}), EvaluationError, "AUC of the retrained model is nan"),
+    ("NaN metric", gate({"AUC": math.nan}), EvaluationError, "AUC is nan"),
+    ("Infinity metric", gate({"AUC": math.inf}), EvaluationError, "AUC is inf"),
+    ("AUC of 93", gate({"AUC": 93.0}), EvaluationError, "AUC is 93, outside its valid range"),
+    ("negative AUC", gate({"AUC": -0.4}), EvaluationError, "(between 0 and 1)"),
     (
-        "Infinity metric",
-        gate({"AUC": math.inf}),
+        "negative RMSE in the CSV",
+        lambda: parse_evaluation_csv("Root Mean Squared Error\n-5\n"),
         EvaluationError,
-        "AUC of the retrained model is inf",
+        "Root Mean Squared Error is -5, outside its valid range (at least 0)",
+    ),
+    (
+        "R squared above 1",
+        lambda: parse_evaluation_csv("Coefficient of Determination\n7.5\n"),
+        EvaluationError,
+        "Coefficient of Determination is 7.5, outside its valid range (at most 1)",
+    ),
+    (
+        "duplicate gate column",
+        lambda: parse_evaluation_csv("AUC,Accuracy, auc\n0.6,0.8,0.9\n"),
+        EvaluationError,
+        "two columns named 'AUC' and 'auc'",
     ),
     # BES answers
     (
@@ -249,6 +316,18 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "unknown StatusCode 'Exploded'",
     ),
     ("BES status out of range", lambda: parse_state(7), RemoteError, "unknown StatusCode 7"),
+    (
+        "BES Results as a list",
+        bes_reply({"StatusCode": "Finished", "Results": ["output1"]}),
+        RemoteError,
+        "BES status abc: Results should be a JSON object, got list",
+    ),
+    (
+        "BES result reference without a location",
+        bes_reply({"StatusCode": "Finished", "Results": {"output1": {"BaseLocation": "x"}}}),
+        RemoteError,
+        "RelativeLocation should be a string, got NoneType",
+    ),
     (
         "BES status of the wrong type",
         lambda: parse_state(None),

@@ -457,6 +457,44 @@ class TestEvaluate:
         assert w.run()["state"] == "failed"
         assert "no data row" in w.run()["error"]
 
+    @pytest.mark.parametrize(
+        ("csv", "named"),
+        [
+            ("Root Mean Squared Error\n-5\n", "Root Mean Squared Error is -5"),
+            ("Root Mean Squared Error,Coefficient of Determination\n1,7.5\n", "is 7.5"),
+            ("Root Mean Squared Error\n1\n-2\n", "the champion's row"),
+            ("Root Mean Squared Error,root mean squared error\n3,1\n", "two columns"),
+            ("Root Mean Squared Error\nNaN\n", "is nan"),
+        ],
+    )
+    def test_impossible_metrics_fail_the_run_and_promote_nothing(
+        self, csv: str, named: str
+    ) -> None:
+        w = self.trained()
+        w.evaluation(csv)
+        w.deliver()
+        run = w.run()
+        assert run["state"] == "failed"
+        assert run["error"].startswith("cannot read the evaluation")
+        assert named in run["error"]
+        assert w.target.deploys == []
+        assert w.ledger.get("models/housing.json")["champion"] is None  # type: ignore[index]
+
+    def test_an_impossible_recorded_champion_fails_the_run(self) -> None:
+        w = self.trained()
+        w.ledger.update(
+            "models/housing.json",
+            lambda d: {
+                **d,
+                "champion": {"run_id": "old", "metrics": {"Root Mean Squared Error": -3.0}},
+            },
+        )
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        w.deliver()
+        assert w.run()["state"] == "failed"
+        assert "the champion's row: Root Mean Squared Error is -3" in w.run()["error"]
+        assert w.target.deploys == []
+
     def test_refused_patch_fails_the_run_and_keeps_no_champion(self) -> None:
         w = self.trained()
         w.evaluation("Root Mean Squared Error\n2.5\n")

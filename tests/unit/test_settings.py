@@ -116,3 +116,15 @@ def test_polls_closer_than_a_second_are_refused(monkeypatch: pytest.MonkeyPatch)
     get_settings.cache_clear()
     assert get_settings().poll_first_delay.total_seconds() == 1
     get_settings.cache_clear()
+
+
+def test_training_log_loss_needs_its_direction_stated() -> None:
+    """Whether Studio's Training Log Loss is a loss or a gain over random guessing is not
+    documented, so the app does not guess which way is better."""
+    message = models_error([raw_spec(gate={"metric": "Training Log Loss"})])
+    assert "higher_is_better" in message
+    (model,) = load_models(
+        json.dumps([raw_spec(gate={"metric": "Training Log Loss", "higher_is_better": True})]),
+        None,
+    ).values()
+    assert model.gate.higher_is_better is True

@@ -1,0 +1,69 @@
+"""A poisoned message is always kept, whatever its body says."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+from retrain.storage import Versioned
+from tests.fakes import MemoryDocumentStore
+from tests.unit.test_pipeline import World
+
+
+class ResolvingStore(MemoryDocumentStore):
+    """Resolves '.' and '..' in keys, as a blob URL path does on its way to the service."""
+
+    def read(self, key: str) -> Versioned | None:
+        return super().read(posixpath.normpath(key))
+
+    def create(self, key: str, doc: dict[str, Any]) -> str:
+        return super().create(posixpath.normpath(key), doc)
+
+    def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
+        return super().replace(posixpath.normpath(key), doc, etag)
+
+
+def world() -> World:
+    w = World()
+    w.store = ResolvingStore()
+    w.ledger.store = w.store
+    w.retrainer._ledger = w.ledger
+    return w
+
+
+def kept(w: World) -> list[dict[str, Any]]:
+    return [w.store.docs[k][0] for k in w.store.docs if k.startswith("poison/")]
+
+
+def test_a_forged_run_id_is_kept_with_its_parse_error_and_touches_no_other_document() -> None:
+    w = world()
+    w.drop("housing/a.csv")  # the model document exists, as it does in a live account
+    before = {k: v for k, v in w.store.docs.items()}
+    body = json.dumps(
+        {"version": 1, "kind": "track-run", "model": "housing", "run_id": "../../models/housing"}
+    ).encode()
+    assert w.retrainer.on_poison("jobs", body) == "recorded"
+    (record,) = kept(w)
+    assert record["body"] == body.decode()
+    assert record["replayed"] is False
+    assert "cannot be parsed" in record["reason"]
+    assert "run_id" in record["reason"]
+    assert record["run_id"] is None
+    assert {k: v for k, v in w.store.docs.items() if not k.startswith("poison/")} == before
+    assert not any(".." in key for _, key in w.store.calls)
+
+
+def test_a_message_for_a_model_that_is_not_configured_is_kept() -> None:
+    w = world()
+    body = b'{"version": 1, "kind": "track-run", "model": "other", "run_id": "r1"}'
+    assert w.retrainer.on_poison("jobs", body) == "recorded"
+    (record,) = kept(w)
+    assert "model 'other' is not configured" in record["reason"]
+
+
+def test_a_body_that_is_not_json_is_kept() -> None:
+    w = world()
+    assert w.retrainer.on_poison("evals", b"\xff\xfe not json") == "recorded"
+    (record,) = kept(w)
+    assert "cannot be parsed" in record["reason"]
