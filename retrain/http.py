@@ -14,6 +14,10 @@ from urllib3.util.retry import Retry
 from retrain.errors import RemoteError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+MIN_RETRY_GAP = 1.0
+"""Seconds between two attempts of one call, at least: BES clients poll at 1 s or slower."""
+MAX_RETRY_AFTER = 60
+"""The longest Retry-After honoured inside one call; a longer one is cut to this."""
 _SIG = re.compile(r"(?i)(sig|signature|key|token|code)=[^&\s\"']+")
 
 
@@ -23,14 +27,32 @@ def redact(text: str) -> str:
     return _SIG.sub(r"\1=<redacted>", text)
 
 
+class PacedRetry(Retry):
+    """urllib3's Retry with a floor under every wait and a cap on the server's Retry-After.
+
+    urllib3 makes its first retry at once (zero backoff), so a dropped answer to a status GET
+    would be asked again within milliseconds; here every retry waits at least MIN_RETRY_GAP.
+    A Retry-After above MAX_RETRY_AFTER (`retry_after_max`) is cut, so a hostile or broken
+    header cannot hold an invocation for hours.
+    """
+
+    def get_backoff_time(self) -> float:
+        return max(MIN_RETRY_GAP, super().get_backoff_time())
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return max(MIN_RETRY_GAP, super().parse_retry_after(retry_after))
+
+
 def make_session(*, total_retries: int = 4, backoff: float = 0.5) -> requests.Session:
     """A session that retries idempotent calls (GET, DELETE) on 429/5xx, honouring Retry-After.
+
+    Every retry waits at least MIN_RETRY_GAP and at most MAX_RETRY_AFTER for a Retry-After.
 
     POSTs and PATCHes are retried only when the connection failed before the request was sent:
     BES submit has no idempotency key, so a retry after the request reached the service could
     create a second job.
     """
-    retry = Retry(
+    retry = PacedRetry(
         total=total_retries,
         connect=total_retries,
         read=total_retries,
@@ -40,6 +62,7 @@ def make_session(*, total_retries: int = 4, backoff: float = 0.5) -> requests.Se
         backoff_factor=backoff,
         backoff_max=30,
         respect_retry_after_header=True,
+        retry_after_max=MAX_RETRY_AFTER,
         raise_on_status=False,
     )
     session = requests.Session()
