@@ -294,3 +294,42 @@ def test_a_huge_retry_after_is_cut_to_60_s(monkeypatch: pytest.MonkeyPatch) -> N
         client = BesClient(jobs, "k", session=make_session(), timeout=(2, 2))
         assert client.status("abc").state is JobState.FINISHED
     assert waits == [60]
+
+
+def prober() -> BesClient:
+    return BesClient(
+        JOBS,
+        "the-key",
+        session=make_session(),
+        timeout=(1, 1),
+        key_setting="RETRAIN_BES_KEY_HOUSING",
+    )
+
+
+@responses.activate
+def test_probe_passes_on_404_for_a_job_that_cannot_exist() -> None:
+    responses.get(
+        f"{JOBS}/{'0' * 32}",
+        status=404,
+        match=[matchers.header_matcher({"Authorization": "Bearer the-key"})],
+    )
+    assert prober().probe() == "BES service answers and accepts the key"
+    assert [c.request.method for c in responses.calls] == ["GET"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@responses.activate
+def test_probe_names_the_key_setting_when_the_key_is_refused(status: int) -> None:
+    responses.get(f"{JOBS}/{'0' * 32}", status=status)
+    with pytest.raises(RemoteError, match="RETRAIN_BES_KEY_HOUSING") as info:
+        prober().probe()
+    assert not info.value.retryable
+    assert "the-key" not in str(info.value)
+
+
+@pytest.mark.parametrize("status", [200, 400])
+@responses.activate
+def test_probe_says_the_url_is_suspect_on_any_other_answer(status: int) -> None:
+    responses.get(f"{JOBS}/{'0' * 32}", status=status, json={"StatusCode": "Running"})
+    with pytest.raises(RemoteError, match=f"should answer 404, got HTTP {status}.*jobs_url"):
+        prober().probe()
