@@ -885,6 +885,14 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {})
             elif path == "/_emulator/calls":
                 self._send(200, [list(c) for c in emu.calls])
+            elif path == "/_emulator/violations":
+                with emu.lock:
+                    violations = list(emu.violations)
+                self._send(200, violations)
+            elif path == "/_emulator/trained":
+                with emu.lock:
+                    trained = [{**t, "version": list(t["version"])} for t in emu.trained]
+                self._send(200, trained)
             else:
                 self._send(404, {"error": {"code": "NotFound"}})
 

@@ -187,6 +187,8 @@ def test_status_polls_under_1_s_apart_are_recorded(service: Service) -> None:
     service.clock.advance(seconds=0.5)  # type: ignore[union-attr]
     service.status(job)
     assert service.kinds() == [("poll under 1 s", job)]
+    served = requests.get(f"{service.url}/_emulator/violations", timeout=5).json()
+    assert served == service.emulator.violations
 
 
 def test_a_second_job_on_one_blob_version_is_recorded_with_what_it_read(
@@ -215,6 +217,10 @@ def test_a_second_job_on_one_blob_version_is_recorded_with_what_it_read(
     service.start(third)
     assert len(service.kinds()) == 1
     assert service.emulator.trained[-1]["sha256"] == hashlib.sha256(second_bytes).hexdigest()
+    served = requests.get(f"{service.url}/_emulator/trained", timeout=5).json()
+    assert [t["version"] for t in served] == [list(version)] * 2 + [
+        list(service.emulator.trained[-1]["version"])
+    ]
 
 
 def test_a_copy_that_names_its_source_is_that_source_version(service: Service) -> None:
