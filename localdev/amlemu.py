@@ -5,6 +5,11 @@ StatusCode names, `.ilearner` outputs, no PATCH of `default`) and really trains:
 input through the reference it is given, fits a small model, writes the `.ilearner` and an
 Evaluate Model CSV, and serves predictions from each endpoint's current model.
 
+It is as strict as the spec and records what a client did wrong in `Emulator.violations`: a
+second start (refused with 409), status polls of one job under 1 s apart, a second job on a blob
+version an earlier job trained, and references that are not percent-encoded (refused the way
+Azure Storage refuses them). `Emulator.trained` records what each job read.
+
 Run it: `python -m localdev.amlemu --config emulator.json --port 8765`.
 """
 
