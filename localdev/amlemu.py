@@ -5,6 +5,11 @@ StatusCode names, `.ilearner` outputs, no PATCH of `default`) and really trains:
 input through the reference it is given, fits a small model, writes the `.ilearner` and an
 Evaluate Model CSV, and serves predictions from each endpoint's current model.
 
+It is as strict as the spec and records what a client did wrong in `Emulator.violations`: a
+second start (refused with 409), status polls of one job under 1 s apart, a second job on a blob
+version an earlier job trained, and references that are not percent-encoded (refused the way
+Azure Storage refuses them). `Emulator.trained` records what each job read.
+
 Run it: `python -m localdev.amlemu --config emulator.json --port 8765`.
 """
 
@@ -13,17 +18,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import re
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from azure.storage.blob import BlobClient, BlobSasPermissions, generate_blob_sas
 
@@ -122,6 +129,10 @@ class Job:
     details: str | None = None
     results: dict[str, Any] | None = None
     started_at: datetime | None = None
+    data: bytes | None = None
+    """The input as the job read it when it started."""
+    read_error: str | None = None
+    """Why reading the input failed (the job fails with it)."""
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -137,8 +148,45 @@ class Faults:
     provisioning_seconds: float = 0.0
     fail_provisioning: int = 0
     http: list[dict[str, Any]] = field(default_factory=list)
-    """Each: {"status": 429, "retry_after": 1, "method": "GET", "path": "/jobs"}; or
-    {"drop": true, ...} to close the connection without answering."""
+    """One-shot faults, each matching an optional "method" and a "path" substring:
+    {"status": 429, "retry_after": 1}: answer that instead, doing nothing;
+    {"drop": true}: close the connection without answering, doing nothing;
+    {"delay": s}: hold the request s seconds, then handle and answer it;
+    {"lose_response": true}: handle the request (the service acts), then close the connection
+    without answering;
+    {"delay_answer": s}: handle the request, then hold the answer s seconds."""
+
+
+AUTH_FAILED = (
+    "AuthenticationFailed: Server failed to authenticate the request. Make sure the value of "
+    "Authorization header is formed correctly including the signature."
+)
+"""What Azure Storage answers for a URL whose path does not match what the SAS signed."""
+
+_ENCODED = re.compile(r"(?:[A-Za-z0-9._~/-]|%[0-9A-Fa-f]{2})*")
+
+
+def unencoded(relative: str) -> bool:
+    """Whether a RelativeLocation holds a raw character a URL path cannot carry as it is.
+
+    Allowed: RFC 3986 unreserved characters, "/" and "%XX" triplets. Anything else ("#", "?",
+    a space, "%" not followed by two hex digits, a backslash, a newline, non-ASCII) changes the
+    URL Storage sees, so its signature no longer matches.
+    """
+    return _ENCODED.fullmatch(relative) is None
+
+
+def blob_path(relative: str) -> str:
+    """'container/name' of an (encoded) RelativeLocation: percent-decoded, no leading slash."""
+    return unquote(relative.lstrip("/"), errors="strict")
+
+
+def _etag(value: str | None) -> str:
+    """An ETag without quotes (listings and downloads disagree on them)."""
+    text = (value or "").strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    return text.strip('"')
 
 
 class Emulator:
@@ -171,7 +219,14 @@ class Emulator:
         """Every job that was started, with its output locations (kept after DELETE)."""
         self.faults = Faults()
         self.calls: list[tuple[str, str, int]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.violations: list[dict[str, Any]] = []
+        """Contract breaches by the client: {"kind", "job", "detail"}; kinds: "second start",
+        "poll under 1 s", "second job on blob version", "unencoded reference"."""
+        self.trained: list[dict[str, Any]] = []
+        """One per job that read its input: {"job", "version", "blob", "etag", "sha256"}."""
+        self._polled: dict[str, float] = {}
+        self._versions: dict[tuple[str, str], str] = {}
 
     # ---- faults and observation
 
@@ -182,6 +237,29 @@ class Emulator:
                 if fault.get("method", method) == method and fault.get("path", "") in path:
                     return self.faults.http.pop(i)
         return None
+
+    def violation(self, kind: str, job: str | None, detail: str) -> None:
+        """Record a breach of the contract by the client (never a secret in `detail`)."""
+        with self.lock:
+            self.violations.append({"kind": kind, "job": job, "detail": detail})
+        log.warning("contract violation: %s (job %s): %s", kind, job, detail)
+
+    def _seconds(self) -> float:
+        """The emulator's own time in seconds: its clock if it has one, else monotonic."""
+        if self.clock is not None:
+            return self.clock.now().timestamp()
+        return time.monotonic()
+
+    def note_poll(self, job_id: str) -> None:
+        """A status GET of a job arrived; two within 1 s of each other is a violation."""
+        now = self._seconds()
+        with self.lock:
+            if job_id not in self.jobs:
+                return
+            last = self._polled.get(job_id)
+            self._polled[job_id] = now
+        if last is not None and now - last < 1.0:
+            self.violation("poll under 1 s", job_id, f"status GETs {now - last:.3f} s apart")
 
     def count(self, method: str, pattern: str, status: int | None = None) -> int:
         """How many calls matched (method, regex on path, status)."""
@@ -204,6 +282,12 @@ class Emulator:
         job = Job(uuid.uuid4().hex, service, body)
         with self.lock:
             self.jobs[job.id] = job
+        for side in ("Inputs", "Outputs"):
+            for name, ref in (body.get(side) or {}).items():
+                relative = str((ref or {}).get("RelativeLocation") or "")
+                if unencoded(relative):
+                    # Accepted here; the job fails when Storage refuses the URL.
+                    self.violation("unencoded reference", job.id, f"{side} {name!r}: {relative!r}")
         return job.id
 
     def slow(self, seconds: float) -> None:
@@ -211,10 +295,14 @@ class Emulator:
         threading.Event().wait(seconds)
 
     def start(self, job: Job) -> None:
-        """Run the job in the background."""
+        """Run the job in the background; a job that is not NotStarted cannot start again."""
         with self.lock:
             if job.state != "NotStarted":
-                return
+                self.violation("second start", job.id, f"start of a job in state {job.state}")
+                raise Conflict(
+                    f"Job {job.id} is {job.state}; a job can be started only once.",
+                    code="JobAlreadyStarted",
+                )
             job.state = "Running"
             outputs = job.request.get("Outputs") or {}
             self.started.append(
@@ -229,8 +317,51 @@ class Emulator:
             )
         if self.clock is not None:
             job.started_at = self.clock.now()
+            self._read_input(job)
             return
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
+
+    def _read_input(self, job: Job) -> None:
+        """Read the job's input once, as it starts; record which blob version it trained on."""
+        try:
+            job.data = self._take_input(job)
+        except JobError as exc:
+            job.read_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of the job is reported, like BES
+            job.read_error = f"{type(exc).__name__}: {exc}"
+
+    def _take_input(self, job: Job) -> bytes:
+        inputs = job.request.get("Inputs") or {}
+        if len(inputs) != 1:
+            raise JobError(f"expected exactly one input, got {sorted(inputs)}")
+        ref = next(iter(inputs.values()))
+        if not isinstance(ref, dict) or unencoded(str(ref.get("RelativeLocation") or "")):
+            raise JobError(AUTH_FAILED)
+        download = _blob(ref).download_blob()
+        data: bytes = download.readall()
+        path = blob_path(str(ref["RelativeLocation"]))
+        etag = _etag(download.properties.etag)
+        metadata = download.properties.metadata or {}
+        source, source_etag = metadata.get("retrain_source"), metadata.get("retrain_source_etag")
+        version = (source, _etag(source_etag)) if source and source_etag else (path, etag)
+        with self.lock:
+            first = self._versions.setdefault(version, job.id)
+            self.trained.append(
+                {
+                    "job": job.id,
+                    "version": version,
+                    "blob": path,
+                    "etag": etag,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+        if first != job.id:
+            self.violation(
+                "second job on blob version",
+                job.id,
+                f"{version[0]} at {version[1]} was already trained by job {first}",
+            )
+        return data
 
     def status(self, job: Job) -> Job:
         """The job as a status request sees it (on a clock: finished once its time is up)."""
@@ -245,6 +376,7 @@ class Emulator:
         return job
 
     def _run(self, job: Job) -> None:
+        self._read_input(job)
         wait = None if self.faults.hang_jobs else self.faults.job_seconds
         if job.cancel.wait(wait):
             return
@@ -270,16 +402,15 @@ class Emulator:
         raise JobError(details)
 
     def _train(self, job: Job) -> dict[str, Any]:
+        if job.read_error is not None:
+            raise JobError(job.read_error)
         service, body = job.service, job.request
         params = body.get("GlobalParameters") or {}
         label = params.get(service.label_parameter)
         if not label:
             raise JobError(f"global parameter {service.label_parameter!r} (the label) is not set")
-        inputs = body.get("Inputs") or {}
-        if len(inputs) != 1:
-            raise JobError(f"expected exactly one input, got {sorted(inputs)}")
-        ref = next(iter(inputs.values()))
-        text = _blob(ref).download_blob().readall().decode("utf-8-sig")
+        ref = next(iter((body.get("Inputs") or {}).values()))
+        text = (job.data or b"").decode("utf-8-sig")
         delimiter = "\t" if ref["RelativeLocation"].endswith(".tsv") else ","
         try:
             table = learn.read_table(text, label, delimiter=delimiter)
@@ -299,6 +430,8 @@ class Emulator:
         results: dict[str, Any] = {}
         for name, out in outputs.items():
             location = out["RelativeLocation"]
+            if unencoded(str(location)):
+                raise JobError(AUTH_FAILED)
             if location.endswith(".ilearner"):
                 payload = json.dumps(model).encode()
             elif location.endswith((".csv", ".tsv")):
@@ -356,7 +489,11 @@ class Emulator:
             if resource.get("Name") != ep.resource_name:
                 raise BadRequest(f"Resource {resource.get('Name')!r} was not found")
             location = resource.get("Location") or {}
-            if not str(location.get("RelativeLocation", "")).endswith(".ilearner"):
+            relative = str(location.get("RelativeLocation", ""))
+            if unencoded(relative):
+                self.violation("unencoded reference", None, f"PATCH Location {relative!r}")
+                raise BadRequest(f"The URL for the retraining model is invalid. {AUTH_FAILED}")
+            if not relative.endswith(".ilearner"):
                 raise BadRequest("The URL for the retraining model is invalid")
             try:
                 model = json.loads(_blob(location).download_blob().readall())
@@ -510,7 +647,11 @@ class BadRequest(Exception):
 
 
 class Conflict(Exception):
-    """A 409: another operation is in progress."""
+    """A 409: another operation is in progress, or a job was started already."""
+
+    def __init__(self, message: str, *, code: str = "Conflict") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class JobError(Exception):
@@ -518,9 +659,11 @@ class JobError(Exception):
 
 
 def _blob(ref: dict[str, Any]) -> BlobClient:
+    """The blob an (encoded) reference names. `from_blob_url` percent-decodes the container and
+    the name (splitting at raw "/" first) and the client encodes them again on each request."""
     relative = str(ref["RelativeLocation"]).lstrip("/")
     if ref.get("ConnectionString"):
-        container, _, name = relative.partition("/")
+        container, _, name = blob_path(relative).partition("/")
         return BlobClient.from_connection_string(ref["ConnectionString"], container, name)
     sas = ref.get("SasBlobToken") or ""
     return BlobClient.from_blob_url(f"{ref['BaseLocation']}{relative}{sas}")
@@ -545,6 +688,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        _after: dict[str, Any] | None = None
+        """This request's fault that acts after handling (lost or late answer)."""
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s %s", self.command, urlsplit(self.path).path)
@@ -552,6 +697,15 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
         def _send(
             self, status: int, body: Any = None, headers: dict[str, str] | None = None
         ) -> None:
+            after = self._after or {}
+            if after.get("lose_response"):
+                # The service acted; the answer never reaches the client.
+                emu.calls.append((self.command, urlsplit(self.path).path, status))
+                self.close_connection = True
+                self.connection.close()
+                return
+            if "delay_answer" in after:
+                emu.slow(float(after["delay_answer"]))
             data = b"" if body is None else json.dumps(body).encode()
             self.send_response(status)
             for k, v in (headers or {}).items():
@@ -584,7 +738,13 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             path, query = parts.path, parse_qs(parts.query)
             body = self._body()
+            if self.command == "GET" and (m := _BES.match(path)) and m.group(3) and not m.group(4):
+                emu.note_poll(m.group(3))
             fault = emu.take_fault(self.command, path)
+            if fault and ("lose_response" in fault or "delay_answer" in fault):
+                # Handled in full below; only the answer is lost or late.
+                self._after = fault
+                fault = None
             if fault and fault.get("drop"):
                 emu.calls.append((self.command, path, 0))
                 self.close_connection = True
@@ -730,16 +890,25 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {})
             elif path == "/_emulator/calls":
                 self._send(200, [list(c) for c in emu.calls])
+            elif path == "/_emulator/violations":
+                with emu.lock:
+                    violations = list(emu.violations)
+                self._send(200, violations)
+            elif path == "/_emulator/trained":
+                with emu.lock:
+                    trained = [{**t, "version": list(t["version"])} for t in emu.trained]
+                self._send(200, trained)
             else:
                 self._send(404, {"error": {"code": "NotFound"}})
 
         def _dispatch(self) -> None:
+            self._after = None
             try:
                 self._handle()
             except BadRequest as exc:
                 self._send(400, {"error": {"code": "BadArgument", "message": str(exc)}})
             except Conflict as exc:
-                self._send(409, {"error": {"code": "Conflict", "message": str(exc)}})
+                self._send(409, {"error": {"code": exc.code, "message": str(exc)}})
 
         do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
 

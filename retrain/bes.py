@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "2.0"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+PROBE_JOB = "0" * 32
+"""A job id no service hands out (ids are random): its status GET must answer 404."""
 
 
 def relative_location(container: str, name: str) -> str:
@@ -120,6 +122,10 @@ class BatchJobs(Protocol):
 
     def cancel(self, job_id: str) -> None: ...
 
+    def probe(self) -> str:
+        """Check the service answers and accepts the key, starting nothing; a fact to show."""
+        ...
+
 
 class BesClient:
     """BES v2.0 over HTTPS: `Authorization: Bearer <key>`, `api-version=2.0` on every call."""
@@ -131,7 +137,10 @@ class BesClient:
         *,
         session: requests.Session,
         timeout: tuple[float, float],
+        key_setting: str | None = None,
     ) -> None:
+        self._key_setting = key_setting
+        """The app setting holding the key, to name in errors."""
         self._jobs_url = jobs_url.rstrip("/")
         self._headers = {
             "Authorization": f"Bearer {api_key}",
@@ -234,4 +243,39 @@ class BesClient:
             what=f"BES delete {job_id}",
             timeout=self._timeout,
             headers=self._headers,
+        )
+
+    def probe(self) -> str:
+        """GET the status of a job that cannot exist: 404 means the service answered and took
+        the key; 401/403 means the key is wrong. Nothing is submitted or started."""
+        key = f"app setting {self._key_setting}" if self._key_setting else "the BES API key"
+        try:
+            response = call(
+                self._session,
+                "GET",
+                self._url(f"/{PROBE_JOB}"),
+                what="BES probe",
+                timeout=self._timeout,
+                headers=self._headers,
+            )
+        except RemoteError as exc:
+            if exc.status == 404:
+                return "BES service answers and accepts the key"
+            if exc.status in (401, 403):
+                raise RemoteError(
+                    f"BES refused the key in {key} (HTTP {exc.status}): set it to the API key "
+                    "of the training web service that bes.jobs_url names",
+                    status=exc.status,
+                ) from exc
+            got = f"HTTP {exc.status}" if exc.status else "no answer"
+            raise RemoteError(
+                f"BES probe: a status GET of an unknown job should answer 404, got {got} "
+                f"({exc}); check bes.jobs_url (the BES 'Batch Requests' URL, as copied)",
+                status=exc.status,
+                retryable=exc.retryable,
+            ) from exc
+        raise RemoteError(
+            f"BES probe: a status GET of an unknown job should answer 404, got HTTP "
+            f"{response.status_code}; check bes.jobs_url (the BES 'Batch Requests' URL)",
+            status=response.status_code,
         )

@@ -171,10 +171,18 @@ def cmd_preflight(args: argparse.Namespace, out: Output) -> int:
     app = _app()
     results: list[Doc] = []
     for name in names:
-        try:
-            results.append({"model": name, "ok": True, "facts": app.preflight(name)})
-        except (RetrainError, ValueError) as exc:
-            results.append({"model": name, "ok": False, "error": str(exc)})
+        facts: list[str] = []
+        errors: list[str] = []
+        steps: list[Callable[[str], list[str]]] = [lambda n: [app.probe(n)], app.preflight]
+        for step in steps:
+            try:
+                facts += step(name)
+            except (RetrainError, ValueError) as exc:
+                errors.append(str(exc))
+        if errors:
+            results.append({"model": name, "ok": False, "error": "\n  ".join(errors)})
+        else:
+            results.append({"model": name, "ok": True, "facts": facts})
     out.emit(
         results,
         lambda: "\n".join(
@@ -202,6 +210,10 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         checks.append({"check": "storage", "ok": False, "detail": str(exc)})
         states = {}
     for name in settings.models:
+        try:
+            checks.append({"check": f"BES of {name}", "ok": True, "detail": app.probe(name)})
+        except (RetrainError, ValueError) as exc:
+            checks.append({"check": f"BES of {name}", "ok": False, "detail": str(exc)})
         try:
             facts = app.preflight(name)
             checks.append({"check": f"target of {name}", "ok": True, "detail": "; ".join(facts)})

@@ -16,10 +16,15 @@ from retrain.errors import RemoteError
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 RETRIES = 4
 """Retries of one call (connection failures; 429/5xx for idempotent methods)."""
-MAX_RETRY_WAIT = 5.0
+MAX_RETRY_WAIT = 5
 """The longest wait between two attempts of one call, backoff or Retry-After; a service that
 asks for longer gets the call back as a retryable error carrying its Retry-After, and the
 handler re-sends its message with that delay instead of waiting inside the invocation."""
+MIN_RETRY_GAP = 1.0
+"""Seconds between two attempts of one call, at least: BES clients poll at 1 s or slower."""
+MAX_RETRY_AFTER = MAX_RETRY_WAIT
+"""The longest Retry-After honoured inside one call; a longer one is cut to this (and the
+service's full Retry-After comes back on the final error, for the handler's re-send)."""
 _URL_QUERY = re.compile(r"(https?://[^\s\"'?<>]+)\?[^\s\"'<>]+")
 _SAS_QUERY = re.compile(r"(?i)(?<![\w%])\??sv=\d{4}-\d{2}-\d{2}[^\s\"'<>]*")
 _SIG = re.compile(r"(?i)\b(sig|signature|key|token|code|password|secret)(=|%3d)[^&;\s\"'<>]+")
@@ -71,14 +76,32 @@ def _kind(expected: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+class PacedRetry(Retry):
+    """urllib3's Retry with a floor under every wait and a cap on the server's Retry-After.
+
+    urllib3 makes its first retry at once (zero backoff), so a dropped answer to a status GET
+    would be asked again within milliseconds; here every retry waits at least MIN_RETRY_GAP.
+    A Retry-After above MAX_RETRY_AFTER (`retry_after_max`) is cut, so a hostile or broken
+    header cannot hold an invocation for hours.
+    """
+
+    def get_backoff_time(self) -> float:
+        return max(MIN_RETRY_GAP, super().get_backoff_time())
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return max(MIN_RETRY_GAP, super().parse_retry_after(retry_after))
+
+
 def make_session(*, total_retries: int = RETRIES, backoff: float = 0.5) -> requests.Session:
     """A session that retries idempotent calls (GET, DELETE) on 429/5xx, honouring Retry-After.
+
+    Every retry waits at least MIN_RETRY_GAP and at most MAX_RETRY_AFTER for a Retry-After.
 
     POSTs and PATCHes are retried only when the connection failed before the request was sent:
     BES submit has no idempotency key, so a retry after the request reached the service could
     create a second job.
     """
-    retry = Retry(
+    retry = PacedRetry(
         total=total_retries,
         connect=total_retries,
         read=total_retries,
@@ -88,6 +111,7 @@ def make_session(*, total_retries: int = RETRIES, backoff: float = 0.5) -> reque
         backoff_factor=backoff,
         backoff_max=MAX_RETRY_WAIT,
         respect_retry_after_header=True,
+        retry_after_max=MAX_RETRY_AFTER,
         raise_on_status=False,
     )
     session = requests.Session()

@@ -1622,6 +1622,10 @@ class Retrainer:
         self._spec(name)
         return self._ledger.get(model_key(name)) or {}
 
+    def probe(self, name: str) -> str:
+        """Check a model's BES service answers and accepts its key, starting nothing."""
+        return self._jobs_for(self._spec(name)).probe()
+
     def preflight(self, name: str) -> list[str]:
         """Check a model's target is reachable and updatable as configured."""
         return self._target_for(self._spec(name)).preflight()

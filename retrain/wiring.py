@@ -45,7 +45,11 @@ def build(
     def jobs_for(spec: ModelSpec) -> BatchJobs:
         key = read_secret(spec.bes.api_key_setting, purpose=f"BES API key of model {spec.name}")
         jobs = BesClient(
-            str(spec.bes.jobs_url), key.get_secret_value(), session=session, timeout=timeout
+            str(spec.bes.jobs_url),
+            key.get_secret_value(),
+            session=session,
+            timeout=timeout,
+            key_setting=spec.bes.api_key_setting,
         )
         wrapped: BatchJobs = decorate("jobs", jobs)
         return wrapped

@@ -207,6 +207,10 @@ class FakeJobs:
     def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
 
+    def probe(self) -> str:
+        self._maybe_fail("probe")
+        return "BES service answers and accepts the key"
+
 
 class FakeTarget:
     """A deploy target that serves what was deployed once its scripted provisioning ends."""

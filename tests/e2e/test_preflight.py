@@ -62,3 +62,31 @@ def test_new_preflight_names_the_asset(
     make_stack(new={})
     assert main(["preflight"]) == 0
     assert "asset 'Housing Model [trained model]' (asset2)" in capsys.readouterr().out
+
+
+def test_a_wrong_bes_key_fails_check_and_preflight_naming_the_setting(
+    make_stack: MakeStack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = make_stack()
+    monkeypatch.setenv("RETRAIN_BES_KEY_HOUSING", "not-the-bes-key")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL BES of housing: BES refused the key in app setting RETRAIN_BES_KEY_HOUSING" in out
+    assert "ok  target of housing" in out
+    assert main(["preflight"]) == 1
+    out = capsys.readouterr().out
+    assert "housing: FAILED" in out
+    assert "RETRAIN_BES_KEY_HOUSING" in out
+    assert "not-the-bes-key" not in out
+    assert s.emulator.jobs == {}
+    assert s.emulator.started == []
+
+
+def test_check_probes_bes_without_starting_anything(
+    make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = make_stack()
+    assert main(["check"]) == 0
+    assert "ok  BES of housing: BES service answers and accepts the key" in capsys.readouterr().out
+    assert s.emulator.count("GET", "/jobs/0{32}$", 404) == 1
+    assert s.emulator.jobs == {}

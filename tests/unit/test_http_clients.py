@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import responses
+import urllib3.util.retry
 from responses import matchers
 
 from retrain.bes import BesClient, BlobRef, JobState, parse_state
 from retrain.deploy import ClassicEndpoint
 from retrain.errors import RemoteError
-from retrain.http import make_session, redact
+from retrain.http import MAX_RETRY_AFTER, make_session, redact
 
 JOBS = "https://ussouthcentral.services.azureml.net/workspaces/w/services/s/jobs"
 EP = "https://management.azureml.net/workspaces/w/webservices/p/endpoints/prod"
@@ -199,3 +204,132 @@ def test_redaction_removes_query_strings_and_signatures() -> None:
     assert "abc123" not in text
     assert "xyz" not in text
     assert "https://a.blob.core.windows.net/c/b?<redacted>" in text
+
+
+class _StatusServer:
+    """A loopback BES status endpoint that records when each request arrived.
+
+    `script` says how to answer each request in turn: "drop" closes the connection without an
+    answer, an int is a status code (503 carries `Retry-After: <retry_after>` when set), and
+    anything after the script answers 200 with a finished job.
+    """
+
+    def __init__(self, script: list[str | int], retry_after: str | None = None) -> None:
+        self.script = list(script)
+        self.retry_after = retry_after
+        self.arrivals: list[float] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.arrivals.append(time.monotonic())
+                step = outer.script.pop(0) if outer.script else 200
+                if step == "drop":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                status = int(step)
+                data = json.dumps(
+                    {"StatusCode": "Finished" if status == 200 else "Failed", "Results": None}
+                ).encode()
+                self.send_response(status)
+                if status != 200 and outer.retry_after is not None:
+                    self.send_header("Retry-After", outer.retry_after)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        port = self.httpd.server_address[1]
+        return f"http://127.0.0.1:{port}/workspaces/w/services/s/jobs"
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_dropped_status_answer_is_asked_again_no_sooner_than_1_s() -> None:
+    server = _StatusServer(["drop"])
+    with server as jobs:
+        client = BesClient(jobs, "k", session=make_session(), timeout=(2, 2))
+        assert client.status("abc").state is JobState.FINISHED
+    first, second = server.arrivals
+    assert second - first >= 1.0
+
+
+def test_retries_keep_1_s_between_polls_of_a_job_even_with_retry_after_0() -> None:
+    server = _StatusServer(["drop", 503], retry_after="0")
+    with server as jobs:
+        client = BesClient(jobs, "k", session=make_session(backoff=0), timeout=(2, 2))
+        assert client.status("abc").state is JobState.FINISHED
+    gaps = [b - a for a, b in itertools.pairwise(server.arrivals)]
+    assert len(gaps) == 2
+    assert min(gaps) >= 1.0
+
+
+def test_a_huge_retry_after_is_cut_inside_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+
+    class RecordingTime:
+        """The clock urllib3's Retry reads; records the waits it asks for instead of waiting."""
+
+        time = staticmethod(time.time)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+
+    monkeypatch.setattr(urllib3.util.retry, "time", RecordingTime)
+    with _StatusServer([503], retry_after="86400") as jobs:
+        client = BesClient(jobs, "k", session=make_session(), timeout=(2, 2))
+        assert client.status("abc").state is JobState.FINISHED
+    assert waits == [MAX_RETRY_AFTER]  # not a day; the lease math counts on this bound
+
+
+def prober() -> BesClient:
+    return BesClient(
+        JOBS,
+        "the-key",
+        session=make_session(),
+        timeout=(1, 1),
+        key_setting="RETRAIN_BES_KEY_HOUSING",
+    )
+
+
+@responses.activate
+def test_probe_passes_on_404_for_a_job_that_cannot_exist() -> None:
+    responses.get(
+        f"{JOBS}/{'0' * 32}",
+        status=404,
+        match=[matchers.header_matcher({"Authorization": "Bearer the-key"})],
+    )
+    assert prober().probe() == "BES service answers and accepts the key"
+    assert [c.request.method for c in responses.calls] == ["GET"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@responses.activate
+def test_probe_names_the_key_setting_when_the_key_is_refused(status: int) -> None:
+    responses.get(f"{JOBS}/{'0' * 32}", status=status)
+    with pytest.raises(RemoteError, match="RETRAIN_BES_KEY_HOUSING") as info:
+        prober().probe()
+    assert not info.value.retryable
+    assert "the-key" not in str(info.value)
+
+
+@pytest.mark.parametrize("status", [200, 400])
+@responses.activate
+def test_probe_says_the_url_is_suspect_on_any_other_answer(status: int) -> None:
+    responses.get(f"{JOBS}/{'0' * 32}", status=status, json={"StatusCode": "Running"})
+    with pytest.raises(RemoteError, match=f"should answer 404, got HTTP {status}.*jobs_url"):
+        prober().probe()
