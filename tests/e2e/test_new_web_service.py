@@ -54,10 +54,15 @@ def test_failed_provisioning_is_recorded_and_champion_kept(make_stack: MakeStack
     s.emulator.faults.fail_provisioning = 1
     s.upload("housing/b.csv", housing_csv(400, seed=24, noise=1))
     s.runner.run_until_idle()
-    first, second = s.runs()
-    assert second["state"] == "failed"
+    runs = {r["run_id"]: r for r in s.runs()}
+    (second,) = [r for r in runs.values() if r["state"] == "failed"]
     assert "ProvisioningFailed: injected provisioning failure" in second["error"]
-    assert s.model_state()["champion"]["run_id"] == first["run_id"]
+    # The failed PATCH left the new uri in the definition: a restore run put the champion back.
+    assert "restoring the champion" in second["target_after"]
+    (restore,) = [r for r in runs.values() if r.get("kind") == "restore"]
+    assert restore["state"] == "promoted"
+    first = runs[restore["restores"]]
+    assert s.model_state()["champion"]["model"] == first["outputs"]["model"]
     assert assets(s)["asset2"]["locationInfo"]["uri"] == champion_uri
 
 
