@@ -1066,32 +1066,59 @@ class Retrainer:
             validate(spec, blob, size=head.size, head=head.head)
         except InputRejected as exc:
             raise InputRejected(f"{blob}: {exc}") from exc
-        trained = self._trained_by(spec, container, blob, head.etag)
-        if trained and not force:
-            raise AlreadyTrained(
-                f"{blob} (version {head.etag}) was already trained by run {trained}; training "
-                "the same data again can only repeat that run's result. Upload new data, or "
-                "retrain with --force if that run failed for a reason other than its data "
-                "(e.g. BES was down); a forced retrain is recorded on the run",
-                run_id=trained,
-            )
+        # The version goes through the arrival path first, so it has exactly one arrival record
+        # and one batch, whether or not its event ever came.
+        self.on_blob(container, blob)
+        record = self._ledger.get(arrival_key(container, blob, head.etag), remember=False) or {}
+        if record.get("status") != "accepted":
+            raise InputRejected(f"{blob}: {record.get('reason') or 'its arrival was not accepted'}")
+        state = self._ledger.get(model_key(name)) or {}
+        open_batch = state.get("batch") or {}
+        version = {"name": blob, "etag": head.etag}
         now = self._clock.now()
+        trained = None
+        if open_batch.get("id") == record.get("batch_id") and _holds(
+            open_batch.get("files") or [], version
+        ):
+            mark: Doc = {"requested": reason}  # it waits in the open batch: seal that now
+        else:
+            taken = str(record.get("batch_id") or "?")
+            trained = self._trained_by(spec, container, blob, head.etag)
+            holder = self._ledger.get(run_key(name, taken), remember=False)
+            if trained is None and holder is not None and holder["state"] not in TERMINAL:
+                raise InputRejected(
+                    f"{blob} (version {head.etag}) is in run {taken}, which is "
+                    f"{holder['state']}; wait for it to end"
+                )
+            if trained and not force:
+                raise AlreadyTrained(
+                    f"{blob} (version {head.etag}) was already trained by run {trained}; "
+                    "training the same data again can only repeat that run's result. Upload "
+                    "new data, or retrain with --force if that run failed for a reason other "
+                    "than its data (e.g. BES was down); a forced retrain is recorded on the run",
+                    run_id=trained,
+                )
+            # Not trained (its run ended before a job started), or forced: a new entry.
+            mark = {"requested": reason}
+            if force:
+                mark.update(forced=True)
+                if trained:
+                    mark.update(trained_before_by=trained)
         file = {
             "name": blob,
             "etag": head.etag,
             "size": head.size,
             "arrived_at": _iso(now),
-            "requested": reason,
+            **mark,
         }
         if head.last_modified is not None:
             file["modified_at"] = _iso(head.last_modified)
-        if force:
-            file["forced"] = True
-            if trained:
-                file["trained_before_by"] = trained
 
         def add(d: Doc) -> Doc | None:
             changed = _add_to_batch(d, file, now, _batch_id(now)) or d
+            for entry in changed["batch"]["files"]:
+                if _holds([entry], version):
+                    entry.update(mark)
             changed["batch"]["force"] = True
             return changed
 
@@ -1107,7 +1134,7 @@ class Retrainer:
             name,
             blob,
             reason,
-            f"; forced, already trained by run {trained}" if trained else "",
+            f"; forced, already trained by run {trained}" if trained and force else "",
             extra=_dims(name),
         )
         return str(doc["batch"]["id"])

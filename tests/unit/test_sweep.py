@@ -11,7 +11,7 @@ import pytest
 
 from localdev.sample import housing_csv
 from retrain.cli import main
-from retrain.errors import RemoteError
+from retrain.errors import InputRejected, RemoteError
 from retrain.ledger import Ledger, arrival_key, model_key
 from retrain.messages import CheckBatch, RunEvent
 from retrain.pipeline import AlreadyTrained, Places, Retrainer, Timing
@@ -101,6 +101,30 @@ class TestRetrainNow:
         w.retrainer.request("housing", reason="requested by dave")
         w.deliver()
         assert runs(w)[-1]["forced"] is False
+
+    def test_a_version_whose_event_never_came_is_trained_once(self) -> None:
+        w = World()
+        w.data.put("data", "housing/a.csv", housing_csv(10, seed=1))  # no event came
+        w.retrainer.request("housing", "housing/a.csv", reason="requested by dave")
+        head = w.data.head("data", "housing/a.csv")
+        assert head is not None
+        assert w.ledger.get(arrival_key("data", "housing/a.csv", head.etag)) is not None
+        for _ in range(3):
+            w.deliver()
+        w.clock.advance(hours=1)
+        assert w.retrainer.sweep()["blobs"] == 0  # recorded: the sweep has nothing to ingest
+        w.deliver()
+        assert len(runs(w)) == 1
+        assert len(w.jobs.submitted) == 1
+
+    def test_a_version_in_a_run_still_in_progress_is_refused(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        w.deliver()  # sealed: the run is queued
+        with pytest.raises(InputRejected, match=r"is in run .*, which is queued"):
+            w.retrainer.request("housing", "housing/a.csv", reason="requested by dave")
+        with pytest.raises(InputRejected, match="which is queued"):
+            w.retrainer.request("housing", "housing/a.csv", reason="x", force=True)
 
 
 class TestScheduledRetrain:
