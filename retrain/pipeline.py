@@ -64,6 +64,8 @@ MAX_RETRY_AFTER = 5
 """How often a promotion follows a service's Retry-After before its message fails for good
 (then the host's own retries and the poison queue take over, as for any other error)."""
 MIN_POLL_GAP = timedelta(seconds=1)
+DEPLOY_CALLS = 2
+"""HTTP calls one `DeployTarget.deploy` makes at most: a GET of what is served, then the update."""
 """The least time between two status calls of one job (the spec's clients poll at 1 s or slower)."""
 
 
@@ -109,9 +111,14 @@ class Timing:
 
     @property
     def deploy_lease(self) -> timedelta:
-        """How long a delivery holds the right to deploy: a first promotion's preflight and the
-        deploy call fit in it (at most four calls), with a margin."""
-        return self.call_bound * 4 + timedelta(seconds=10)
+        """How long a delivery holds the right to deploy: a first promotion's preflight (one
+        call) and the deploy (DEPLOY_CALLS calls) fit in it, with one call and 10 s to spare."""
+        return self.call_bound * (DEPLOY_CALLS + 2) + timedelta(seconds=10)
+
+    @property
+    def deploy_reserve(self) -> timedelta:
+        """What must be left of the lease to start the deploy: its calls' worst case."""
+        return self.call_bound * DEPLOY_CALLS
 
     def delay(self, poll: int) -> timedelta:
         """The wait before poll number `poll` (1-based)."""
@@ -209,7 +216,7 @@ class Retrainer:
             validate(spec, name, size=head.size, head=head.head)
         except InputRejected as exc:
             record.update(status="rejected", reason=str(exc))
-            if self._ledger.create(key, record):
+            if self._record_arrival(key, record):
                 self._data.quarantine(container, name, self._places.quarantine_container, str(exc))
                 log.warning("arrival %s/%r rejected: %s", container, name, exc)
                 return "rejected"
@@ -222,7 +229,7 @@ class Retrainer:
         open_batch = state.get("batch")
         claim = open_batch["id"] if open_batch else _batch_id(now)
         record.update(status="accepted", batch_id=claim)
-        if not self._ledger.create(key, record):
+        if not self._record_arrival(key, record):
             return self._arrived_again(spec, key, file, now)
         batch, opened = self._join(spec, key, file, claim, fresh=open_batch is None, now=now)
         if opened:
@@ -237,6 +244,17 @@ class Retrainer:
             extra=_dims(spec.name, batch["id"]),
         )
         return "batched"
+
+    def _record_arrival(self, key: str, record: Doc) -> bool:
+        """Create the version's arrival record; False when one exists. A record made while the
+        blob could not be read (archived) is replaced: rehydration keeps the ETag, and the
+        version is judged on its content now."""
+        if self._ledger.create(key, record):
+            return True
+        _, replaced = self._ledger.update(
+            key, lambda d: dict(record) if d.get("unreadable") else None
+        )
+        return replaced
 
     def _join(
         self, spec: ModelSpec, key: str, file: Doc, claim: str, *, fresh: bool, now: datetime
@@ -414,7 +432,7 @@ class Retrainer:
             return str(run["state"])
         now = self._clock.now()
         jobs = self._jobs_for(spec)
-        claimed = False
+        step = _Step()
         try:
             if run["state"] == "queued":
                 if now >= _parse(run["deadline_at"]):
@@ -422,16 +440,17 @@ class Retrainer:
                 run, persisted = self._submit(spec, jobs, run, now)
                 if not persisted:
                     return "conflict"
-                return self._start(spec, jobs, run, now, delivery, known_unstarted=True)
+                return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
             if run["state"] == "submitted":
-                return self._start(spec, jobs, run, now, delivery, known_unstarted=False)
+                return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
             if not self._claim_poll(key, None, msg.poll, delivery):
                 return "duplicate"
-            claimed = True
+            step.polled = True
             return self._poll(spec, jobs, run, msg, now)
         except RemoteError as exc:
             if exc.retryable:
                 # A claimed poll number is spent: the retry is the chain's next poll.
+                claimed = step.polled
                 poll = msg.poll + 1 if claimed else msg.poll
                 delay = max(
                     timedelta(seconds=exc.retry_after or 0),
@@ -464,6 +483,7 @@ class Retrainer:
         run: Doc,
         now: datetime,
         delivery: Delivery | None,
+        step: _Step,
         *,
         known_unstarted: bool,
     ) -> str:
@@ -496,6 +516,7 @@ class Retrainer:
         )
         if not moved:
             return "duplicate"  # another delivery started the job and owns the poll chain
+        step.polled = True  # the move took poll 0 of the chain for this delivery
         self._poll_later(spec, run["run_id"], 1)
         return "started"
 
@@ -811,19 +832,29 @@ class Retrainer:
         return "rejected"
 
     def _lock(
-        self, spec: ModelSpec, run_id: str, action: str, *, replacing: str | None = None
+        self,
+        spec: ModelSpec,
+        run_id: str,
+        action: str,
+        *,
+        replacing: str | None = None,
+        champion: str | None = None,
     ) -> None:
         """Make `run_id` the model's active run (taking it over from `replacing`, if that run
-        holds it), or explain which run holds the model."""
+        holds it; only while run `champion` is the champion, if given), or explain why not."""
         now = _iso(self._clock.now())
 
         def lock(d: Doc) -> Doc | None:
+            if champion is not None and (d.get("champion") or {}).get("run_id") != champion:
+                return None
             if d.get("active_run") in (None, run_id, replacing):
                 d["active_run"], d["active_since"] = run_id, now
                 return d
             return None
 
         state, _ = self._ledger.update(model_key(spec.name), lock, initial=_new_model(spec))
+        if state.get("active_run") is None:
+            raise InputRejected(f"cannot {action} now: the champion of {spec.name} changed")
         holder = str(state.get("active_run"))
         if holder != run_id:
             recorded = self._ledger.get(run_key(spec.name, holder), remember=False)
@@ -856,6 +887,7 @@ class Retrainer:
             if isinstance(outcome, str):
                 return outcome
             run, progress = outcome
+            step.polled = True  # the claim took the chain's poll: a retry must use the next
         else:
             if not self._claim_poll(key, "deployment", msg.poll, delivery):
                 return "duplicate"
@@ -913,6 +945,9 @@ class Retrainer:
         key = run_key(spec.name, run["run_id"])
         lease = self._timing.deploy_lease
         started = self._clock.now()
+        # The holder times its own lease on a clock no one can set: wall-clock jumps (or an
+        # instance whose clock is off) cannot make it think it has more lease left than it has.
+        began = self._clock.monotonic()
         token = secrets.token_hex(8)
         mine = _delivery_doc(delivery)
 
@@ -957,7 +992,9 @@ class Retrainer:
 
         def fenced(change: Callable[[Doc], None]) -> Callable[[Doc], Doc | None]:
             def apply(d: Doc) -> Doc | None:
-                if (d.get("deployment") or {}).get("claim") != token:
+                # The claim alone is not enough: a run that was failed (e.g. its message went
+                # to poison) while this holder was calling the target keeps its claim.
+                if d["state"] != "promoting" or (d.get("deployment") or {}).get("claim") != token:
                     return None
                 change(d)
                 return d
@@ -971,7 +1008,8 @@ class Retrainer:
             state = self._ledger.get(model_key(spec.name)) or {}
             if not state.get("champion"):
                 target.preflight()  # a first promotion checks the target is set up right
-            if self._clock.now() - started > lease - self._timing.call_bound:
+            left = lease - timedelta(seconds=self._clock.monotonic() - began)
+            if left < self._timing.deploy_reserve:
                 # Too late in the lease to start the call safely: give it back, go again.
                 self._ledger.update(key, fenced(give_back))
                 self._outbox.send(self._places.evaluations_queue, msg, delay=MIN_POLL_GAP)
@@ -988,12 +1026,18 @@ class Retrainer:
         run, recorded = self._ledger.update(key, fenced(deployed))
         if not recorded:
             log.error(
-                "run %s of %s: the deploy lease was lost during the target call; "
-                "the holder that took it over finishes the promotion",
+                "run %s of %s: the deploy lease was lost during the target call (run now %s); "
+                "the holder that took it over finishes the promotion, or the restore check runs",
                 run["run_id"],
                 spec.name,
+                run["state"],
                 extra=_dims(spec.name, run["run_id"]),
             )
+            if run["state"] in TERMINAL:
+                # Failed while this call was changing the target: its restore check, if still
+                # pending, runs now, after the change (the sweep compares target and champion
+                # for whatever happens later still).
+                self._release(spec, run["run_id"])
             return "lease lost"
         return run, progress
 
@@ -1025,6 +1069,16 @@ class Retrainer:
                 spec.name,
                 state.get("active_run"),
                 extra=_dims(spec.name, run_id),
+            )
+            # Ended, not left promoting: the target may serve its model, which the sweep
+            # compares with the champion once the model is idle.
+            self._move(
+                spec,
+                run_id,
+                "promoting",
+                "superseded",
+                now,
+                note=f"deployed {path} but run {state.get('active_run')} holds the model",
             )
             return "superseded"
         self._move(spec, run_id, "promoting", "promoted", now, note=f"deployed {path}")
@@ -1085,7 +1139,15 @@ class Retrainer:
             taken = str(record.get("batch_id") or "?")
             trained = self._trained_by(spec, container, blob, head.etag)
             holder = self._ledger.get(run_key(name, taken), remember=False)
-            if trained is None and holder is not None and holder["state"] not in TERMINAL:
+            sealed = state.get("sealed") or {}
+            if holder is None and taken in (state.get("active_run"), sealed.get("id")):
+                # Sealed, its run not recorded yet: that run trains this version.
+                raise InputRejected(
+                    f"{blob} (version {head.etag}) is in batch {taken}, which was sealed and "
+                    "whose run is starting; wait for it to end"
+                )
+            if holder is not None and holder["state"] not in TERMINAL:
+                # Even with --force: the run still holds (and may be training on) this version.
                 raise InputRejected(
                     f"{blob} (version {head.etag}) is in run {taken}, which is "
                     f"{holder['state']}; wait for it to end"
@@ -1178,12 +1240,29 @@ class Retrainer:
         return self._redeploy(spec, source, kind="rollback", by=by)
 
     def _redeploy(
-        self, spec: ModelSpec, source: Doc, *, kind: str, by: str, replacing: str | None = None
+        self,
+        spec: ModelSpec,
+        source: Doc,
+        *,
+        kind: str,
+        by: str,
+        replacing: str | None = None,
+        run_id: str | None = None,
+        champion: str | None = None,
     ) -> str:
-        """A run that deploys promoted run `source`'s model again (a rollback or a restore)."""
+        """A run that deploys promoted run `source`'s model again (a rollback or a restore).
+
+        With a given `run_id` it is idempotent: the lock, the record and the message are made
+        again only where missing (a restore owed by a failed run is re-tried under one id)."""
         now = self._clock.now()
-        run_id = f"{kind}-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-        self._lock(spec, run_id, f"deploy run {source['run_id']}'s model", replacing=replacing)
+        run_id = run_id or f"{kind}-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+        self._lock(
+            spec,
+            run_id,
+            f"deploy run {source['run_id']}'s model",
+            replacing=replacing,
+            champion=champion,
+        )
         note = f"{kind} to run {source['run_id']} requested by {by}"
         run = {
             "run_id": run_id,
@@ -1204,8 +1283,8 @@ class Retrainer:
             "requested_by": by,
             "history": [{"state": "promoting", "at": _iso(now), "note": note}],
         }
-        self._ledger.create(run_key(spec.name, run_id), run)
-        self._emit(spec, run, note)
+        if self._ledger.create(run_key(spec.name, run_id), run):
+            self._emit(spec, run, note)
         self._outbox.send(
             self._places.evaluations_queue, EvaluateRun(model=spec.name, run_id=run_id)
         )
@@ -1218,11 +1297,17 @@ class Retrainer:
         )
 
     def _restore(self, spec: ModelSpec, run: Doc) -> None:
-        """After a promotion failed past its claim, make the target serve the champion again
-        (or say what it serves when there is nothing to restore). Recorded on the failed run."""
+        """The restore check a failed promotion owes: make the target serve the champion again
+        (through a restore run, one id per failed run), or record what it serves when there is
+        nothing to restore. A definite outcome is recorded on the failed run and clears its
+        `restore_pending`; while the target cannot say what it serves, the check stays owed and
+        a retryable RemoteError goes to the caller (the message's retry or the next sweep)."""
+        run_id = run["run_id"]
+        key = run_key(spec.name, run_id)
         state = self._ledger.get(model_key(spec.name)) or {}
         champion = state.get("champion")
         target = self._target_for(spec)
+        unknown: RemoteError | None = None
         try:
             if champion is None or run.get("kind") == "restore":
                 mine = target.serves(self._model_ref(run["outputs"]["model"]))
@@ -1240,24 +1325,42 @@ class Retrainer:
                     "outputs": {"model": champion["model"]},
                 }
                 restore = self._redeploy(
-                    spec, source, kind="restore", by="retrain", replacing=run["run_id"]
+                    spec,
+                    source,
+                    kind="restore",
+                    by="retrain",
+                    replacing=run_id,
+                    run_id=f"restore-{run_id}",
                 )
                 outcome = (
                     f"the target may serve this run's model: restoring the champion "
                     f"(run {champion['run_id']}) through run {restore}"
                 )
-        except (RemoteError, InputRejected) as exc:
-            outcome = f"what the target serves is unknown ({exc}); run `check`"
+        except RemoteError as exc:
+            outcome = f"what the target serves is unknown ({exc}); the check is tried again"
+            unknown = exc
+        except InputRejected as exc:
+            # Another run holds the model: the sweep compares target and champion once idle.
+            outcome = f"not restored here ({exc}); the sweep compares target and champion"
         log.warning(
             "run %s of %s failed after its deploy claim: %s",
-            run["run_id"],
+            run_id,
             spec.name,
             outcome,
-            extra=_dims(spec.name, run["run_id"]),
+            extra=_dims(spec.name, run_id),
         )
-        self._ledger.update(
-            run_key(spec.name, run["run_id"]), lambda d: {**d, "target_after": outcome}
-        )
+        if unknown is not None:
+            self._ledger.update(key, lambda d: {**d, "target_after": outcome})
+            raise RemoteError(
+                f"run {run_id} of {spec.name}: restore check: {unknown}", retryable=True
+            ) from unknown
+
+        def settle(d: Doc) -> Doc | None:
+            d.pop("restore_pending", None)
+            d["target_after"] = outcome
+            return d
+
+        self._ledger.update(key, settle)
 
     def on_poison(self, queue: str, body: bytes) -> str:
         """A message failed every delivery: keep it for replay and fail its run with the reason."""
@@ -1360,7 +1463,7 @@ class Retrainer:
         An error on one blob or one model is logged and counted (`errors`); the sweep goes on
         with the next blob and the next model.
         """
-        counts = {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0, "errors": 0}
+        counts = {"checks": 0, "runs": 0, "blobs": 0, "scheduled": 0, "restores": 0, "errors": 0}
         now = self._clock.now()
         for spec in self._models.values():
             try:
@@ -1388,6 +1491,8 @@ class Retrainer:
         if active:
             counts["runs"] += self._redrive(spec, active, now)
         champion = state.get("champion")
+        if champion and not active:
+            counts["restores"] += self._reconcile(spec, champion)
         if (
             spec.retrain_every
             and champion
@@ -1397,6 +1502,40 @@ class Retrainer:
             and self._claim_sweep(model_key(spec.name), now)
         ):
             counts["scheduled"] += self._scheduled_retrain(spec, champion, now)
+
+    def _reconcile(self, spec: ModelSpec, champion: Doc) -> int:
+        """An idle model's target must serve its champion. When it does not (a deploy call that
+        landed after its run was failed and checked, a change made outside the app), a restore
+        run re-deploys the champion, taking the model only while that champion still holds."""
+        try:
+            if self._target_for(spec).serves(self._model_ref(champion["model"])):
+                return 0
+            source = self._ledger.get(run_key(spec.name, champion["run_id"])) or {
+                "run_id": champion["run_id"],
+                "outputs": {"model": champion["model"]},
+            }
+            restore = self._redeploy(
+                spec, source, kind="restore", by="sweep", champion=champion["run_id"]
+            )
+        except InputRejected:
+            return 0  # another run took the model, or the champion changed, meanwhile
+        except RemoteError as exc:
+            log.warning(
+                "sweep: could not tell what the target of %s serves: %s",
+                spec.name,
+                exc,
+                extra=_dims(spec.name),
+            )
+            return 0
+        log.warning(
+            "sweep: the target of %s does not serve its champion (run %s); restoring it "
+            "through run %s",
+            spec.name,
+            champion["run_id"],
+            restore,
+            extra=_dims(spec.name, restore),
+        )
+        return 1
 
     def _sweep_blobs(
         self, spec: ModelSpec, state: Doc, now: datetime, counts: dict[str, int]
@@ -1464,7 +1603,7 @@ class Retrainer:
         container = self._places.data_container
         record = self._ledger.get(arrival_key(container, blob.name, blob.etag), remember=False)
         if record is not None and (
-            record.get("status") != "accepted"
+            (record.get("status") != "accepted" and not record.get("unreadable"))
             or _holds(
                 self._claimed_files(spec, state, record["batch_id"], runs) or [],
                 {"name": blob.name, "etag": blob.etag},
@@ -1486,6 +1625,7 @@ class Retrainer:
             "arrived_at": _iso(self._clock.now()),
             "model": spec.name,
             "status": "rejected",
+            "unreadable": True,
             "reason": str(exc),
         }
         self._ledger.create(arrival_key(container, name, exc.etag), record)
@@ -1614,6 +1754,16 @@ class Retrainer:
             )
             self._start_run(spec, sealed, now)
             return 1
+        owed = self._ledger.get(run_key(spec.name, run_id.removeprefix("restore-")), remember=False)
+        if run_id.startswith("restore-") and owed is not None and owed.get("restore_pending"):
+            log.warning(
+                "sweep: restore run %s of %s was never recorded; making it again",
+                run_id,
+                spec.name,
+                extra=_dims(spec.name, run_id),
+            )
+            self._restore(spec, owed)
+            return 1
         log.warning(
             "sweep: %s held %s without a run record since %s; freed",
             run_id,
@@ -1707,14 +1857,17 @@ class Retrainer:
         def fail(d: Doc) -> Doc | None:
             if d["state"] in TERMINAL:
                 return None
-            return _advance(d, d["state"], "failed", now, note=reason, error=reason, **fields)
+            # A promotion that got as far as its deploy claim may have changed the target: the
+            # restore check is owed, recorded in this same write so no crash can lose it.
+            owed = d["state"] == "promoting" and bool(d.get("deployment") or d.get("deploy_tried"))
+            extra = {"restore_pending": True} if owed else {}
+            return _advance(
+                d, d["state"], "failed", now, note=reason, error=reason, **fields, **extra
+            )
 
-        before = (self._ledger.get(run_key(spec.name, run["run_id"])) or run)["state"]
         doc, changed = self._ledger.update(run_key(spec.name, run["run_id"]), fail)
         if changed:
             self._emit(spec, doc, reason)
-            if before == "promoting" and (doc.get("deployment") or doc.get("deploy_tried")):
-                self._restore(spec, doc)  # the target may have changed
         self._release(spec, run["run_id"])
         return "failed"
 
@@ -1763,7 +1916,14 @@ class Retrainer:
             )
 
     def _release(self, spec: ModelSpec, run_id: str) -> None:
-        """End the model's active run and let a batch that waited for it go ahead."""
+        """End the model's active run and let a batch that waited for it go ahead.
+
+        A run that still owes its restore check keeps the model until the check is definite
+        (it raises a retryable RemoteError while the target cannot tell what it serves, so the
+        message, or the next sweep, tries again)."""
+        run = self._ledger.get(run_key(spec.name, run_id), remember=False)
+        if run is not None and run.get("restore_pending"):
+            self._restore(spec, run)
 
         def release(d: Doc) -> Doc | None:
             if d.get("active_run") != run_id:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from retrain.bes import BlobRef
 from retrain.errors import ConfigError, InputRejected, RemoteError, StateConflict
-from retrain.http import RETRY_STATUSES
+from retrain.http import RETRY_STATUSES, redact
 from retrain.settings import is_loopback
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,9 @@ class Outbox(Protocol):
 
 
 def _wrap(what: str, exc: AzureError) -> RemoteError:
-    return RemoteError(
-        f"storage {what}: {type(exc).__name__}: {exc.message or ''}"[:400], retryable=True
-    )
+    # Storage errors can quote a request URL, a copy source's SAS among them.
+    text = redact(f"storage {what}: {type(exc).__name__}: {exc.message or ''}")
+    return RemoteError(text[:400], retryable=True)
 
 
 class BlobDocumentStore:

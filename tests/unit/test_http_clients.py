@@ -333,3 +333,18 @@ def test_probe_says_the_url_is_suspect_on_any_other_answer(status: int) -> None:
     responses.get(f"{JOBS}/{'0' * 32}", status=status, json={"StatusCode": "Running"})
     with pytest.raises(RemoteError, match=f"should answer 404, got HTTP {status}.*jobs_url"):
         prober().probe()
+
+
+def test_a_storage_error_quoting_a_signed_url_is_redacted() -> None:
+    """A copy whose source answers with an error can quote the source URL, SAS and all."""
+    from azure.core.exceptions import HttpResponseError
+
+    from retrain.storage import _wrap
+
+    exc = HttpResponseError(
+        message="CannotVerifyCopySource: https://acct.blob.core.windows.net/data/a.csv"
+        "?sv=2024-11-04&sp=r&sig=c2VjcmV0c2lnbmF0dXJl%3D"
+    )
+    text = str(_wrap("freeze data/a.csv", exc))
+    assert "c2VjcmV0c2lnbmF0dXJl" not in text
+    assert "freeze data/a.csv" in text

@@ -11,9 +11,9 @@ from localdev.sample import housing_csv
 from retrain.bes import JobState, JobStatus
 from retrain.deploy import Progress
 from retrain.errors import InputRejected, RemoteError
-from retrain.ledger import Ledger, model_key, run_key
+from retrain.ledger import Ledger, arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
-from retrain.pipeline import Delivery, Places, Retrainer, Timing
+from retrain.pipeline import DEPLOY_CALLS, Delivery, Places, Retrainer, Timing
 from retrain.settings import ModelSpec
 from tests.fakes import (
     FakeData,
@@ -653,6 +653,7 @@ class TestSweep:
             "runs": 0,
             "blobs": 0,
             "scheduled": 0,
+            "restores": 0,
             "errors": 0,
         }
 
@@ -773,28 +774,10 @@ def test_the_deploy_lease_is_derived_from_the_http_timeouts() -> None:
 
 class TestFailedPromotionRestoresTheTarget:
     def champion_then_trained(self) -> tuple[World, str]:
-        w = World()
-        w.drop("housing/a.csv", housing_csv(10, seed=1))
-        for _ in range(3):
-            w.deliver()
-        w.evaluation("Root Mean Squared Error\n2.5\n")
-        assert w.deliver() == ["promoted"]
-        champion = w.run()["run_id"]
-        w.clock.advance(minutes=5)
-        w.drop("housing/b.csv", housing_csv(10, seed=2))
-        for _ in range(3):
-            w.deliver()
-        second = self.latest(w)
-        w.data.put(
-            "artifacts",
-            second["outputs"]["evaluation"].split("/", 1)[1],
-            "Root Mean Squared Error\n1.5\n",
-        )
-        return w, champion
+        return champion_then_second_trained()
 
     def latest(self, w: World) -> dict[str, Any]:
-        docs = [w.store.docs[k][0] for k in w.store.keys("runs/")]
-        return max(docs, key=lambda d: d["created_at"])
+        return latest_run(w)
 
     def test_a_failure_after_the_target_changed_puts_the_champion_back(self) -> None:
         w, champion = self.champion_then_trained()
@@ -839,15 +822,21 @@ class TestFailedPromotionRestoresTheTarget:
         assert w.retrainer.rollback("housing", second, by="me").startswith("rollback-")
 
 
+def sealed_without_its_run() -> World:
+    """A World whose one batch was sealed by a worker that died before recording its run."""
+    w = World()
+    w.drop("housing/a.csv")
+    ((_, check, _),) = w.outbox.take()
+    w.clock.advance(seconds=61)
+    w.store.crash_before = ("create", "runs/")
+    with pytest.raises(RuntimeError):
+        w.retrainer.on_check_batch(check)  # type: ignore[arg-type]
+    return w
+
+
 class TestWedgedModel:
     def test_a_sealed_batch_whose_run_was_never_recorded_is_recorded_by_the_sweep(self) -> None:
-        w = World()
-        w.drop("housing/a.csv")
-        ((_, check, _),) = w.outbox.take()
-        w.clock.advance(seconds=61)
-        w.store.crash_before = ("create", "runs/")
-        with pytest.raises(RuntimeError):
-            w.retrainer.on_check_batch(check)  # type: ignore[arg-type]
+        w = sealed_without_its_run()
         # ...and the check message was lost with the worker.
         assert w.retrainer.sweep()["runs"] == 0  # a writer may still be at work
         w.clock.advance(minutes=30)
@@ -873,3 +862,271 @@ class TestWedgedModel:
         assert w.retrainer.sweep()["runs"] == 1
         assert w.ledger.get(model_key("housing"))["active_run"] is None  # type: ignore[index]
         assert w.retrainer.rollback("housing", first, by="me").startswith("rollback-")
+
+
+def champion_then_second_trained() -> tuple[World, str]:
+    """A World whose first run is the champion and whose second (better) run is trained,
+    its evaluate message waiting in the outbox."""
+    w = World()
+    w.drop("housing/a.csv", housing_csv(10, seed=1))
+    for _ in range(3):
+        w.deliver()
+    w.evaluation("Root Mean Squared Error\n2.5\n")
+    assert w.deliver() == ["promoted"]
+    champion = w.run()["run_id"]
+    w.clock.advance(minutes=5)
+    w.drop("housing/b.csv", housing_csv(10, seed=2))
+    for _ in range(3):
+        w.deliver()
+    second = latest_run(w)
+    w.data.put(
+        "artifacts",
+        second["outputs"]["evaluation"].split("/", 1)[1],
+        "Root Mean Squared Error\n1.5\n",
+    )
+    return w, champion
+
+
+def latest_run(w: World) -> dict[str, Any]:
+    docs = [w.store.docs[k][0] for k in w.store.keys("runs/")]
+    return max(docs, key=lambda d: d["created_at"])
+
+
+def applied_then_failed(w: World) -> None:
+    """The target takes the new model, then reports the provisioning failed."""
+    answers = ["pending", "failed"]
+
+    def progress(operation: str | None) -> Progress:
+        if answers.pop(0) == "pending":
+            return Progress("pending", operation="op-1")
+        w.target.serving = w.target.requested
+        return Progress("failed", "provisioning failed (injected)")
+
+    w.target.progress = progress  # type: ignore[method-assign]
+
+
+def failing_provisioning(w: World) -> tuple[str | None, EvaluateRun]:
+    """Deploy the second run (provisioning pending, then failing after the switch); returns
+    the champion's model and the provisioning poll message, not yet delivered."""
+    champion_model = w.target.serving
+    applied_then_failed(w)
+    w.deliver()  # deploy: pending
+    ((_, poll, _),) = w.outbox.take()
+    assert isinstance(poll, EvaluateRun)
+    return champion_model, poll
+
+
+class TestRestoreIsOwedUntilDefinite:
+    """A failed promotion's restore check is recorded with the failure and retried until it
+    has a definite outcome; the model stays held meanwhile."""
+
+    def test_a_crash_inside_the_restore_is_finished_by_the_redelivery(self) -> None:
+        w, champion = champion_then_second_trained()
+        champion_model, poll = failing_provisioning(w)
+        w.store.crash_before = ("create", "runs/housing/restore-")
+        with pytest.raises(RuntimeError):
+            w.retrainer.on_evaluate(poll, delivery=Delivery("p-1"))
+        failed = latest_run(w)
+        assert failed["state"] == "failed"
+        assert failed["restore_pending"] is True
+        del w.target.progress
+        # The host redelivers the message: the run is failed, its restore is still owed.
+        assert w.retrainer.on_evaluate(poll, delivery=Delivery("p-1", 2)) == "failed"
+        assert w.deliver() == ["promoted"]  # the restore run, under its one id
+        assert w.target.serving == champion_model
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["active_run"] is None
+        done = w.ledger.get(run_key("housing", failed["run_id"]))
+        assert done is not None
+        assert "restore_pending" not in done
+        assert f"restore-{failed['run_id']}" in done["target_after"]
+        assert state["champion"]["run_id"] == f"restore-{failed['run_id']}"
+        assert w.ledger.get(run_key("housing", champion)) is not None
+
+    def test_a_target_that_cannot_answer_keeps_the_check_owed_and_the_model_held(self) -> None:
+        w, _ = champion_then_second_trained()
+        champion_model, poll = failing_provisioning(w)
+        serves = w.target.serves
+
+        def down(model: Any) -> bool:
+            raise RemoteError("endpoint GET: 503", retryable=True)
+
+        w.target.serves = down  # type: ignore[method-assign]
+        with pytest.raises(RemoteError, match="restore check"):
+            w.retrainer.on_evaluate(poll, delivery=Delivery("p-1"))
+        failed = latest_run(w)
+        assert failed["restore_pending"] is True
+        assert "unknown" in failed["target_after"]
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["active_run"] == failed["run_id"]  # nothing else may promote meanwhile
+        # The next sweep tries again once the target answers.
+        w.target.serves = serves  # type: ignore[method-assign]
+        del w.target.progress
+        w.retrainer.sweep()
+        assert w.deliver() == ["promoted"]
+        assert w.target.serving == champion_model
+
+    def test_a_restore_claim_whose_record_was_never_made_is_made_by_the_sweep(self) -> None:
+        w, _ = champion_then_second_trained()
+        champion_model, poll = failing_provisioning(w)
+        w.store.crash_before = ("create", "runs/housing/restore-")
+        with pytest.raises(RuntimeError):
+            w.retrainer.on_evaluate(poll, delivery=Delivery("p-1"))
+        del w.target.progress
+        # The message is lost with the worker: only the sweep is left.
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["runs"] == 1
+        assert w.deliver() == ["promoted"]
+        assert w.target.serving == champion_model
+
+
+class TestFailedWhileAHolderDeploys:
+    def test_a_run_failed_during_the_call_is_not_recorded_deployed_and_the_target_comes_back(
+        self,
+    ) -> None:
+        """A copy's message went to poison (the run is failed) while another delivery holds
+        the lease and is calling the target: the holder's writes are fenced off by the run's
+        state, and the target is compared with the champion after the call."""
+        w, _ = champion_then_second_trained()
+        champion_model = w.target.serving
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, EvaluateRun)
+        original = w.target.deploy
+
+        def deploy_while_poisoned(model: Any) -> Any:
+            w.retrainer.on_poison("evals", msg.model_dump_json().encode())
+            return original(model)  # the call lands after the run was failed and checked
+
+        w.target.deploy = deploy_while_poisoned  # type: ignore[method-assign]
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "lease lost"
+        run = latest_run(w)
+        assert run["state"] == "failed"
+        assert not (run.get("deployment") or {}).get("deployed")
+        assert w.target.serving != champion_model  # the late call changed the target...
+        assert w.retrainer.sweep()["restores"] == 1  # ...which the sweep sees, idle
+        assert w.deliver() == ["promoted"]
+        assert w.target.serving == champion_model
+        assert w.retrainer.sweep()["restores"] == 0
+
+    def test_a_holder_refused_the_crown_ends_its_run(self) -> None:
+        w, _ = champion_then_second_trained()
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, EvaluateRun)
+        run_id = latest_run(w)["run_id"]
+        original = w.target.deploy
+
+        def deploy_then_lose_the_model(model: Any) -> Any:
+            progress = original(model)
+            w.ledger.update(model_key("housing"), lambda d: {**d, "active_run": "other"})
+            return progress
+
+        w.target.deploy = deploy_then_lose_the_model  # type: ignore[method-assign]
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "superseded"
+        run = w.ledger.get(run_key("housing", run_id))
+        assert run is not None
+        assert run["state"] == "superseded"  # terminal, not promoting forever
+
+
+class TestChainsAfterAnInterruptedStep:
+    def test_a_retry_after_a_fresh_deploy_continues_the_chain(self) -> None:
+        w, _ = champion_then_second_trained()
+        serves = w.target.serves
+        calls = {"n": 0}
+
+        def busy_once(model: Any) -> bool:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the check after the deploy call
+                raise RemoteError("GET: 503", retryable=True, retry_after=2)
+            return serves(model)
+
+        w.target.serves = busy_once  # type: ignore[method-assign]
+        assert w.deliver() == ["retry"]
+        assert w.deliver() == ["promoted"]  # before: "duplicate", the run left promoting
+        assert len(w.target.deploys) == 2  # the first run's and this one's, once each
+
+    def test_a_lost_first_poll_message_after_the_start_is_sent_again(self) -> None:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        w.deliver()  # seal
+        send = w.outbox.send
+        failed = {"done": False}
+
+        def send_fails_once(queue: str, message: Any, **kwargs: Any) -> None:
+            if isinstance(message, TrackRun) and message.poll == 1 and not failed["done"]:
+                failed["done"] = True
+                raise RemoteError("queue: 503", retryable=True)
+            send(queue, message, **kwargs)
+
+        w.outbox.send = send_fails_once  # type: ignore[method-assign]
+        assert w.deliver() == ["retry"]  # submitted and started; the poll message failed
+        assert w.run()["state"] == "running"
+        assert w.deliver() != ["duplicate"]  # before: dropped, and the run never polled
+        assert w.run()["polls"] == 1
+
+
+class TestRetrainNowRefusesVersionsInFlight:
+    def test_a_version_in_a_sealed_batch_whose_run_is_not_recorded_yet(self) -> None:
+        w = sealed_without_its_run()
+        with pytest.raises(InputRejected, match="sealed"):
+            w.retrainer.request("housing", "housing/a.csv", reason="now")
+
+    def test_force_does_not_retrain_a_version_its_run_is_still_training(self) -> None:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        w.deliver()
+        w.deliver()
+        assert w.run()["state"] == "running"
+        with pytest.raises(InputRejected, match="running; wait"):
+            w.retrainer.request("housing", "housing/a.csv", reason="now", force=True)
+
+
+class TestRehydratedBlob:
+    def test_a_blob_read_again_after_rehydration_is_judged_on_its_content(self) -> None:
+        w = World()
+        w.data.put("data", "housing/old.csv", "rooms,price\n1,2\n")
+        w.data.archived.add(("data", "housing/old.csv"))
+        assert w.retrainer.on_blob("data", "housing/old.csv") == "rejected"
+        w.data.archived.discard(("data", "housing/old.csv"))  # rehydrated: same ETag
+        assert w.retrainer.on_blob("data", "housing/old.csv") == "batched"
+        etag = w.data.blobs[("data", "housing/old.csv")][1]
+        record = w.ledger.get(arrival_key("data", "housing/old.csv", etag))
+        assert record is not None
+        assert record["status"] == "accepted"
+        assert "unreadable" not in record
+
+
+def test_the_lease_leaves_room_for_every_call_of_a_deploy() -> None:
+    w = World()
+    w.drop("housing/a.csv", housing_csv(10, seed=1))
+    for _ in range(3):
+        w.deliver()
+    w.evaluation("Root Mean Squared Error\n2.5\n")
+    ((_, msg, _),) = w.outbox.take()
+    timing = w.retrainer._timing
+    spare = timing.deploy_lease - timing.call_bound * DEPLOY_CALLS
+
+    def slow_preflight() -> list[str]:
+        w.clock.advance(seconds=spare.total_seconds() + 1)  # one call's room is not enough
+        return ["ok"]
+
+    w.target.preflight = slow_preflight  # type: ignore[method-assign]
+    assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "retry"  # type: ignore[arg-type]
+    assert w.target.deploys == []
+
+
+def test_the_host_lets_a_deploy_invocation_finish() -> None:
+    """host.json's functionTimeout covers a first promotion's preflight and deploy calls at
+    the default HTTP timeouts (the host would otherwise kill the holder mid-lease)."""
+    import json
+    from pathlib import Path
+
+    from retrain.http import worst_call
+    from retrain.settings import Settings
+
+    fields = Settings.model_fields
+    bound = worst_call(fields["http_connect_timeout"].default, fields["http_read_timeout"].default)
+    host = json.loads((Path(__file__).parents[2] / "host.json").read_text())
+    h, m, s = (int(x) for x in host["functionTimeout"].split(":"))
+    assert h * 3600 + m * 60 + s >= bound * (DEPLOY_CALLS + 1) + 60

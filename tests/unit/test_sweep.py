@@ -240,7 +240,14 @@ class TestSweepErrors:
         w.clock.advance(minutes=30)
         counts = w.retrainer.sweep()
         # The archived blob goes through ingest like any other and is rejected there.
-        assert counts == {"checks": 1, "runs": 0, "blobs": 2, "scheduled": 0, "errors": 0}
+        assert counts == {
+            "checks": 1,
+            "runs": 0,
+            "blobs": 2,
+            "scheduled": 0,
+            "restores": 0,
+            "errors": 0,
+        }
         head = w.data.blobs[("data", "housing/archived.csv")]
         record = w.ledger.get(arrival_key("data", "housing/archived.csv", head[1]))
         assert record is not None
@@ -274,6 +281,7 @@ class TestSweepErrors:
             "runs": 0,
             "blobs": 1,
             "scheduled": 0,
+            "restores": 0,
             "errors": 0,
         }
 
