@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from retrain.errors import ConfigError, InputRejected, RetrainError
+from retrain.runstate import RunState
 
 Doc = dict[str, Any]
 
@@ -42,7 +43,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _reason(run: Doc) -> str:
     if run.get("error"):
         return str(run["error"])
-    if run.get("state") == "rejected" and run.get("rejected_by"):
+    if run.get("state") == RunState.REJECTED and run.get("rejected_by"):
         return _rejection(run)
     return str((run.get("decision") or {}).get("reason") or "")
 
@@ -51,7 +52,7 @@ def _rejection(run: Doc) -> str:
     """Who turned a run down by hand, and why (older records keep it only in the history)."""
     reason = run.get("rejected_reason")
     if reason is None:
-        notes = [h["note"] for h in run.get("history") or [] if h.get("state") == "rejected"]
+        notes = [h["note"] for h in run.get("history") or [] if h.get("state") == RunState.REJECTED]
         return str(notes[-1]) if notes else f"rejected by {run['rejected_by']}"
     return f"rejected by {run['rejected_by']}: {reason}"
 
@@ -111,7 +112,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
                 lines.append(f"  {side}: {shown}")
         if run.get("decision"):
             lines.append(f"  decision: {run['decision']['reason']}")
-        if run.get("state") == "rejected" and run.get("rejected_by"):
+        if run.get("state") == RunState.REJECTED and run.get("rejected_by"):
             lines.append(f"  {_rejection(run)}")
         if run.get("error"):
             lines.append(f"  error: {run['error']}")
@@ -138,7 +139,7 @@ def cmd_approve(args: argparse.Namespace, out: Output) -> int:
     run = app.find_run(args.run)
     app.approve(run["model"], args.run, by=args.by)
     out.emit(
-        {"run_id": args.run, "state": "promoting"},
+        {"run_id": args.run, "state": RunState.PROMOTING.value},
         lambda: f"approved: run {args.run} of {run['model']} is being promoted",
     )
     return 0
@@ -149,7 +150,7 @@ def cmd_reject(args: argparse.Namespace, out: Output) -> int:
     run = app.find_run(args.run)
     app.reject(run["model"], args.run, by=args.by, reason=args.reason)
     out.emit(
-        {"run_id": args.run, "state": "rejected"},
+        {"run_id": args.run, "state": RunState.REJECTED.value},
         lambda: f"rejected: run {args.run} of {run['model']} ({args.reason})",
     )
     return 0

@@ -48,3 +48,7 @@ class StateConflict(RetrainError):
 
 class EvaluationError(RetrainError):
     """The Evaluate Model output is missing, malformed, or lacks a metric the gate needs."""
+
+
+class IllegalTransition(RetrainError):
+    """A run was asked to move between states the state table does not connect: a bug."""

@@ -19,8 +19,6 @@ Mutation = Callable[[Doc], Doc | None]
 MAX_ATTEMPTS = 25
 LOCK_STRIPES = 64
 
-TERMINAL = frozenset({"promoted", "rejected", "failed", "superseded"})
-
 
 def arrival_key(container: str, name: str, etag: str) -> str:
     """One arrival per blob version: a re-upload gets a new ETag, a duplicate event does not.

@@ -164,7 +164,7 @@ def test_a_concurrent_delivery_that_finds_its_fresh_batch_sealed_opens_no_second
     head = w.data.head("data", "housing/a.csv")
     assert head is not None
     file = {"name": "housing/a.csv", "etag": head.etag, "size": head.size, "arrived_at": "x"}
-    batch, opened = w.retrainer._join(
+    batch, opened = w.retrainer._arrivals.join(
         w.spec,
         arrival_key("data", "housing/a.csv", head.etag),
         file,

@@ -25,7 +25,7 @@ def test_evaluation_queue_rejects_a_jobs_message() -> None:
 def test_ids_the_app_makes_are_accepted() -> None:
     from datetime import UTC, datetime
 
-    from retrain.pipeline import _batch_id
+    from retrain.pipeline.records import batch_id as _batch_id
 
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     for run_id in (_batch_id(now), f"rollback-{_batch_id(now)}"):

@@ -1,0 +1,287 @@
+"""What on-call asks for: approve, reject, roll back, retrain now, and the read-only queries."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from retrain.errors import InputRejected
+from retrain.ingest import validate
+from retrain.ledger import Doc, arrival_key, model_key, run_key
+from retrain.messages import CheckBatch, EvaluateRun
+from retrain.pipeline.arrivals import Arrival, Arrivals
+from retrain.pipeline.context import Context, dims
+from retrain.pipeline.records import add_to_batch, batch_id, file_entry, holds, new_model
+from retrain.pipeline.runs import RunMover
+from retrain.pipeline.slot import ModelSlot
+from retrain.runstate import RunState, is_terminal
+from retrain.settings import ModelSpec
+from retrain.storage import BlobHead
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyTrained(InputRejected):
+    """A retrain was asked for on a file version a run already trained."""
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class Operations:
+    """The operator's commands, each checked against the ledger before it changes anything."""
+
+    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, arrivals: Arrivals) -> None:
+        self._ctx = ctx
+        self._runs = runs
+        self._slot = slot
+        self._arrivals = arrivals
+
+    # ----------------------------------------------------------------- approval
+
+    def approve(self, name: str, run_id: str, *, by: str) -> str:
+        """Promote a run that waits for approval, through the same path as automatic ones."""
+        ctx = self._ctx
+        spec = ctx.spec(name)
+        run = ctx.ledger.get(run_key(name, run_id))
+        if run is None:
+            raise InputRejected(f"run {run_id} of {name} does not exist")
+        if run["state"] != RunState.AWAITING_APPROVAL:
+            raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
+        self._slot.claim_model(spec, run_id, "approve")
+        _, moved = self._runs.move(
+            spec,
+            run_id,
+            RunState.AWAITING_APPROVAL,
+            RunState.PROMOTING,
+            ctx.clock.now(),
+            note=f"approved by {by}",
+            approved_by=by,
+        )
+        if not moved:
+            self._slot.release(spec, run_id)
+            raise InputRejected(f"run {run_id} changed state while being approved")
+        self._unpark(name, run_id)
+        ctx.outbox.send(ctx.places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
+        return RunState.PROMOTING
+
+    def reject(self, name: str, run_id: str, *, by: str, reason: str) -> str:
+        """Turn down a run that waits for approval, recording who and why."""
+        spec = self._ctx.spec(name)
+        run, moved = self._runs.move(
+            spec,
+            run_id,
+            RunState.AWAITING_APPROVAL,
+            RunState.REJECTED,
+            self._ctx.clock.now(),
+            note=f"rejected by {by}: {reason}",
+            rejected_by=by,
+            rejected_reason=reason,
+        )
+        if not moved:
+            raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
+        self._unpark(name, run_id)
+        return RunState.REJECTED
+
+    def _unpark(self, name: str, run_id: str) -> None:
+        """The model no longer has `run_id` waiting for approval."""
+        self._ctx.ledger.update(
+            model_key(name),
+            lambda d: (
+                {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
+            ),
+        )
+
+    # ----------------------------------------------------------------- rollback
+
+    def rollback(self, name: str, to: str | None = None, *, by: str) -> str:
+        """Re-deploy an earlier promoted run's model (default: the previous champion).
+
+        A rollback is a run of its own, promoted through the model's target with a freshly
+        minted SAS for the model blob in the app's artifacts container. Whether the target
+        already serves that model is asked of the target itself, not of the champion pointer.
+        Returns the rollback run's id.
+        """
+        ctx = self._ctx
+        spec = ctx.spec(name)
+        state = ctx.ledger.get(model_key(name)) or {}
+        if to is None:
+            previous = state.get("previous_champion")
+            if not previous:
+                raise InputRejected(f"{name} has no previous champion to roll back to")
+            to = str(previous["run_id"])
+        source = ctx.ledger.get(run_key(name, to))
+        if source is None:
+            raise InputRejected(f"run {to} of {name} does not exist")
+        if source["state"] != RunState.PROMOTED:
+            raise InputRejected(
+                f"run {to} is {source['state']}; only a promoted run's model can be restored"
+            )
+        if ctx.target_for(spec).serves(self._slot.model_ref(source["outputs"]["model"])):
+            raise InputRejected(f"{name} already serves the model of run {to} (its target says so)")
+        return self._slot.redeploy(spec, source, kind="rollback", by=by)
+
+    # ------------------------------------------------------------- retrain now
+
+    def request(
+        self, name: str, blob: str | None = None, *, reason: str, force: bool = False
+    ) -> str:
+        """Retrain `name` now on `blob` (default: its newest data file), through the batch path.
+
+        The file is validated like any arrival and added to the model's batch, which is marked
+        to be sealed without waiting for the quiet period. Returns the batch id. A file version
+        some run already trained is refused (AlreadyTrained) unless `force`, which is recorded
+        on the file's batch entry and so on the run.
+        """
+        ctx = self._ctx
+        spec = ctx.spec(name)
+        container = ctx.places.data_container
+        blob, head = self._requested_version(spec, blob)
+        # The version goes through the arrival path first, so it has exactly one arrival record
+        # and one batch, whether or not its event ever came.
+        self._arrivals.on_blob(container, blob)
+        record = ctx.ledger.get(arrival_key(container, blob, head.etag), remember=False) or {}
+        if record.get("status") != Arrival.ACCEPTED:
+            raise InputRejected(f"{blob}: {record.get('reason') or 'its arrival was not accepted'}")
+        mark, trained = self._marks(spec, blob, head.etag, record, reason=reason, force=force)
+        version = {"name": blob, "etag": head.etag}
+        now = ctx.clock.now()
+        file = file_entry(blob, head.etag, head.size, now, head.last_modified, **mark)
+
+        def add(d: Doc) -> Doc | None:
+            changed = add_to_batch(d, file, now, batch_id(now)) or d
+            for entry in changed["batch"]["files"]:
+                if holds([entry], version):
+                    entry.update(mark)
+            changed["batch"]["force"] = True
+            return changed
+
+        doc, _ = ctx.ledger.update(model_key(name), add, initial=new_model(spec))
+        ctx.outbox.send(
+            ctx.places.jobs_queue,
+            CheckBatch(
+                model=name, batch_id=doc["batch"]["id"], arrivals=len(doc["batch"]["files"])
+            ),
+        )
+        log.info(
+            "retrain of %s requested on %s (%s%s)",
+            name,
+            blob,
+            reason,
+            f"; forced, already trained by run {trained}" if trained and force else "",
+            extra=dims(name),
+        )
+        return str(doc["batch"]["id"])
+
+    def _requested_version(self, spec: ModelSpec, blob: str | None) -> tuple[str, BlobHead]:
+        """The blob to retrain on (default: the newest under the model's prefix), validated."""
+        data, container = self._ctx.data, self._ctx.places.data_container
+        if blob is None:
+            newest = data.newest(container, spec.prefix)
+            if newest is None:
+                raise InputRejected(f"no data under {container}/{spec.prefix} to retrain on")
+            blob = newest
+        if not blob.startswith(spec.prefix):
+            raise InputRejected(f"{blob!r} is not under {spec.name}'s data prefix {spec.prefix!r}")
+        head = data.head(container, blob)
+        if head is None:
+            raise InputRejected(f"{container}/{blob} does not exist")
+        try:
+            validate(spec, blob, size=head.size, head=head.head)
+        except InputRejected as exc:
+            raise InputRejected(f"{blob}: {exc}") from exc
+        return blob, head
+
+    def _marks(
+        self, spec: ModelSpec, blob: str, etag: str, record: Doc, *, reason: str, force: bool
+    ) -> tuple[Doc, str | None]:
+        """What the version's batch entry records of the request, and the run that trained it
+        before (if any); raises when the version cannot be retrained now."""
+        ctx = self._ctx
+        state = ctx.ledger.get(model_key(spec.name)) or {}
+        open_batch = state.get("batch") or {}
+        version = {"name": blob, "etag": etag}
+        if open_batch.get("id") == record.get("batch_id") and holds(
+            open_batch.get("files") or [], version
+        ):
+            return {"requested": reason}, None  # it waits in the open batch: seal that now
+        taken = str(record.get("batch_id") or "?")
+        trained = self._trained_by(spec, ctx.places.data_container, blob, etag)
+        holder = ctx.ledger.get(run_key(spec.name, taken), remember=False)
+        sealed = state.get("sealed") or {}
+        if holder is None and taken in (state.get("active_run"), sealed.get("id")):
+            # Sealed, its run not recorded yet: that run trains this version.
+            raise InputRejected(
+                f"{blob} (version {etag}) is in batch {taken}, which was sealed and "
+                "whose run is starting; wait for it to end"
+            )
+        if holder is not None and not is_terminal(holder["state"]):
+            # Even with --force: the run still holds (and may be training on) this version.
+            raise InputRejected(
+                f"{blob} (version {etag}) is in run {taken}, which is "
+                f"{holder['state']}; wait for it to end"
+            )
+        if trained and not force:
+            raise AlreadyTrained(
+                f"{blob} (version {etag}) was already trained by run {trained}; "
+                "training the same data again can only repeat that run's result. Upload "
+                "new data, or retrain with --force if that run failed for a reason other "
+                "than its data (e.g. BES was down); a forced retrain is recorded on the run",
+                run_id=trained,
+            )
+        # Not trained (its run ended before a job started), or forced: a new entry.
+        mark: dict[str, Any] = {"requested": reason}
+        if force:
+            mark.update(forced=True)
+            if trained:
+                mark.update(trained_before_by=trained)
+        return mark, trained
+
+    def _trained_by(self, spec: ModelSpec, container: str, name: str, etag: str) -> str | None:
+        """The run that trained this version of the file, if any: the run of its arrival
+        record, when that run submitted a BES job with this version as its training file."""
+        ledger = self._ctx.ledger
+        record = ledger.get(arrival_key(container, name, etag), remember=False)
+        if not record or record.get("status") != Arrival.ACCEPTED or not record.get("batch_id"):
+            return None
+        run = ledger.get(run_key(spec.name, record["batch_id"]), remember=False)
+        trained = (run or {}).get("training_file")
+        if run is None or not run.get("job_id") or not trained:
+            return None
+        return str(run["run_id"]) if holds([trained], {"name": name, "etag": etag}) else None
+
+    # ------------------------------------------------------------------ queries
+
+    def poisoned(self) -> list[Doc]:
+        """Every kept poison message, oldest first."""
+        ledger = self._ctx.ledger
+        docs = [d for k in ledger.store.keys("poison/") if (d := ledger.get(k))]
+        return sorted(docs, key=lambda d: d.get("poisoned_at", ""))
+
+    def runs(self, model: str | None = None) -> list[Doc]:
+        """Every run record, oldest first (of one model, or all)."""
+        ledger = self._ctx.ledger
+        prefix = f"runs/{model}/" if model else "runs/"
+        return [doc for k in ledger.store.keys(prefix) if (doc := ledger.get(k)) is not None]
+
+    def find_run(self, run_id: str) -> Doc:
+        """A run by id, whichever model it belongs to."""
+        for name in self._ctx.models:
+            run = self._ctx.ledger.get(run_key(name, run_id))
+            if run is not None:
+                return run
+        raise InputRejected(f"no run {run_id!r}; list runs with `python -m retrain runs`")
+
+    def model_state(self, name: str) -> Doc:
+        """A model's document: open batch, active run, champion."""
+        self._ctx.spec(name)
+        return self._ctx.ledger.get(model_key(name)) or {}
+
+    def probe(self, name: str) -> str:
+        """Check a model's BES service answers and accepts its key, starting nothing."""
+        return self._ctx.jobs_for(self._ctx.spec(name)).probe()
+
+    def preflight(self, name: str) -> list[str]:
+        """Check a model's target is reachable and updatable as configured."""
+        return self._ctx.target_for(self._ctx.spec(name)).preflight()

@@ -1,0 +1,341 @@
+"""Promotion: under a fenced lease, call the target once, wait out provisioning, crown the run."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+
+from retrain.bes import BlobRef
+from retrain.deploy import DeployTarget, Progress
+from retrain.errors import RemoteError
+from retrain.ledger import Doc, model_key, run_key
+from retrain.messages import EvaluateRun
+from retrain.pipeline.context import (
+    MIN_POLL_GAP,
+    Context,
+    Delivery,
+    Step,
+    delivery_doc,
+    dims,
+    is_redelivery,
+)
+from retrain.pipeline.gate import Gate
+from retrain.pipeline.records import iso, parse
+from retrain.pipeline.runs import RunMover
+from retrain.pipeline.slot import ModelSlot
+from retrain.runstate import RunState, is_terminal
+from retrain.settings import ModelSpec
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER = 5
+"""How often a promotion follows a service's Retry-After before its message fails for good
+(then the host's own retries and the poison queue take over, as for any other error)."""
+
+
+def _fenced(token: str, change: Callable[[Doc], None]) -> Callable[[Doc], Doc | None]:
+    """A run update that applies only while lease `token` still holds a promoting run."""
+
+    def apply(d: Doc) -> Doc | None:
+        # The claim alone is not enough: a run that was failed (e.g. its message went to
+        # poison) while this holder was calling the target keeps its claim.
+        if d["state"] != RunState.PROMOTING or (d.get("deployment") or {}).get("claim") != token:
+            return None
+        change(d)
+        return d
+
+    return apply
+
+
+def _give_back(d: Doc) -> None:
+    d["deployment"], d["deploy_tried"] = None, True
+
+
+class Deployment:
+    """The evaluate step: gate a trained run, then promote it through the model's target."""
+
+    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, gate: Gate) -> None:
+        self._ctx = ctx
+        self._runs = runs
+        self._slot = slot
+        self._gate = gate
+
+    def on_evaluate(self, msg: EvaluateRun, *, delivery: Delivery | None = None) -> str:
+        """Gate the trained model; promote it through the model's target when it is better."""
+        ctx = self._ctx
+        spec = ctx.spec(msg.model)
+        run = ctx.ledger.get(run_key(spec.name, msg.run_id))
+        if run is None:
+            log.warning("run %s of %s does not exist; message dropped", msg.run_id, spec.name)
+            return "unknown"
+        if is_terminal(run["state"]):
+            self._slot.release(spec, msg.run_id)
+            return str(run["state"])
+        if run["state"] == RunState.TRAINED:
+            run = self._gate.judge(spec, run, ctx.clock.now())
+        if run["state"] != RunState.PROMOTING:
+            return str(run["state"])
+        step = Step()
+        try:
+            return self._promote(spec, run, msg, delivery, step)
+        except RemoteError as exc:
+            if not exc.retryable:
+                return self._runs.fail(spec, run, f"promotion failed: {exc}")
+            if exc.retry_after is None or msg.retries >= MAX_RETRY_AFTER:
+                raise  # the host retries the message, then keeps it as poison
+            # Honour the service's Retry-After with a delayed copy of the message, instead of
+            # failing the invocation and waiting out the queue's visibility timeout.
+            poll = msg.poll + 1 if step.polled else msg.poll
+            delay = max(timedelta(seconds=exc.retry_after or 0), MIN_POLL_GAP)
+            log.warning(
+                "run %s of %s: %s; trying again in %s",
+                msg.run_id,
+                spec.name,
+                exc,
+                delay,
+                extra=dims(spec.name, msg.run_id),
+            )
+            ctx.outbox.send(
+                ctx.places.evaluations_queue,
+                EvaluateRun(model=spec.name, run_id=msg.run_id, poll=poll, retries=msg.retries + 1),
+                delay=delay,
+            )
+            return "retry"
+
+    def _promote(
+        self, spec: ModelSpec, run: Doc, msg: EvaluateRun, delivery: Delivery | None, step: Step
+    ) -> str:
+        """Deploy once (or poll the deploy in progress), then verify and crown."""
+        target = self._ctx.target_for(spec)
+        path = run["outputs"]["model"]
+        key = run_key(spec.name, run["run_id"])
+        ref = self._slot.model_ref(path)
+        pending = run.get("deployment")
+        if pending is None or not pending.get("deployed"):
+            outcome = self._deploy(spec, target, run, ref, msg, delivery)
+            if isinstance(outcome, str):
+                return outcome
+            run, progress = outcome
+            step.polled = True  # the claim took the chain's poll: a retry must use the next
+        else:
+            if not self._runs.claim_poll(key, "deployment", msg.poll, delivery):
+                return "duplicate"
+            step.polled = True
+            progress = target.progress(pending["operation"])
+        if progress.state == "failed":
+            return self._runs.fail(spec, run, f"the target refused the model: {progress.detail}")
+        if progress.state == "pending":
+            return self._provisioning(spec, run, msg)
+        if not target.serves(ref):
+            raise RemoteError(
+                f"promotion of run {run['run_id']}: the target still serves another model "
+                "after the update",
+                retryable=True,
+            )
+        return self._crown(spec, run, path)
+
+    def _provisioning(self, spec: ModelSpec, run: Doc, msg: EvaluateRun) -> str:
+        """The target is still provisioning: look again later, or fail past its timeout."""
+        ctx = self._ctx
+        deployment = run["deployment"]
+        timeout = getattr(spec.target, "provisioning_timeout", None)
+        if timeout is not None and ctx.clock.now() >= parse(deployment["started_at"]) + timeout:
+            return self._runs.fail(spec, run, f"provisioning did not finish within {timeout}")
+        poll = max(msg.poll, deployment["polls"]) + 1
+        ctx.outbox.send(
+            ctx.places.evaluations_queue,
+            EvaluateRun(model=spec.name, run_id=run["run_id"], poll=poll),
+            delay=ctx.timing.delay(poll),
+        )
+        log.info(
+            "run %s of %s: the target is provisioning (poll %d)",
+            run["run_id"],
+            spec.name,
+            poll,
+            extra=dims(spec.name, run["run_id"]),
+        )
+        return "provisioning"
+
+    def _deploy(
+        self,
+        spec: ModelSpec,
+        target: DeployTarget,
+        run: Doc,
+        ref: BlobRef,
+        msg: EvaluateRun,
+        delivery: Delivery | None,
+    ) -> tuple[Doc, Progress] | str:
+        """Claim the run's deploy lease, call the target once, record it under the lease.
+
+        The lease's token fences every write after the call: a holder that lost the lease
+        cannot record a deployment or crown a model. Expiry is never read off a clock another
+        instance wrote: a waiter re-sends itself with the lease's duration as the queue delay
+        and takes over only if the very claim it saw is still there, undeployed, when it wakes
+        (the queue service times the wait). The holder measures on its own clock and starts the
+        target call only while the call's worst case still fits in its lease.
+        """
+        key = run_key(spec.name, run["run_id"])
+        # The holder times its own lease on a clock no one can set: wall-clock jumps (or an
+        # instance whose clock is off) cannot make it think it has more lease left than it has.
+        began = self._ctx.clock.monotonic()
+        token = secrets.token_hex(8)
+        claimed = self._claim_lease(spec, run, msg, delivery, token)
+        if isinstance(claimed, str):
+            return claimed
+        progress = self._call_target(spec, target, ref, msg, key, token, began)
+        if progress is None:
+            return "retry"
+
+        def deployed(d: Doc) -> None:
+            d["deployment"].update(operation=progress.operation, deployed=True)
+
+        run, recorded = self._ctx.ledger.update(key, _fenced(token, deployed))
+        if not recorded:
+            log.error(
+                "run %s of %s: the deploy lease was lost during the target call (run now %s); "
+                "the holder that took it over finishes the promotion, or the restore check runs",
+                run["run_id"],
+                spec.name,
+                run["state"],
+                extra=dims(spec.name, run["run_id"]),
+            )
+            if is_terminal(run["state"]):
+                # Failed while this call was changing the target: its restore check, if still
+                # pending, runs now, after the change (the sweep compares target and champion
+                # for whatever happens later still).
+                self._slot.release(spec, run["run_id"])
+            return "lease lost"
+        return run, progress
+
+    def _claim_lease(
+        self,
+        spec: ModelSpec,
+        run: Doc,
+        msg: EvaluateRun,
+        delivery: Delivery | None,
+        token: str,
+    ) -> Doc | str:
+        """Take the run's deploy lease as `token`; else what `on_evaluate` answers, having
+        sent itself again for when a held lease would have run out."""
+        ctx = self._ctx
+        lease = ctx.timing.deploy_lease
+        started = ctx.clock.now()
+        mine = delivery_doc(delivery)
+
+        def claim(d: Doc) -> Doc | None:
+            held = d.get("deployment")
+            if d["state"] != RunState.PROMOTING or (held and held.get("deployed")):
+                return None
+            if held and not is_redelivery(mine, held.get("by")) and msg.lease != held["claim"]:
+                return None
+            d["deployment"] = {
+                "claim": token,
+                "by": mine,
+                "poll_by": mine,
+                "lease_seconds": lease.total_seconds(),
+                "started_at": iso(started),
+                "polls": 0,
+                "operation": None,
+                "deployed": False,
+            }
+            return d
+
+        run, claimed = ctx.ledger.update(run_key(spec.name, run["run_id"]), claim)
+        if claimed:
+            return run
+        held = run.get("deployment") or {}
+        if run["state"] != RunState.PROMOTING or held.get("deployed"):
+            return "duplicate"
+        # Another delivery holds the lease: look again after a whole lease, and take over
+        # only if that same claim is still there then.
+        ctx.outbox.send(
+            ctx.places.evaluations_queue,
+            EvaluateRun(model=spec.name, run_id=run["run_id"], poll=msg.poll, lease=held["claim"]),
+            delay=lease,
+        )
+        return "waiting"
+
+    def _call_target(
+        self,
+        spec: ModelSpec,
+        target: DeployTarget,
+        ref: BlobRef,
+        msg: EvaluateRun,
+        key: str,
+        token: str,
+        began: float,
+    ) -> Progress | None:
+        """The target call under the lease; None when too little lease was left to start it
+        (the lease is given back and the message sent again)."""
+        ctx = self._ctx
+        lease = ctx.timing.deploy_lease
+        try:
+            state = ctx.ledger.get(model_key(spec.name)) or {}
+            if not state.get("champion"):
+                target.preflight()  # a first promotion checks the target is set up right
+            left = lease - timedelta(seconds=ctx.clock.monotonic() - began)
+            if left < ctx.timing.deploy_reserve:
+                # Too late in the lease to start the call safely: give it back, go again.
+                ctx.ledger.update(key, _fenced(token, _give_back))
+                ctx.outbox.send(ctx.places.evaluations_queue, msg, delay=MIN_POLL_GAP)
+                return None
+            return target.deploy(ref)
+        except Exception:
+            # Give the claim back so the retry of this message need not wait out the lease.
+            ctx.ledger.update(key, _fenced(token, _give_back))
+            raise
+
+    def _crown(self, spec: ModelSpec, run: Doc, path: str) -> str:
+        """Make the verified run the champion, only while it still holds the model."""
+        now = self._ctx.clock.now()
+        run_id = run["run_id"]
+        champion = {
+            "run_id": run_id,
+            "model": path,
+            "promoted_at": iso(now),
+            "metrics": (run.get("metrics") or {}).get("challenger"),
+        }
+        restore = run.get("kind") == "restore"
+
+        def crown(d: Doc) -> Doc | None:
+            if d.get("active_run") != run_id or (d.get("champion") or {}).get("run_id") == run_id:
+                return None
+            if not restore:
+                d["previous_champion"] = d.get("champion")
+            d["champion"] = champion
+            return d
+
+        state, crowned = self._ctx.ledger.update(model_key(spec.name), crown)
+        if not crowned and (state.get("champion") or {}).get("run_id") != run_id:
+            log.error(
+                "run %s of %s no longer holds the model (active run: %s); not crowned",
+                run_id,
+                spec.name,
+                state.get("active_run"),
+                extra=dims(spec.name, run_id),
+            )
+            # Ended, not left promoting: the target may serve its model, which the sweep
+            # compares with the champion once the model is idle.
+            self._runs.move(
+                spec,
+                run_id,
+                RunState.PROMOTING,
+                RunState.SUPERSEDED,
+                now,
+                note=f"deployed {path} but run {state.get('active_run')} holds the model",
+            )
+            return RunState.SUPERSEDED
+        self._runs.move(
+            spec, run_id, RunState.PROMOTING, RunState.PROMOTED, now, note=f"deployed {path}"
+        )
+        log.info(
+            "run %s of %s promoted: the target serves %s",
+            run_id,
+            spec.name,
+            path,
+            extra=dims(spec.name, run_id, run.get("job_id")),
+        )
+        self._slot.release(spec, run_id)
+        return RunState.PROMOTED

@@ -1,0 +1,164 @@
+"""The shapes of the ledger's documents: model state, batches and runs, built and read here."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Any
+
+from retrain.ledger import Doc
+from retrain.runstate import RunState
+from retrain.settings import ModelSpec
+from retrain.storage import normalize_etag
+
+
+def iso(moment: datetime) -> str:
+    """A moment as documents store it."""
+    return moment.isoformat()
+
+
+def parse(moment: str) -> datetime:
+    """A moment as documents store it, read back."""
+    return datetime.fromisoformat(moment)
+
+
+def sweep_key(model: str) -> str:
+    """The sweep's own notes on a model: its listing mark, the last schedule skip."""
+    return f"sweeps/{model}.json"
+
+
+def new_model(spec: ModelSpec) -> Doc:
+    """A model's state before anything happened to it."""
+    return {
+        "model": spec.name,
+        "batch": None,
+        "active_run": None,
+        "champion": None,
+        "previous_champion": None,
+    }
+
+
+def holds(files: list[Doc], file: Doc) -> bool:
+    """Whether `files` has this version of the file (ETags compared normalised: entries written
+    before normalisation carry quoted ones)."""
+    etag = normalize_etag(file["etag"])
+    return any(f["name"] == file["name"] and normalize_etag(f["etag"]) == etag for f in files)
+
+
+def claim_batch(batch_id: str, record: Doc) -> Doc:
+    """The arrival record, now naming batch `batch_id`."""
+    return {**record, "batch_id": batch_id}
+
+
+def batch_id(now: datetime) -> str:
+    """A new batch's id, which is also its run's id."""
+    return f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def check_due(spec: ModelSpec, batch: Doc) -> datetime:
+    """When the batch may be sealed: quiet since its last arrival, or open for max_wait."""
+    quiet_end = parse(batch["last_at"]) + spec.quiet_period
+    hard_end = parse(batch["opened_at"]) + spec.max_wait
+    return min(quiet_end, hard_end)
+
+
+def add_to_batch(doc: Doc, file: Doc, now: datetime, new_id: str) -> Doc | None:
+    """Add `file` to the open batch, or open batch `new_id` with it; None if already there."""
+    batch = doc.get("batch")
+    if batch is None:
+        batch = {
+            "id": new_id,
+            "opened_at": iso(now),
+            "last_at": iso(now),
+            "files": [],
+        }
+        doc["batch"] = batch
+    if holds(batch["files"], file):
+        return None
+    batch["files"].append(file)
+    batch["last_at"] = iso(now)
+    return doc
+
+
+def file_entry(
+    name: str, etag: str, size: int, now: datetime, modified: datetime | None, **marks: Any
+) -> Doc:
+    """A file version as a batch lists it (`marks`: why it was asked for, when it was)."""
+    file: Doc = {"name": name, "etag": etag, "size": size, "arrived_at": iso(now), **marks}
+    if modified is not None:
+        file["modified_at"] = iso(modified)
+    return file
+
+
+def new_run(spec: ModelSpec, batch: Doc, now: datetime) -> Doc:
+    """The run of a sealed batch, queued for training."""
+    # Each file is a full dataset: the newest one of the batch is what the model trains on.
+    newest, why = training_file(batch["files"])
+    return {
+        "run_id": batch["id"],
+        "model": spec.name,
+        "state": RunState.QUEUED.value,
+        "created_at": iso(now),
+        "deadline_at": iso(now + spec.job_deadline),
+        "files": batch["files"],
+        "training_file": newest,
+        "training_file_reason": why,
+        "forced": any(f.get("forced") for f in batch["files"]),
+        "job_id": None,
+        "polls": 0,
+        "outputs": None,
+        "metrics": None,
+        "decision": None,
+        "error": None,
+        "history": [
+            {
+                "state": RunState.QUEUED.value,
+                "at": iso(now),
+                "note": f"batch of {len(batch['files'])} file(s)",
+            }
+        ],
+    }
+
+
+def redeploy_run(
+    spec: ModelSpec, source: Doc, *, run_id: str, kind: str, by: str, note: str, now: datetime
+) -> Doc:
+    """A run that deploys promoted run `source`'s model again (a rollback or a restore)."""
+    promoting = RunState.PROMOTING.value
+    return {
+        "run_id": run_id,
+        "model": spec.name,
+        "kind": kind,
+        "restores": source["run_id"],
+        "state": promoting,
+        "created_at": iso(now),
+        "updated_at": iso(now),
+        "files": source.get("files", []),
+        "training_file": source.get("training_file"),
+        "job_id": source.get("job_id"),
+        "polls": 0,
+        "outputs": {"model": source["outputs"]["model"]},
+        "metrics": source.get("metrics"),
+        "decision": {"promote": True, "reason": note},
+        "error": None,
+        "requested_by": by,
+        "history": [{"state": promoting, "at": iso(now), "note": note}],
+    }
+
+
+def champion_run(champion: Doc, found: Doc | None) -> Doc:
+    """The champion's run record as `found`, or the little the model document knows of it."""
+    return found or {"run_id": champion["run_id"], "outputs": {"model": champion["model"]}}
+
+
+def training_file(files: list[Doc]) -> tuple[Doc, str]:
+    """The file a batch trains on, and why: a requested one, else the newest by the blob's own
+    Last-Modified (then by name); entries recorded without it fall back to delivery order."""
+    count = f"{len(files)} file(s)"
+    requested = [f for f in files if f.get("requested")]
+    if requested:
+        return requested[-1], f"requested ({requested[-1]['requested']}), of {count}"
+    if all(f.get("modified_at") for f in files):
+        newest = max(files, key=lambda f: (parse(f["modified_at"]), f["name"]))
+        return newest, f"newest by last-modified of {count}"
+    return files[-1], f"last delivered of {count} (last-modified not recorded)"

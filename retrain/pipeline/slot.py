@@ -1,0 +1,196 @@
+"""The model's active-run slot: claiming it, releasing it, and the restore a failed promotion owes.
+
+One run at a time holds a model (`active_run` in the model's document). A rollback, a restore,
+an approval or a replay claims the slot; a run that ends releases it, and a batch that waited
+for it gets its check.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+
+from retrain.bes import BlobRef
+from retrain.deploy import DeployTarget
+from retrain.errors import InputRejected, RemoteError
+from retrain.ledger import Doc, model_key, run_key
+from retrain.messages import EvaluateRun
+from retrain.pipeline.context import Context, dims
+from retrain.pipeline.records import champion_run, iso, new_model, redeploy_run
+from retrain.settings import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEPLOY_SAS_LIFETIME = timedelta(hours=2)
+
+
+class ModelSlot:
+    """Who holds each model, and what happens when a holder lets go."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def claim_model(
+        self,
+        spec: ModelSpec,
+        run_id: str,
+        action: str,
+        *,
+        replacing: str | None = None,
+        champion: str | None = None,
+    ) -> None:
+        """Make `run_id` the model's active run (taking it over from `replacing`, if that run
+        holds it; only while run `champion` is the champion, if given), or explain why not."""
+        ctx = self._ctx
+        now = iso(ctx.clock.now())
+
+        def claim(d: Doc) -> Doc | None:
+            if champion is not None and (d.get("champion") or {}).get("run_id") != champion:
+                return None
+            if d.get("active_run") in (None, run_id, replacing):
+                d["active_run"], d["active_since"] = run_id, now
+                return d
+            return None
+
+        state, _ = ctx.ledger.update(model_key(spec.name), claim, initial=new_model(spec))
+        if state.get("active_run") is None:
+            raise InputRejected(f"cannot {action} now: the champion of {spec.name} changed")
+        holder = str(state.get("active_run"))
+        if holder != run_id:
+            recorded = ctx.ledger.get(run_key(spec.name, holder), remember=False)
+            what = (
+                "is in progress; try again when it has ended"
+                if recorded is not None
+                else "holds the model but has no run record (its writer died between the two "
+                "writes); the sweep frees the model after RETRAIN_SWEEP_STALL"
+            )
+            raise InputRejected(f"cannot {action} now: run {holder} of {spec.name} {what}")
+
+    def release(self, spec: ModelSpec, run_id: str) -> None:
+        """End the model's active run and let a batch that waited for it go ahead.
+
+        A run that still owes its restore check keeps the model until the check is definite
+        (it raises a retryable RemoteError while the target cannot tell what it serves, so the
+        message, or the next sweep, tries again)."""
+        ctx = self._ctx
+        run = ctx.ledger.get(run_key(spec.name, run_id), remember=False)
+        if run is not None and run.get("restore_pending"):
+            self.restore(spec, run)
+
+        def release(d: Doc) -> Doc | None:
+            if d.get("active_run") != run_id:
+                return None
+            d["active_run"] = None
+            return d
+
+        state, _ = ctx.ledger.update(model_key(spec.name), release, initial=new_model(spec))
+        if state.get("batch") and not state.get("active_run"):
+            ctx.schedule_check(spec, state["batch"], ctx.clock.now())
+
+    def model_ref(self, path: str) -> BlobRef:
+        """A fresh read reference to a model blob (`container/blob`) for a target to deploy."""
+        container, _, blob = path.partition("/")
+        return self._ctx.data.reference(
+            container, blob, write=False, expires=self._ctx.clock.now() + DEPLOY_SAS_LIFETIME
+        )
+
+    def redeploy(
+        self,
+        spec: ModelSpec,
+        source: Doc,
+        *,
+        kind: str,
+        by: str,
+        replacing: str | None = None,
+        run_id: str | None = None,
+        champion: str | None = None,
+    ) -> str:
+        """A run that deploys promoted run `source`'s model again (a rollback or a restore).
+
+        With a given `run_id` it is idempotent: the claim, the record and the message are made
+        again only where missing (a restore owed by a failed run is re-tried under one id)."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+        run_id = run_id or f"{kind}-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+        self.claim_model(
+            spec,
+            run_id,
+            f"deploy run {source['run_id']}'s model",
+            replacing=replacing,
+            champion=champion,
+        )
+        note = f"{kind} to run {source['run_id']} requested by {by}"
+        run = redeploy_run(spec, source, run_id=run_id, kind=kind, by=by, note=note, now=now)
+        if ctx.ledger.create(run_key(spec.name, run_id), run):
+            ctx.emit(spec, run, note)
+        ctx.outbox.send(ctx.places.evaluations_queue, EvaluateRun(model=spec.name, run_id=run_id))
+        return run_id
+
+    def restore(self, spec: ModelSpec, run: Doc) -> None:
+        """The restore check a failed promotion owes: make the target serve the champion again
+        (through a restore run, one id per failed run), or record what it serves when there is
+        nothing to restore. A definite outcome is recorded on the failed run and clears its
+        `restore_pending`; while the target cannot say what it serves, the check stays owed and
+        a retryable RemoteError goes to the caller (the message's retry or the next sweep)."""
+        run_id = run["run_id"]
+        key = run_key(spec.name, run_id)
+        state = self._ctx.ledger.get(model_key(spec.name)) or {}
+        target = self._ctx.target_for(spec)
+        unknown: RemoteError | None = None
+        try:
+            outcome = self._restore_outcome(spec, run, target, state.get("champion"))
+        except RemoteError as exc:
+            outcome = f"what the target serves is unknown ({exc}); the check is tried again"
+            unknown = exc
+        except InputRejected as exc:
+            # Another run holds the model: the sweep compares target and champion once idle.
+            outcome = f"not restored here ({exc}); the sweep compares target and champion"
+        log.warning(
+            "run %s of %s failed after its deploy claim: %s",
+            run_id,
+            spec.name,
+            outcome,
+            extra=dims(spec.name, run_id),
+        )
+        if unknown is not None:
+            self._ctx.ledger.update(key, lambda d: {**d, "target_after": outcome})
+            raise RemoteError(
+                f"run {run_id} of {spec.name}: restore check: {unknown}", retryable=True
+            ) from unknown
+
+        def settle(d: Doc) -> Doc | None:
+            d.pop("restore_pending", None)
+            d["target_after"] = outcome
+            return d
+
+        self._ctx.ledger.update(key, settle)
+
+    def _restore_outcome(
+        self, spec: ModelSpec, run: Doc, target: DeployTarget, champion: Doc | None
+    ) -> str:
+        """Ask the target what it serves; start the champion's restore run when it may serve
+        failed run `run`'s model. Returns what was found (and done), for the record."""
+        if champion is None or run.get("kind") == "restore":
+            if target.serves(self.model_ref(run["outputs"]["model"])):
+                return (
+                    "the target serves this run's model and there is no champion to restore; "
+                    "roll back or retrain"
+                )
+            return "the target does not serve this run's model"
+        if target.serves(self.model_ref(champion["model"])):
+            return f"the target still serves the champion (run {champion['run_id']})"
+        found = self._ctx.ledger.get(run_key(spec.name, champion["run_id"]))
+        source = champion_run(champion, found)
+        restore = self.redeploy(
+            spec,
+            source,
+            kind="restore",
+            by="retrain",
+            replacing=run["run_id"],
+            run_id=f"restore-{run['run_id']}",
+        )
+        return (
+            f"the target may serve this run's model: restoring the champion "
+            f"(run {champion['run_id']}) through run {restore}"
+        )

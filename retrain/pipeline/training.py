@@ -1,0 +1,287 @@
+"""Training: submit the run's BES job, start it once, and poll it by delayed messages."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from retrain.bes import BatchJobs, BlobRef, JobState
+from retrain.errors import InputRejected, RemoteError
+from retrain.ledger import Doc, run_key
+from retrain.messages import EvaluateRun, TrackRun
+from retrain.pipeline.context import (
+    MIN_POLL_GAP,
+    Context,
+    Delivery,
+    Step,
+    delivery_doc,
+    dims,
+)
+from retrain.pipeline.records import parse
+from retrain.pipeline.runs import RunMover
+from retrain.pipeline.slot import ModelSlot
+from retrain.runstate import TRAINING, RunState, is_terminal
+from retrain.settings import ModelSpec
+from retrain.storage import BlobVersion
+
+log = logging.getLogger(__name__)
+
+MODEL_BLOB = "model.ilearner"
+EVALUATION_BLOB = "evaluation.csv"
+INPUT_BLOB = "input"
+"""The run's copy of its training file (plus the file's own extension), what the job reads."""
+SAS_MARGIN = timedelta(hours=1)
+
+
+class Training:
+    """The track-run step: one submitted job per run, started once, polled without sleeping."""
+
+    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot) -> None:
+        self._ctx = ctx
+        self._runs = runs
+        self._slot = slot
+
+    def on_track_run(self, msg: TrackRun, *, delivery: Delivery | None = None) -> str:
+        """Submit, start or poll the run's BES job; never waits inside the invocation.
+
+        One poll chain per run: poll number `n` is made by exactly one message (the first to
+        claim it); a redelivery of that same message after a failure may make it again, any
+        other copy is dropped.
+        """
+        ctx = self._ctx
+        spec = ctx.spec(msg.model)
+        key = run_key(spec.name, msg.run_id)
+        run = ctx.ledger.get(key)
+        if run is None:
+            log.warning("run %s of %s does not exist; message dropped", msg.run_id, spec.name)
+            return "unknown"
+        if is_terminal(run["state"]):
+            self._slot.release(spec, msg.run_id)
+            return str(run["state"])
+        if run["state"] not in TRAINING:
+            return str(run["state"])
+        jobs = ctx.jobs_for(spec)
+        step = Step()
+        try:
+            return self._step(spec, jobs, run, msg, delivery, step)
+        except RemoteError as exc:
+            latest = step.run or run
+            if exc.retryable:
+                return self._retry(spec, latest, msg, exc, step)
+            current = ctx.ledger.get(key) or latest
+            if current.get("job_id") and current["state"] in (
+                RunState.SUBMITTED,
+                RunState.RUNNING,
+            ):
+                self._cancel_quietly(jobs, current["job_id"])
+            return self._runs.fail(spec, current, str(exc))
+
+    def _step(
+        self,
+        spec: ModelSpec,
+        jobs: BatchJobs,
+        run: Doc,
+        msg: TrackRun,
+        delivery: Delivery | None,
+        step: Step,
+    ) -> str:
+        """Do what the run's state calls for: submit and start, start, or poll."""
+        now = self._ctx.clock.now()
+        if run["state"] == RunState.QUEUED:
+            if now >= parse(run["deadline_at"]):
+                return self._runs.fail(spec, run, "the job deadline passed before it was submitted")
+            run, persisted = self._submit(spec, jobs, run, now)
+            step.run = run
+            if not persisted:
+                return "conflict"
+            return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
+        if run["state"] == RunState.SUBMITTED:
+            return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
+        if not self._runs.claim_poll(run_key(spec.name, msg.run_id), None, msg.poll, delivery):
+            return "duplicate"
+        step.polled = True
+        return self._poll(spec, jobs, run, msg, now)
+
+    def _retry(self, spec: ModelSpec, run: Doc, msg: TrackRun, exc: RemoteError, step: Step) -> str:
+        """Send the message again after the service's hint or the chain's backoff."""
+        # A claimed poll number is spent: the retry is the chain's next poll.
+        claimed = step.polled
+        poll = msg.poll + 1 if claimed else msg.poll
+        delay = max(
+            timedelta(seconds=exc.retry_after or 0),
+            self._ctx.timing.delay(poll) if claimed else MIN_POLL_GAP,
+            MIN_POLL_GAP,
+        )
+        log.warning(
+            "run %s of %s: %s; trying again in %s",
+            msg.run_id,
+            spec.name,
+            exc,
+            delay,
+            extra=dims(spec.name, msg.run_id, run.get("job_id")),
+        )
+        self._ctx.outbox.send(
+            self._ctx.places.jobs_queue,
+            TrackRun(model=spec.name, run_id=msg.run_id, poll=poll),
+            delay=delay,
+        )
+        return "retry"
+
+    def _start(
+        self,
+        spec: ModelSpec,
+        jobs: BatchJobs,
+        run: Doc,
+        now: datetime,
+        delivery: Delivery | None,
+        step: Step,
+        *,
+        known_unstarted: bool,
+    ) -> str:
+        """Start the persisted job once, then begin the run's one poll chain.
+
+        A job id found persisted by an earlier delivery may have been started already (its
+        answer lost): ask BES first and start only a NotStarted job; a 409 on start means
+        another delivery started it.
+        """
+        job_id = run["job_id"]
+        already = False
+        if not known_unstarted:
+            already = jobs.status(job_id).state is not JobState.NOT_STARTED
+        if not already:
+            try:
+                jobs.start(job_id)
+            except RemoteError as exc:
+                if exc.status != 409:
+                    raise
+                log.info("job %s: already started (409 on start)", job_id)
+        _, moved = self._runs.move(
+            spec,
+            run["run_id"],
+            RunState.SUBMITTED,
+            RunState.RUNNING,
+            now,
+            note=f"job {job_id} started",
+            polls=0,
+            poll_by=delivery_doc(delivery),
+        )
+        if not moved:
+            return "duplicate"  # another delivery started the job and owns the poll chain
+        step.polled = True  # the move took poll 0 of the chain for this delivery
+        self._poll_later(spec, run["run_id"], 1)
+        return "started"
+
+    def _submit(
+        self, spec: ModelSpec, jobs: BatchJobs, run: Doc, now: datetime
+    ) -> tuple[Doc, bool]:
+        """Submit, then persist the job id; only a persisted job is ever started."""
+        folder = f"{spec.name}/{run['run_id']}"
+        art = self._ctx.places.artifacts_container
+        frozen, inputs, outputs = self._references(spec, run, folder)
+        job_id = jobs.submit(
+            inputs=inputs, outputs=outputs, global_parameters=spec.bes.global_parameters
+        )
+        run, persisted = self._runs.move(
+            spec,
+            run["run_id"],
+            RunState.QUEUED,
+            RunState.SUBMITTED,
+            now,
+            note=f"job {job_id} submitted",
+            job_id=job_id,
+            outputs={
+                "input": f"{art}/{frozen}",
+                "model": f"{art}/{folder}/{MODEL_BLOB}",
+                "evaluation": f"{art}/{folder}/{EVALUATION_BLOB}",
+            },
+        )
+        if not persisted:
+            # Another delivery submitted first; ours was never started, so it never runs.
+            log.warning(
+                "run %s: job %s lost the race and is deleted unstarted",
+                run["run_id"],
+                job_id,
+                extra=dims(spec.name, run["run_id"], job_id),
+            )
+            self._cancel_quietly(jobs, job_id)
+        return run, persisted
+
+    def _references(
+        self, spec: ModelSpec, run: Doc, folder: str
+    ) -> tuple[str, dict[str, BlobRef], dict[str, BlobRef]]:
+        """The job's frozen input (its blob name) and the references to its inputs and outputs.
+
+        The job reads a copy of exactly the validated version of the training file, made in the
+        artifacts container first: an overwrite of the data blob after validation cannot reach
+        the job.
+        """
+        data, art = self._ctx.data, self._ctx.places.artifacts_container
+        expires = parse(run["deadline_at"]) + SAS_MARGIN
+        training = run["training_file"]
+        suffix = ".tsv" if training["name"].lower().endswith(".tsv") else ".csv"
+        frozen = f"{folder}/{INPUT_BLOB}{suffix}"
+        source = BlobVersion(self._ctx.places.data_container, training["name"], training["etag"])
+        try:
+            copied = data.freeze(source, art, frozen)
+        except InputRejected as exc:
+            raise RemoteError(f"the validated training file is gone: {exc}") from exc
+        if not copied:
+            raise RemoteError(
+                f"the copy of {training['name']} into {art}/{frozen} is still in progress",
+                retryable=True,
+                retry_after=5,
+            )
+        inputs = {spec.bes.input_name: data.reference(art, frozen, write=False, expires=expires)}
+        outputs = {
+            spec.bes.model_output: data.reference(
+                art, f"{folder}/{MODEL_BLOB}", write=True, expires=expires
+            ),
+            spec.bes.evaluation_output: data.reference(
+                art, f"{folder}/{EVALUATION_BLOB}", write=True, expires=expires
+            ),
+        }
+        return frozen, inputs, outputs
+
+    def _poll(
+        self, spec: ModelSpec, jobs: BatchJobs, run: Doc, msg: TrackRun, now: datetime
+    ) -> str:
+        """Ask BES how the job is doing; hand a finished run to the gate."""
+        status = jobs.status(run["job_id"])
+        if status.state is JobState.FINISHED:
+            self._runs.move(
+                spec, msg.run_id, RunState.RUNNING, RunState.TRAINED, now, note="BES job finished"
+            )
+            self._ctx.outbox.send(
+                self._ctx.places.evaluations_queue, EvaluateRun(model=spec.name, run_id=msg.run_id)
+            )
+            return RunState.TRAINED
+        if status.state in (JobState.FAILED, JobState.CANCELLED):
+            return self._runs.fail(
+                spec,
+                run,
+                f"BES job {status.state.value.lower()}: {status.details or 'no details given'}",
+            )
+        if now >= parse(run["deadline_at"]):
+            jobs.cancel(run["job_id"])
+            return self._runs.fail(
+                spec,
+                run,
+                f"the job outlived its deadline of {spec.job_deadline} "
+                f"and was cancelled (last state {status.state.value})",
+            )
+        self._poll_later(spec, msg.run_id, msg.poll + 1)
+        return RunState.RUNNING
+
+    def _poll_later(self, spec: ModelSpec, run_id: str, poll: int) -> None:
+        self._ctx.outbox.send(
+            self._ctx.places.jobs_queue,
+            TrackRun(model=spec.name, run_id=run_id, poll=poll),
+            delay=self._ctx.timing.delay(poll),
+        )
+
+    @staticmethod
+    def _cancel_quietly(jobs: BatchJobs, job_id: str) -> None:
+        try:
+            jobs.cancel(job_id)
+        except RemoteError as exc:
+            log.warning("job %s: cancel failed: %s", job_id, exc)
