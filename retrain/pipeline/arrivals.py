@@ -104,7 +104,7 @@ class Arrivals:
             except InputRejected:
                 raise exc from None
             self.record_unreadable(spec, container, name, exc)
-            return Arrival.REJECTED
+            return Arrival.REJECTED.value
         except RemoteError:
             if refused is None:
                 raise
@@ -123,7 +123,7 @@ class Arrivals:
             ctx = self._ctx
             ctx.data.quarantine(container, name, ctx.places.quarantine_container, str(exc))
             log.warning("arrival %s/%r rejected: %s", container, name, exc)
-            return Arrival.REJECTED
+            return Arrival.REJECTED.value
         return "duplicate"
 
     def _record_arrival(self, key: str, record: Doc) -> bool:

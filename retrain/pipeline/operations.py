@@ -64,7 +64,7 @@ class Operations:
             raise InputRejected(f"run {run_id} changed state while being approved")
         self._unpark(name, run_id)
         ctx.outbox.send(ctx.places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
-        return RunState.PROMOTING
+        return RunState.PROMOTING.value
 
     def reject(self, name: str, run_id: str, *, by: str, reason: str) -> str:
         """Turn down a run that waits for approval, recording who and why."""
@@ -82,7 +82,7 @@ class Operations:
         if not moved:
             raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
         self._unpark(name, run_id)
-        return RunState.REJECTED
+        return RunState.REJECTED.value
 
     def _unpark(self, name: str, run_id: str) -> None:
         """The model no longer has `run_id` waiting for approval."""

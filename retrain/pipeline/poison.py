@@ -64,7 +64,7 @@ class Poison:
         )
         if run is not None and record["state_before"] and message is not None:
             self._runs.fail(ctx.spec(message.model), run, record["reason"], poisoned=key)
-            return RunState.FAILED
+            return RunState.FAILED.value
         return "recorded"
 
     def _read(

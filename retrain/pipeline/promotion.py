@@ -326,7 +326,7 @@ class Deployment:
                 now,
                 note=f"deployed {path} but run {state.get('active_run')} holds the model",
             )
-            return RunState.SUPERSEDED
+            return RunState.SUPERSEDED.value
         self._runs.move(
             spec, run_id, RunState.PROMOTING, RunState.PROMOTED, now, note=f"deployed {path}"
         )
@@ -338,4 +338,4 @@ class Deployment:
             extra=dims(spec.name, run_id, run.get("job_id")),
         )
         self._slot.release(spec, run_id)
-        return RunState.PROMOTED
+        return RunState.PROMOTED.value

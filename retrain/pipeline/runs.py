@@ -98,7 +98,7 @@ class RunMover:
         if changed:
             ctx.emit(spec, doc, reason)
         self._slot.release(spec, run["run_id"])
-        return RunState.FAILED
+        return RunState.FAILED.value
 
     def claim_poll(
         self, key: str, section: str | None, poll: int, delivery: Delivery | None

@@ -254,7 +254,7 @@ class Training:
             self._ctx.outbox.send(
                 self._ctx.places.evaluations_queue, EvaluateRun(model=spec.name, run_id=msg.run_id)
             )
-            return RunState.TRAINED
+            return RunState.TRAINED.value
         if status.state in (JobState.FAILED, JobState.CANCELLED):
             return self._runs.fail(
                 spec,
@@ -270,7 +270,7 @@ class Training:
                 f"and was cancelled (last state {status.state.value})",
             )
         self._poll_later(spec, msg.run_id, msg.poll + 1)
-        return RunState.RUNNING
+        return RunState.RUNNING.value
 
     def _poll_later(self, spec: ModelSpec, run_id: str, poll: int) -> None:
         self._ctx.outbox.send(
