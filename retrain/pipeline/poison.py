@@ -111,7 +111,7 @@ class Poison:
                 spec,
                 record["run_id"],
                 RunState.FAILED,
-                RunState(record["state_before"]),
+                record["state_before"],
                 ctx.clock.now(),
                 note="revived to replay its poisoned message",
                 guard=lambda d: d.get("poisoned") == key,

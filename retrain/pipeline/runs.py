@@ -46,8 +46,8 @@ class RunMover:
         self,
         spec: ModelSpec,
         run_id: str,
-        expected: RunState,
-        state: RunState,
+        expected: str,
+        state: str,
         now: datetime,
         *,
         note: str,
@@ -56,7 +56,8 @@ class RunMover:
         **fields: Any,
     ) -> tuple[Doc, bool]:
         """One state transition, applied only from `expected` (and only where `guard` holds);
-        announced as an event unless `announce` is False."""
+        announced as an event unless `announce` is False. A move the state table does not
+        allow raises IllegalTransition."""
 
         def apply(d: Doc) -> Doc | None:
             if guard is not None and not guard(d):
