@@ -858,12 +858,19 @@ class Retrainer:
         holder = str(state.get("active_run"))
         if holder != run_id:
             recorded = self._ledger.get(run_key(spec.name, holder), remember=False)
-            what = (
-                "is in progress; try again when it has ended"
-                if recorded is not None
-                else "holds the model but has no run record (its writer died between the two "
-                "writes); the sweep frees the model after RETRAIN_SWEEP_STALL"
-            )
+            if recorded is None:
+                what = (
+                    "holds the model but has no run record (its writer died between the two "
+                    "writes); the sweep frees the model after RETRAIN_SWEEP_STALL"
+                )
+            elif recorded.get("restore_pending"):
+                what = (
+                    "failed after its deploy and keeps the model until the target is known to "
+                    f"serve the champion ({recorded.get('target_after') or 'checking'}); "
+                    "each sweep tries again"
+                )
+            else:
+                what = "is in progress; try again when it has ended"
             raise InputRejected(f"cannot {action} now: run {holder} of {spec.name} {what}")
 
     def _promote(
