@@ -59,13 +59,9 @@ class ModelSlot:
         holder = str(state.get("active_run"))
         if holder != run_id:
             recorded = ctx.ledger.get(run_key(spec.name, holder), remember=False)
-            what = (
-                "is in progress; try again when it has ended"
-                if recorded is not None
-                else "holds the model but has no run record (its writer died between the two "
-                "writes); the sweep frees the model after RETRAIN_SWEEP_STALL"
+            raise InputRejected(
+                f"cannot {action} now: run {holder} of {spec.name} {_held(recorded)}"
             )
-            raise InputRejected(f"cannot {action} now: run {holder} of {spec.name} {what}")
 
     def release(self, spec: ModelSpec, run_id: str) -> None:
         """End the model's active run and let a batch that waited for it go ahead.
@@ -194,3 +190,19 @@ class ModelSlot:
             f"the target may serve this run's model: restoring the champion "
             f"(run {champion['run_id']}) through run {restore}"
         )
+
+
+def _held(recorded: Doc | None) -> str:
+    """Why the run whose record is `recorded` keeps the model, in words for the operator."""
+    if recorded is None:
+        return (
+            "holds the model but has no run record (its writer died between the two "
+            "writes); the sweep frees the model after RETRAIN_SWEEP_STALL"
+        )
+    if recorded.get("restore_pending"):
+        return (
+            "failed after its deploy and keeps the model until the target is known to "
+            f"serve the champion ({recorded.get('target_after') or 'checking'}); "
+            "each sweep tries again"
+        )
+    return "is in progress; try again when it has ended"

@@ -887,6 +887,12 @@ def champion_then_second_trained() -> tuple[World, str]:
     return w, champion
 
 
+def champion_run(w: World) -> str:
+    state = w.ledger.get(model_key("housing"))
+    assert state is not None
+    return str(state["champion"]["run_id"])
+
+
 def latest_run(w: World) -> dict[str, Any]:
     docs = [w.store.docs[k][0] for k in w.store.keys("runs/")]
     return max(docs, key=lambda d: d["created_at"])
@@ -963,6 +969,8 @@ class TestRestoreIsOwedUntilDefinite:
         assert state["active_run"] == failed["run_id"]  # nothing else may promote meanwhile
         # The next sweep tries again once the target answers.
         w.target.serves = serves  # type: ignore[method-assign]
+        with pytest.raises(InputRejected, match="keeps the model until the target is known"):
+            w.retrainer.rollback("housing", champion_run(w), by="me")
         del w.target.progress
         w.retrainer.sweep()
         assert w.deliver() == ["promoted"]
