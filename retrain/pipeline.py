@@ -437,11 +437,16 @@ class Retrainer:
             if run["state"] == "queued":
                 if now >= _parse(run["deadline_at"]):
                     return self._fail(spec, run, "the job deadline passed before it was submitted")
-                run, persisted = self._submit(spec, jobs, run, now)
+                run, persisted = self._submit(spec, jobs, run, msg, delivery, now)
                 if not persisted:
                     return "conflict"
+                step.polled = True  # the job id's write took the start slot for this delivery
                 return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
             if run["state"] == "submitted":
+                # Starting is part of the one chain: of several copies, one asks BES and starts.
+                if not self._claim_poll(key, "start", msg.poll, delivery):
+                    return "duplicate"
+                step.polled = True
                 return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
             if not self._claim_poll(key, None, msg.poll, delivery):
                 return "duplicate"
@@ -521,7 +526,13 @@ class Retrainer:
         return "started"
 
     def _submit(
-        self, spec: ModelSpec, jobs: BatchJobs, run: Doc, now: datetime
+        self,
+        spec: ModelSpec,
+        jobs: BatchJobs,
+        run: Doc,
+        msg: TrackRun,
+        delivery: Delivery | None,
+        now: datetime,
     ) -> tuple[Doc, bool]:
         """Submit, then persist the job id; only a persisted job is ever started.
 
@@ -568,6 +579,7 @@ class Retrainer:
             now,
             note=f"job {job_id} submitted",
             job_id=job_id,
+            start={"polls": msg.poll, "poll_by": _delivery_doc(delivery), "polled_at": _iso(now)},
             outputs={
                 "input": f"{art}/{frozen}",
                 "model": f"{art}/{folder}/{MODEL_BLOB}",
@@ -1828,7 +1840,11 @@ class Retrainer:
         mine = _delivery_doc(delivery)
 
         def claim(d: Doc) -> Doc | None:
-            holder = d[section] if section else d
+            holder = d.get(section) if section else d
+            if holder is None:
+                if section != "start":
+                    return None
+                holder = d["start"] = {"polls": -1}  # recorded before starts were claimed
             made = holder.get("polls", 0)
             if made > poll:
                 return None
