@@ -1,135 +1,141 @@
 """Fault-injection runs that check the exactly-once promise, seeded and reproducible.
 
-Each scenario drives the real function app (local runner + Azure ML emulator + Azurite) through
-one to three batches of data while injecting faults chosen from the seed: duplicate and
-reordered deliveries, a crash right after a side effect and before the ack, two workers on the
-same queues, HTTP 429/5xx, dropped connections, answers slower than the client's timeout,
-failed and never-ending jobs, and a lost queue message. Afterwards it counts what the promise
-forbids: more than one started BES job per batch, more than one promotion per run, a run left
-in a non-terminal state, a blob that is in no run and was not rejected, a blob version trained
-in two runs, and a promoted model that was not better than the champion it replaced.
+Each scenario runs the real function app as 2-3 separate worker processes
+(`localdev.chaosworker`: own caches, own `Retrainer`, own clock skewed by up to minutes) against
+one Azurite and the strict Azure ML emulator, and while they work it:
 
-    python -m localdev.chaos --scenarios 12 --seed 1       # the CI size
-    python -m localdev.chaos --scenarios 500 --seed 1      # the long mode
+- SIGKILLs workers at random moments and restarts them; a worker may also kill itself right
+  after a side effect (ledger write, BES submit or start, PATCH, enqueue), before the ack;
+- SIGSTOPs a worker for longer than the deploy lease while a run is promoting, then resumes it;
+- runs the CLI beside them (`approve`, `rollback`, `retrain`), and SIGKILLs some commands;
+- makes the emulator answer 429/5xx, drop connections, act late or answer late (past the read
+  timeout), lose the answer after acting (submit, start, status, PATCH, ARM PATCH), fail or hang
+  a job;
+- overwrites data files with valid and invalid versions while their batch is open, sealed, or
+  training; loses a queue message; duplicates and reorders deliveries.
+
+When the scenario has settled (no message pending, every blob version delivered, no run in
+progress) it checks, by blob version (name + ETag): at most one started job per batch and per
+version, the bytes each job read equal the version its run validated, every version uploaded is
+in a run or rejected (or was overwritten before any delivery), every run ended, no worse model
+promoted, the target serves the champion the pointer names, the emulator recorded no contract
+violation, no secret in any captured output, and no unexpected exception in any function.
+
+    python -m localdev.chaos --scenarios 12 --seed 1          # make chaos
+    python -m localdev.chaos --scenarios 3 --seed 7 --json out.json
+    python -m localdev.chaos --merge out-*.json               # add up parallel shards
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import random
 import re
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from azure.storage.blob import BlobServiceClient
-from azure.storage.queue import QueueClient
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.blob import BlobServiceClient, ContainerClient
+from azure.storage.queue import QueueServiceClient
 
 from localdev import stack
 from localdev.amlemu import Emulator, EmulatorServer
-from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
+from retrain.http import worst_call
+from retrain.runstate import TERMINAL
+from retrain.storage import normalize_etag
 
 log = logging.getLogger("chaos")
 
-CRASH_POINTS = ("ledger write", "BES submit", "BES start", "PATCH", "enqueue")
+CONNECT_TIMEOUT = 1.0
+READ_TIMEOUT = 1.0
+CALL_BOUND = worst_call(CONNECT_TIMEOUT, READ_TIMEOUT)
+DEPLOY_LEASE = CALL_BOUND * 4 + 10
+"""The app's deploy lease with these timeouts (retrain.pipeline.Timing.deploy_lease)."""
+VISIBILITY = 20.0
+"""How long a message a worker received stays invisible: a killed worker's messages reappear
+after this (the host renews it while a function runs; the emulated one does not)."""
+TICK = 0.25
+"""The harness's own polling interval."""
+MODEL = "housing"
+
 FAULTS = (
     "duplicates",
     "reorder",
     "crash",
-    "two workers",
+    "kill",
+    "pause",
+    "skew",
+    "cli",
+    "overwrite",
     "429",
     "5xx",
     "drop",
-    "slow",
+    "late act",
+    "late answer",
+    "lost response",
     "job fails",
     "job hangs",
     "lost message",
     "new target",
+    "manual",
 )
-
-
-class InjectedCrash(Exception):
-    """The process 'died' right after a side effect, before the message was acked."""
-
-
-class Crasher:
-    """Decides, from the scenario's seed, where to crash; counts what it injected."""
-
-    def __init__(self, rng: random.Random, rate: float) -> None:
-        self.rng = rng
-        self.rate = rate
-        self.lock = threading.Lock()
-        self.injected: Counter[str] = Counter()
-
-    def after(self, point: str) -> None:
-        """Call right after a side effect succeeded."""
-        with self.lock:
-            crash = self.rng.random() < self.rate
-            if crash:
-                self.injected[point] += 1
-        if crash:
-            raise InjectedCrash(point)
-
-
-class _Wrapper:
-    def __init__(self, inner: Any, crasher: Crasher) -> None:
-        self._inner = inner
-        self._crasher = crasher
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class CrashingStore(_Wrapper):
-    def create(self, key: str, doc: dict[str, Any]) -> str:
-        etag: str = self._inner.create(key, doc)
-        self._crasher.after("ledger write")
-        return etag
-
-    def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
-        new: str = self._inner.replace(key, doc, etag)
-        self._crasher.after("ledger write")
-        return new
-
-
-class CrashingJobs(_Wrapper):
-    def submit(self, **kwargs: Any) -> str:
-        job: str = self._inner.submit(**kwargs)
-        self._crasher.after("BES submit")
-        return job
-
-    def start(self, job_id: str) -> None:
-        self._inner.start(job_id)
-        self._crasher.after("BES start")
-
-
-class CrashingTarget(_Wrapper):
-    def deploy(self, model: Any) -> Any:
-        progress = self._inner.deploy(model)
-        self._crasher.after("PATCH")
-        return progress
-
-
-class CrashingOutbox(_Wrapper):
-    def send(self, queue: str, message: Any, **kwargs: Any) -> None:
-        self._inner.send(queue, message, **kwargs)
-        self._crasher.after("enqueue")
-
-
-WRAPPERS = {
-    "store": CrashingStore,
-    "jobs": CrashingJobs,
-    "target": CrashingTarget,
-    "outbox": CrashingOutbox,
+ODDS = {
+    "pause": 0.06,
+    "job fails": 0.15,
+    "job hangs": 0.1,
+    "manual": 0.2,
+    "kill": 0.5,
+    "skew": 0.5,
+    "cli": 0.5,
+    "overwrite": 0.5,
+    "lost response": 0.5,
 }
+EXPECTED_EXCEPTIONS = {"retrain.errors.StateConflict"}
+"""Exception types a function may raise as a transient, besides a retryable RemoteError: the
+host retries the message."""
+SECRETS = (
+    "local-bes-key",
+    "local-endpoint-key",
+    "local-arm-token",
+    "local-new-key",
+    stack.DEV_KEY,
+)
+_SIG = re.compile(r"(?i)\bsig(=|%3d)(?!<redacted>)[A-Za-z0-9%+/]")
+_RUN_IN_PATH = re.compile(r"/" + MODEL + r"/([^/]+)/(?:model\.ilearner|input\.[a-z]+)$")
+
+
+def _run_of(path: str) -> str | None:
+    match = _RUN_IN_PATH.search("/" + unquote(path).lstrip("/"))
+    return match.group(1) if match else None
+
+
+@dataclass
+class Upload:
+    """One version of a data file the harness wrote."""
+
+    name: str
+    etag: str
+    sha256: str
+    valid: bool
+    phase: str
+    """'new' (a first upload), or the phase of its batch when it overwrote: open/sealed/training."""
 
 
 @dataclass
@@ -138,288 +144,784 @@ class Result:
 
     seed: int
     faults: list[str]
-    injected: Counter[str] = field(default_factory=Counter)
-    batches: int = 0
-    jobs_started_max: int = 0
-    promotions_max: int = 0
-    not_terminal: int = 0
-    blobs_missing: int = 0
-    trained_twice: int = 0
-    worse_promoted: int = 0
+    figures: Counter[str] = field(default_factory=Counter)
+    skews: list[float] = field(default_factory=list)
     states: Counter[str] = field(default_factory=Counter)
+    violations: Counter[str] = field(default_factory=Counter)
+    details: list[str] = field(default_factory=list)
+    exceptions: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
-    def breaches(self) -> dict[str, int]:
-        """The non-zero counts of what the promise forbids."""
-        found = {
-            "extra jobs started": max(0, self.jobs_started_max - 1),
-            "extra promotions": max(0, self.promotions_max - 1),
-            "runs not terminal": self.not_terminal,
-            "blobs missing": self.blobs_missing,
-            "blob versions trained twice": self.trained_twice,
-            "worse promoted": self.worse_promoted,
-        }
-        return {k: v for k, v in found.items() if v}
+    def violate(self, kind: str, detail: str) -> None:
+        self.violations[kind] += 1
+        if len(self.details) < 20:
+            self.details.append(f"{kind}: {detail}")
 
     @property
-    def violations(self) -> int:
+    def total(self) -> int:
         """Breaches of the promise (must be 0)."""
+        return sum(self.violations.values())
+
+    def line(self, index: int) -> str:
+        f = self.figures
+        shown = {
+            k: v
+            for k, v in (
+                ("workers", f["workers started"]),
+                ("kills", f["worker kills"]),
+                ("crashes", sum(v for k, v in f.items() if k.startswith("crash after "))),
+                ("pauses", f["pauses past the lease"]),
+                ("cli", sum(v for k, v in f.items() if k.startswith("cli "))),
+                ("cli kills", f["cli kills"]),
+                ("overwrites", sum(v for k, v in f.items() if k.startswith("overwrite "))),
+                ("lost", sum(v for k, v in f.items() if k.startswith("lost response on "))),
+            )
+            if v
+        }
+        skew = f" skew={min(self.skews):+.0f}..{max(self.skews):+.0f}s" if any(self.skews) else ""
         return (
-            max(0, self.jobs_started_max - 1)
-            + max(0, self.promotions_max - 1)
-            + self.not_terminal
-            + self.blobs_missing
-            + self.trained_twice
-            + self.worse_promoted
+            f"  scenario {index:>3} seed {self.seed}: {self.seconds:5.1f}s "
+            f"faults={','.join(self.faults) or '-'} {shown}{skew} runs={dict(self.states)} "
+            f"violations={self.total}" + (f" {dict(self.violations)}" if self.total else "")
         )
 
 
-def _run_id(location: str) -> str | None:
-    match = re.search(r"/housing/([^/]+)/model\.ilearner$", "/" + location.lstrip("/"))
-    return match.group(1) if match else None
+class Worker:
+    """One worker process slot: restarted after a kill, with the same clock skew."""
+
+    def __init__(self, index: int, skew: float, scenario: Scenario) -> None:
+        self.index = index
+        self.skew = skew
+        self.scenario = scenario
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.paused_until: float | None = None
+        self.killed: set[int] = set()
+        """Pids the harness killed (their deaths are not findings)."""
+
+    def start(self) -> None:
+        s = self.scenario
+        self.starts += 1
+        name = f"worker-{self.index}-{self.starts}"
+        args = [
+            sys.executable,
+            "-m",
+            "localdev.chaosworker",
+            "--settings",
+            str(s.settings_path),
+            "--report",
+            str(s.dir / f"{name}.jsonl"),
+            "--skew",
+            str(self.skew),
+            "--seed",
+            str(s.seed * 10 + self.index * 1000 + self.starts),
+            "--duplicates",
+            "0.3" if "duplicates" in s.faults else "0",
+            "--crash-rate",
+            "0.04" if "crash" in s.faults else "0",
+            "--visibility",
+            str(VISIBILITY),
+        ]
+        if "reorder" in s.faults:
+            args.append("--shuffle")
+        with (s.dir / f"{name}.log").open("wb") as out:
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=stack.ROOT, env=s.env
+            )
+        s.result.figures["workers started"] += 1
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive() and self.proc is not None:
+            self.killed.add(self.proc.pid)
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def pause(self, seconds: float) -> None:
+        if self.alive() and self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+            self.paused_until = time.monotonic() + seconds
+
+    def tend(self) -> None:
+        """Resume a pause that is over; restart a process that died (killed, or crashed itself)."""
+        if self.paused_until is not None and time.monotonic() >= self.paused_until:
+            if self.proc is not None:
+                self.proc.send_signal(signal.SIGCONT)
+            self.paused_until = None
+        if self.proc is not None and self.proc.poll() is not None:
+            self.start()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.paused_until is not None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.paused_until = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.killed.add(self.proc.pid)
+                self.proc.kill()
+                self.proc.wait()
 
 
-def run_scenario(connection: str, seed: int) -> Result:
+@dataclass
+class Cli:
+    """One CLI command running beside the workers."""
+
+    command: list[str]
+    proc: subprocess.Popen[bytes]
+    out: Path
+    kill_at: float | None
+    killed: bool = False
+
+
+class Scenario:
     """One seeded scenario against the Azurite at `connection`."""
-    from retrain import wiring
-    from retrain.settings import get_settings
 
-    rng = random.Random(seed)
-    odds = {"job fails": 0.15, "job hangs": 0.1}
-    faults = sorted(f for f in FAULTS if rng.random() < odds.get(f, 0.3))
-    result = Result(seed, faults)
-    crasher = Crasher(rng, 0.08 if "crash" in faults else 0.0)
-    emulator = Emulator(stack.emulator_config())
-    started = time.monotonic()
-    with EmulatorServer(emulator) as server:
+    def __init__(
+        self, connection: str, seed: int, workdir: Path, faults: list[str] | None = None
+    ) -> None:
+        self.connection = connection
+        self.seed = seed
+        self.rng = random.Random(seed)
+        rng = self.rng
+        drawn = sorted(f for f in FAULTS if rng.random() < ODDS.get(f, 0.3))
+        faults = drawn if faults is None else sorted(faults)
+        self.faults = faults
+        self.result = Result(seed, faults)
+        self.dir = workdir / f"scenario-{seed}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.settings_path = self.dir / "settings.json"
+        self.skew_range = rng.choice([30, 90, 180]) if "skew" in faults else 0
+        self.uploads: list[Upload] = []
+        self.cli: list[Cli] = []
+        self.paused = False
+        self.lost_message = "lost message" in faults
+        self.env: dict[str, str] = {}
+        self.settings: dict[str, str] = {}
+        self.late: Counter[str] = Counter()
+        """Requests the emulator holds right now (a late act lands when its hold ends)."""
+        self.late_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- set-up
+
+    def _http_faults(self) -> list[dict[str, Any]]:
+        rng, faults = self.rng, self.faults
         http: list[dict[str, Any]] = []
-        for _ in range(rng.randint(1, 4)):
-            kind = rng.choice([f for f in ("429", "5xx", "drop", "slow") if f in faults] or [""])
-            path = rng.choice(["/jobs", "/jobs/", "/endpoints/", "/webServices/"])
+        kinds = [k for k in ("429", "5xx", "drop", "late act", "late answer") if k in faults]
+        paths = ["/jobs", "/jobs/", "/endpoints/", "/webServices/", "/operationsStatus/"]
+        for _ in range(rng.randint(1, 4) if kinds else 0):
+            kind, path = rng.choice(kinds), rng.choice(paths)
             if kind == "429":
                 http.append({"status": 429, "retry_after": 1, "path": path})
             elif kind == "5xx":
                 http.append({"status": rng.choice([500, 503]), "path": path})
             elif kind == "drop":
                 http.append({"drop": True, "path": path})
-            elif kind == "slow":
-                http.append({"delay": 3, "path": path})
-        emulator.faults.http = http
-        emulator.faults.fail_jobs = 1 if "job fails" in faults else 0
-        emulator.faults.hang_jobs = "job hangs" in faults
-        emulator.faults.job_seconds = rng.choice([0, 0.5, 1.5])
-        suffix = "-" + uuid.uuid4().hex[:8]
-        spec = stack.model_spec(server.url, job_deadline=8)
-        if "new target" in faults:
-            spec["target"] = stack.new_target(server.url)
-        settings = stack.app_settings(connection, [spec], suffix=suffix)
-        settings["RETRAIN_HTTP_READ_TIMEOUT"] = "2"
-        settings["RETRAIN_SWEEP_STALL"] = "PT1S"
-        app = stack.load_app(settings)
+            elif kind == "late act":
+                http.append({"delay": rng.choice([1.5, 3.0]), "path": path})
+            else:
+                http.append({"delay_answer": rng.choice([1.5, 3.0]), "path": path})
+        if "lost response" in faults:
+            calls = {
+                "submit": {"method": "POST", "path": "/jobs"},
+                "start": {"method": "POST", "path": "/start"},
+                "status": {"method": "GET", "path": "/jobs/"},
+                "PATCH": {"method": "PATCH", "path": "/endpoints/"},
+                "ARM PATCH": {"method": "PATCH", "path": "/webServices/"},
+            }
+            for call in rng.sample(sorted(calls), rng.randint(1, 3)):
+                http.append({"lose_response": True, **calls[call]})
+        return http
 
-        def decorate(kind: str, port: Any) -> Any:
-            wrapper = WRAPPERS.get(kind)
-            return wrapper(port, crasher) if wrapper and "crash" in faults else port
+    def _observe(self, emulator: Emulator) -> None:
+        """Count the faults the emulator hands out, and the requests it holds."""
+        take, slow = emulator.take_fault, emulator.slow
 
-        built = wiring.build(get_settings(), decorate=decorate)
-        original = wiring.retrainer
-        wiring.retrainer = lambda: built  # type: ignore[assignment]
-        try:
-            first = LocalRunner(
-                app,
-                env=settings,
-                failure_visibility=timedelta(seconds=1),
-                duplicates=0.3 if "duplicates" in faults else 0.0,
-                shuffle="reorder" in faults,
-                rng=random.Random(seed),
+        def take_fault(method: str, path: str) -> dict[str, Any] | None:
+            fault = take(method, path)
+            if fault is not None:
+                self.result.figures[f"{_fault_kind(fault)} on {_call_kind(method, path)}"] += 1
+            return fault
+
+        def held(seconds: float) -> None:
+            with self.late_lock:
+                self.late["held"] += 1
+            try:
+                slow(seconds)
+            finally:
+                with self.late_lock:
+                    self.late["held"] -= 1
+
+        emulator.take_fault = take_fault  # type: ignore[method-assign]
+        emulator.slow = held  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> Result:
+        rng, faults = self.rng, self.faults
+        started = time.monotonic()
+        emulator = Emulator(stack.emulator_config())
+        self._observe(emulator)
+        with EmulatorServer(emulator) as server:
+            emulator.faults.http = self._http_faults()
+            emulator.faults.fail_jobs = 1 if "job fails" in faults else 0
+            emulator.faults.hang_jobs = "job hangs" in faults
+            emulator.faults.job_seconds = rng.choice([0, 0.5, 1.5])
+            suffix = "-" + uuid.uuid4().hex[:8]
+            spec = stack.model_spec(
+                server.url,
+                job_deadline=20 + 2 * self.skew_range,
+                quiet_period=2,
+                promotion="manual" if "manual" in faults else "auto",
             )
-            runners = [first]
-            if "two workers" in faults:
-                runners.append(
-                    LocalRunner(
-                        app,
-                        env=settings,
-                        failure_visibility=timedelta(seconds=1),
-                        duplicates=first.duplicates,
-                        shuffle=first.shuffle,
-                        rng=random.Random(seed + 1),
-                        functions=first.functions,
-                    )
-                )
-            _drive(rng, result, runners, settings, faults)
-        finally:
-            wiring.retrainer = original
-        _check(result, emulator, settings, connection)
-    result.injected.update(crasher.injected)
-    result.seconds = time.monotonic() - started
-    return result
+            if "new target" in faults:
+                spec["target"] = stack.new_target(server.url)
+            settings = stack.app_settings(self.connection, [spec], suffix=suffix)
+            settings.update(
+                RETRAIN_HTTP_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
+                RETRAIN_HTTP_READ_TIMEOUT=str(READ_TIMEOUT),
+                RETRAIN_SWEEP_STALL="PT1S",
+            )
+            self.settings = settings
+            self.settings_path.write_text(json.dumps(settings), encoding="utf-8")
+            self.env = {**os.environ, **settings}
+            blobs = BlobServiceClient.from_connection_string(self.connection)
+            data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
+            data.create_container()
+            count = rng.randint(2, 3)
+            self.result.skews = [
+                round(rng.uniform(-self.skew_range, self.skew_range)) if i else 0.0
+                for i in range(count)
+            ]
+            workers = [Worker(i, skew, self) for i, skew in enumerate(self.result.skews)]
+            for w in workers:
+                w.start()
+            settled = False
+            try:
+                settled = self._drive(workers, blobs, data, emulator)
+            finally:
+                for w in workers:
+                    w.stop()
+                for c in self.cli:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        c.proc.wait(30)
+            if not settled:
+                self.result.violate("not settled", self._unsettled(blobs, data))
+            self._check(blobs, data, emulator, workers)
+        self.result.seconds = time.monotonic() - started
+        return self.result
 
-
-def _drive(
-    rng: random.Random,
-    result: Result,
-    runners: list[LocalRunner],
-    settings: dict[str, str],
-    faults: list[str],
-) -> None:
-    blobs = BlobServiceClient.from_connection_string(settings["AzureWebJobsStorage"])
-    data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
-    # Each upload lands after a random number of polling rounds: some coalesce, some arrive
-    # while a run is active, some start a batch of their own.
-    uploads = sorted(
-        (
-            rng.randint(0, 60),
-            f"housing/part-{i}.csv",
-            housing_csv(
-                rng.randint(40, 200), seed=rng.randrange(1_000_000), noise=rng.choice([1, 5, 40])
-            ),
+    def _drive(
+        self,
+        workers: list[Worker],
+        blobs: BlobServiceClient,
+        data: ContainerClient,
+        emulator: Emulator,
+    ) -> bool:
+        rng, faults = self.rng, self.faults
+        act_until = 25.0
+        plan: list[tuple[float, str]] = []
+        for i in range(rng.randint(1, 3)):
+            plan.append((rng.uniform(0, 12), f"upload {MODEL}/part-{i}.csv"))
+        if "kill" in faults:
+            plan += [(rng.uniform(1, act_until), "kill") for _ in range(rng.randint(1, 3))]
+        if "cli" in faults:
+            plan += [(rng.uniform(3, act_until), "cli") for _ in range(rng.randint(1, 3))]
+        if self.lost_message:
+            plan += [(rng.uniform(2, act_until), "lose message")]
+        plan.sort()
+        overwrites = (
+            [
+                (rng.choice(["open", "sealed", "training"]), rng.random() < 0.5)
+                for _ in range(rng.randint(1, 3))
+            ]
+            if "overwrite" in faults
+            else []
         )
-        for i in range(rng.randint(1, 3))
-    )
-    lost = "lost message" in faults
-    deadline = time.monotonic() + 200  # room for a deploy lease (2 min) to run out
-    rounds = 0
-    while time.monotonic() < deadline:
-        while uploads and uploads[0][0] <= rounds:
-            _, name, text = uploads.pop(0)
-            data.upload_blob(name, text, overwrite=True)
-        rounds += 1
-        if len(runners) == 2:
-            threads = [threading.Thread(target=r.step) for r in runners]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        else:
-            runners[0].step()
-        if lost and rng.random() < 0.2:
-            jobs = QueueClient.from_connection_string(
-                settings["AzureWebJobsStorage"], settings["RETRAIN_JOBS_QUEUE"]
+        pause_wanted = "pause" in faults
+        start = time.monotonic()
+        deadline = (
+            start
+            + act_until
+            + 90
+            + DEPLOY_LEASE
+            + 3 * self.skew_range
+            + VISIBILITY
+            + (DEPLOY_LEASE + 10 if pause_wanted else 0)
+        )
+        states = blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        next_settle = 0.0
+        while time.monotonic() < deadline:
+            now = time.monotonic() - start
+            for w in workers:
+                w.tend()
+            self._tend_cli()
+            while plan and plan[0][0] <= now:
+                _, action = plan.pop(0)
+                self._act(action, workers, data, states)
+            runs = _docs(states, "runs/") if overwrites or pause_wanted else []
+            if overwrites:
+                self._overwrite(overwrites, data, states, runs)
+            if pause_wanted and (
+                any(r["state"] == "promoting" for r in runs) or now > act_until + 20
+            ):
+                pause_wanted = False
+                w = rng.choice([w for w in workers if w.alive()] or workers)
+                w.pause(DEPLOY_LEASE + 10)
+                self.result.figures["pauses past the lease"] += 1
+            busy = (
+                plan
+                or any(w.paused_until for w in workers)
+                or any(c.proc.poll() is None for c in self.cli)
             )
-            if jobs.get_queue_properties().approximate_message_count:
-                jobs.clear_messages()
-                result.injected["lost message"] += 1
-                lost = False
-        if rounds % 10 == 0:
-            runners[0].fire("sweep")
-        if not uploads and _settled(runners[0], blobs, settings):
-            return
-        time.sleep(0.1)  # the emulated host's polling interval
-
-
-def _settled(runner: LocalRunner, blobs: BlobServiceClient, settings: dict[str, str]) -> bool:
-    if runner.pending() or runner.undelivered():
+            if not busy and now >= next_settle:
+                next_settle = now + 1.0
+                if self._settled(blobs, data, states):
+                    return True
+            time.sleep(TICK)
         return False
-    state = blobs.get_container_client(settings["RETRAIN_STATE_CONTAINER"])
-    for item in state.list_blobs(name_starts_with="runs/"):
-        run = json.loads(state.download_blob(item.name).readall())
-        if run["state"] not in ("promoted", "rejected", "failed", "superseded"):
+
+    # --------------------------------------------------------------- actions
+
+    def _act(
+        self, action: str, workers: list[Worker], data: ContainerClient, states: ContainerClient
+    ) -> None:
+        rng = self.rng
+        if action.startswith("upload "):
+            name = action.removeprefix("upload ")
+            self._upload(data, name, valid=True, phase="new")
+        elif action == "kill":
+            alive = [w for w in workers if w.alive() and not w.paused_until]
+            if alive:
+                rng.choice(alive).kill()
+                self.result.figures["worker kills"] += 1
+        elif action == "cli":
+            self._cli(states, kill=rng.random() < 0.3)
+        elif action == "lose message":
+            queues = QueueServiceClient.from_connection_string(self.connection)
+            jobs = queues.get_queue_client(self.settings["RETRAIN_JOBS_QUEUE"])
+            props = jobs.get_queue_properties()
+            if props.approximate_message_count:
+                jobs.clear_messages()
+                self.result.figures["lost messages"] += 1
+
+    def _upload(self, data: ContainerClient, name: str, *, valid: bool, phase: str) -> None:
+        text = housing_csv(
+            self.rng.randint(40, 200),
+            seed=self.rng.randrange(1_000_000),
+            noise=self.rng.choice([1, 5, 40]),
+        )
+        if not valid:  # a new version without the 'age' column
+            text = "\n".join(
+                ",".join(c for i, c in enumerate(line.split(",")) if i != 1)
+                for line in text.splitlines()
+            )
+        body = text.encode()
+        reply = data.get_blob_client(name).upload_blob(body, overwrite=True)
+        self.uploads.append(
+            Upload(
+                name,
+                normalize_etag(reply["etag"]),
+                hashlib.sha256(body).hexdigest(),
+                valid,
+                phase,
+            )
+        )
+
+    def _overwrite(
+        self,
+        wanted: list[tuple[str, bool]],
+        data: ContainerClient,
+        states: ContainerClient,
+        runs: list[dict[str, Any]],
+    ) -> None:
+        model = _doc(states, f"models/{MODEL}.json") or {}
+        names = {
+            "open": [f["name"] for f in (model.get("batch") or {}).get("files") or []],
+            "sealed": [
+                r["training_file"]["name"]
+                for r in runs
+                if r["state"] in ("queued", "submitted") and r.get("training_file")
+            ],
+            "training": [
+                r["training_file"]["name"]
+                for r in runs
+                if r["state"] == "running" and r.get("training_file")
+            ],
+        }
+        for phase, valid in list(wanted):
+            if names[phase]:
+                self._upload(data, self.rng.choice(names[phase]), valid=valid, phase=phase)
+                wanted.remove((phase, valid))
+                validity = "valid" if valid else "invalid"
+                self.result.figures[f"overwrite {validity} while {phase}"] += 1
+
+    def _cli(self, states: ContainerClient, *, kill: bool) -> None:
+        rng = self.rng
+        runs = _docs(states, "runs/")
+        promoted = [r["run_id"] for r in runs if r["state"] == "promoted"]
+        waiting = [r["run_id"] for r in runs if r["state"] == "awaiting_approval"]
+        choice = rng.choice(["approve", "rollback", "retrain"])
+        if choice == "approve":
+            command = ["approve", rng.choice(waiting or [r["run_id"] for r in runs] or ["none"])]
+        elif choice == "rollback":
+            command = ["rollback", MODEL]
+            if promoted and rng.random() < 0.5:
+                command += ["--to", rng.choice(promoted)]
+        else:
+            command = ["retrain", MODEL]
+            if self.uploads and rng.random() < 0.5:
+                command += ["--blob", rng.choice(self.uploads).name]
+        self._spawn_cli(command, kill_after=rng.uniform(0.3, 3.0) if kill else None)
+
+    def _spawn_cli(self, command: list[str], *, kill_after: float | None) -> None:
+        out = self.dir / f"cli-{len(self.cli)}.log"
+        with out.open("wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "retrain", "--json", *command, "--by", "chaos"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=stack.ROOT,
+                env=self.env,
+            )
+        kill_at = time.monotonic() + kill_after if kill_after is not None else None
+        self.cli.append(Cli(command, proc, out, kill_at))
+        self.result.figures[f"cli {command[0]}"] += 1
+
+    def _tend_cli(self) -> None:
+        for c in self.cli:
+            if c.kill_at is not None and time.monotonic() >= c.kill_at and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGKILL)
+                c.proc.wait()
+                c.killed = True
+                self.result.figures["cli kills"] += 1
+
+    # ---------------------------------------------------------------- settle
+
+    def _pending(self) -> int:
+        queues = QueueServiceClient.from_connection_string(self.connection)
+        total = 0
+        for setting in ("RETRAIN_JOBS_QUEUE", "RETRAIN_EVALUATIONS_QUEUE"):
+            for name in (self.settings[setting], self.settings[setting] + "-poison"):
+                with contextlib.suppress(ResourceNotFoundError):
+                    props = queues.get_queue_client(name).get_queue_properties()
+                    total += props.approximate_message_count or 0
+        return total
+
+    def _settled(
+        self, blobs: BlobServiceClient, data: ContainerClient, states: ContainerClient
+    ) -> bool:
+        """No message pending, no request held, every blob version delivered, no run going on;
+        a run waiting for approval is approved (by the CLI, as a person would)."""
+        if self.late["held"] or self._pending():
             return False
-    model = state.get_blob_client("models/housing.json")
-    if model.exists():
-        doc = json.loads(model.download_blob().readall())
-        if doc.get("batch") or doc.get("active_run"):
+        model = _doc(states, f"models/{MODEL}.json") or {}
+        if model.get("batch") or model.get("active_run"):
             return False
-    return True
+        runs = _docs(states, "runs/")
+        waiting = [r["run_id"] for r in runs if r["state"] == "awaiting_approval"]
+        if waiting:
+            self._spawn_cli(["approve", waiting[0]], kill_after=None)
+            return False
+        if any(r["state"] not in TERMINAL for r in runs):
+            return False
+        accounted = _accounted(runs, _docs(states, "arrivals/"))
+        return all((b.name, normalize_etag(b.etag)) in accounted for b in data.list_blobs())
+
+    def _unsettled(self, blobs: BlobServiceClient, data: ContainerClient) -> str:
+        states = blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        model = _doc(states, f"models/{MODEL}.json") or {}
+        runs = _docs(states, "runs/")
+        accounted = _accounted(runs, _docs(states, "arrivals/"))
+        undelivered = [
+            b.name for b in data.list_blobs() if (b.name, normalize_etag(b.etag)) not in accounted
+        ]
+        return (
+            f"pending messages {self._pending()}, held requests {self.late['held']}, "
+            f"batch {bool(model.get('batch'))}, active run {model.get('active_run')}, "
+            f"runs {[(r['run_id'], r['state']) for r in runs if r['state'] not in TERMINAL]}, "
+            f"undelivered {undelivered}"
+        )
+
+    # ----------------------------------------------------------------- check
+
+    def _check(
+        self,
+        blobs: BlobServiceClient,
+        data: ContainerClient,
+        emulator: Emulator,
+        workers: list[Worker],
+    ) -> None:
+        res = self.result
+        states = blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        runs = {r["run_id"]: r for r in _docs(states, "runs/")}
+        arrivals = _docs(states, "arrivals/")
+        res.states = Counter(r["state"] for r in runs.values())
+        res.figures["runs"] += len(runs)
+        for v in emulator.violations:
+            res.violate(f"emulator: {v['kind']}", f"job {v['job']}: {v['detail']}")
+        for r in runs.values():
+            if r["state"] not in TERMINAL:
+                res.violate("run not terminal", f"{r['run_id']} is {r['state']}")
+        # At most one started job per batch.
+        started = Counter(
+            rid for _, outs in emulator.started for o in outs if (rid := _run_of(o)) is not None
+        )
+        for started_run, n in started.items():
+            if n > 1:
+                res.violate("extra jobs started", f"run {started_run}: {n} jobs started")
+        # Each version trained in one run, exactly the validated bytes.
+        by_version: dict[tuple[str, str], set[str]] = {}
+        uploads = {(u.name, u.etag): u for u in self.uploads}
+        rejected = {
+            (a["name"], normalize_etag(a["etag"])) for a in arrivals if a["status"] == "rejected"
+        }
+        data_prefix = data.container_name + "/"
+        for t in emulator.trained:
+            run_id = _run_of(t["blob"])
+            source, etag = t["version"]
+            name = str(source).removeprefix(data_prefix)
+            version = (name, normalize_etag(etag))
+            by_version.setdefault(version, set()).add(run_id or t["job"])
+            run = runs.get(run_id or "")
+            if run is None:
+                res.violate("job of no run", f"job {t['job']} read {t['blob']}")
+                continue
+            training = run.get("training_file") or {}
+            expected = (training.get("name"), normalize_etag(training.get("etag", "")))
+            if version != expected:
+                res.violate(
+                    "trained another version than the run recorded",
+                    f"run {run_id} recorded {expected}, its job read {version}",
+                )
+            upload = uploads.get(version)
+            if upload is None:
+                res.violate("trained an unknown version", f"run {run_id}: {version}")
+            elif upload.sha256 != t["sha256"]:
+                res.violate(
+                    "trained bytes differ from the validated version",
+                    f"run {run_id}: {version}",
+                )
+            elif not upload.valid or version in rejected:
+                res.violate("trained a rejected version", f"run {run_id}: {version}")
+        for version, trained_by in by_version.items():
+            if len(trained_by) > 1:
+                res.violate("version trained in two runs", f"{version}: {sorted(trained_by)}")
+        # Every version uploaded is in a run or rejected (or was replaced before any delivery).
+        accounted = _accounted(list(runs.values()), arrivals)
+        recorded = {(a["name"], normalize_etag(a["etag"])) for a in arrivals}
+        latest = {u.name: u.etag for u in self.uploads}
+        for u in self.uploads:
+            if (u.name, u.etag) in accounted:
+                continue
+            if (u.name, u.etag) not in recorded and latest[u.name] != u.etag:
+                res.figures["versions overwritten before any delivery"] += 1
+                continue
+            res.violate("blob version lost", f"{u.name}@{u.etag} ({u.phase})")
+        # No worse model promoted (a rollback or restore deploys an older one on purpose).
+        for r in runs.values():
+            if r["state"] != "promoted" or r.get("kind") in ("rollback", "restore"):
+                continue
+            metrics = r.get("metrics") or {}
+            new = (metrics.get("challenger") or {}).get("Root Mean Squared Error")
+            old = (metrics.get("champion") or {}).get("Root Mean Squared Error")
+            if new is None or (old is not None and not new < old):
+                res.violate("worse model promoted", f"run {r['run_id']}: {new} over {old}")
+        # The target serves what the champion pointer names.
+        model = _doc(states, f"models/{MODEL}.json") or {}
+        champion = (model.get("champion") or {}).get("model")
+        served = _served(emulator)
+        if served != champion:
+            res.violate(
+                "target differs from champion",
+                f"target serves {served}, champion pointer {champion}",
+            )
+        # Patches per run, for the record (a retried PATCH of the same model is not a breach).
+        patches = Counter(_run_of(p) for p in _patched(emulator))
+        res.figures["most PATCHes of one model"] = max(patches.values(), default=0)
+        self._check_outputs(workers)
+
+    def _check_outputs(self, workers: list[Worker]) -> None:
+        res = self.result
+        for path in sorted(self.dir.glob("worker-*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                event = json.loads(line)
+                if event["event"] == "crash":
+                    res.figures[f"crash after {event['point']}"] += 1
+                elif event["event"] == "host error":
+                    res.figures["host polling errors"] += 1
+                elif event["event"] == "exception":
+                    kind = event["type"]
+                    if event["retryable"] and kind.endswith("RemoteError"):
+                        res.exceptions["retryable RemoteError"] += 1
+                    elif kind in EXPECTED_EXCEPTIONS:
+                        res.exceptions[kind.rsplit(".", 1)[-1]] += 1
+                    else:
+                        res.exceptions[kind] += 1
+                        res.violate(
+                            "unexpected exception",
+                            f"{event['function']}: {kind}: {event['message'][:160]}",
+                        )
+        outputs = sorted(self.dir.glob("worker-*.log")) + [c.out for c in self.cli]
+        for path in outputs:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for secret in SECRETS:
+                if secret in text:
+                    res.violate("secret in output", f"{path.name}: a configured key")
+            if _SIG.search(text):
+                res.violate("secret in output", f"{path.name}: a SAS signature")
+        for c in self.cli:
+            text = c.out.read_text(encoding="utf-8", errors="replace")
+            if c.killed:
+                continue
+            if "Traceback" in text:
+                last = text.strip().splitlines()[-1][:160]
+                res.violate("CLI traceback", f"{' '.join(c.command)}: {last}")
+            elif c.proc.returncode in (1, 2):
+                res.figures["cli refusals"] += 1
+            elif c.proc.returncode not in (0, None):
+                res.violate("CLI exit", f"{' '.join(c.command)}: exit {c.proc.returncode}")
 
 
-def _check(result: Result, emulator: Emulator, settings: dict[str, str], connection: str) -> None:
-    blobs = BlobServiceClient.from_connection_string(connection)
-    state = blobs.get_container_client(settings["RETRAIN_STATE_CONTAINER"])
-    runs = [
-        json.loads(state.download_blob(b.name).readall())
-        for b in state.list_blobs(name_starts_with="runs/")
+def _fault_kind(fault: dict[str, Any]) -> str:
+    if fault.get("lose_response"):
+        return "lost response"
+    if "delay_answer" in fault:
+        return "late answer"
+    if "delay" in fault:
+        return "late act"
+    if fault.get("drop"):
+        return "drop"
+    return str(fault.get("status"))
+
+
+def _call_kind(method: str, path: str) -> str:
+    if "/operationsStatus/" in path:
+        return "ARM operation"
+    if "/webServices/" in path:
+        return "ARM " + method
+    if "/endpoints/" in path:
+        return method if method == "PATCH" else f"endpoint {method}"
+    if path.endswith("/start"):
+        return "start"
+    if re.search(r"/jobs/?$", path):
+        return "submit"
+    if "/jobs/" in path:
+        return "status" if method == "GET" else f"job {method}"
+    return f"{method} other"
+
+
+def _doc(container: ContainerClient, key: str) -> dict[str, Any] | None:
+    try:
+        loaded: dict[str, Any] = json.loads(container.download_blob(key).readall())
+    except ResourceNotFoundError:
+        return None
+    return loaded
+
+
+def _docs(container: ContainerClient, prefix: str) -> list[dict[str, Any]]:
+    try:
+        names = [b.name for b in container.list_blobs(name_starts_with=prefix)]
+    except ResourceNotFoundError:
+        return []
+    return [d for n in names if (d := _doc(container, n)) is not None]
+
+
+def _accounted(runs: list[dict[str, Any]], arrivals: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """Versions in a run's files, or recorded as rejected."""
+    held = {(f["name"], normalize_etag(f["etag"])) for r in runs for f in r.get("files") or []}
+    return held | {
+        (a["name"], normalize_etag(a["etag"])) for a in arrivals if a.get("status") == "rejected"
+    }
+
+
+def _patched(emulator: Emulator) -> list[str]:
+    paths = [
+        str(p.get("RelativeLocation", "")) for ep in emulator.endpoints.values() for p in ep.patches
     ]
-    result.batches = len(runs)
-    result.states = Counter(r["state"] for r in runs)
-    result.not_terminal = sum(
-        1 for r in runs if r["state"] not in ("promoted", "rejected", "failed", "superseded")
-    )
-    starts = Counter(
-        rid for _, outs in emulator.started for o in outs if (rid := _run_id(o)) is not None
-    )
-    result.jobs_started_max = max(starts.values(), default=0)
-    patched = [
-        p.get("RelativeLocation", "") for ep in emulator.endpoints.values() for p in ep.patches
-    ]
-    patched += [
-        a.get("locationInfo", {}).get("uri", "")
+    paths += [
+        _asset_path(a)
         for ws in emulator.web_services.values()
         for assets in ws.patches
         for a in assets.values()
         if a.get("type") == "Resource"
     ]
-    promotions = Counter(rid for loc in patched if (rid := _run_id(loc)) is not None)
-    result.promotions_max = max(promotions.values(), default=0)
-    trained = Counter((f["name"], f["etag"]) for r in runs for f in r.get("files") or [])
-    result.trained_twice = sum(1 for n in trained.values() if n > 1)
-    accounted = {name for name, _ in trained}
-    for b in state.list_blobs(name_starts_with="arrivals/"):
-        arrival = json.loads(state.download_blob(b.name).readall())
-        if arrival.get("status") == "rejected":
-            accounted.add(arrival["name"])
-    data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
-    result.blobs_missing = sum(1 for b in data.list_blobs() if b.name not in accounted)
-    for run in runs:
-        metrics = run.get("metrics") or {}
-        new = (metrics.get("challenger") or {}).get("Root Mean Squared Error")
-        old = (metrics.get("champion") or {}).get("Root Mean Squared Error")
-        if (
-            run["state"] == "promoted"
-            and run.get("kind") != "rollback"
-            and (new is None or (old is not None and not new < old))
-        ):
-            result.worse_promoted += 1
+    return paths
 
 
-def main() -> int:
-    """Run scenarios, print one line each and a summary; exit 1 on any violation."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--json", type=str, help="also write the results to this file")
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="JSON",
-        help="only add up the summaries of earlier runs (e.g. parallel ones)",
-    )
-    args = parser.parse_args()
-    if args.merge:
-        return _merge(args.merge)
-    logging.basicConfig(level=logging.CRITICAL)
-    print(f"chaos: {args.scenarios} scenario(s) from seed {args.seed}")
-    results = []
-    with stack.azurite() as connection:
-        for i in range(args.scenarios):
-            result = run_scenario(connection, args.seed * 100_000 + i)
-            results.append(result)
-            print(
-                f"  scenario {i:>3} seed {result.seed}: {result.seconds:5.1f}s "
-                f"faults={','.join(result.faults) or '-'} "
-                f"injected={dict(result.injected) or '-'} runs={dict(result.states)} "
-                f"violations={result.violations} {result.breaches() or ''}",
-                flush=True,
-            )
-    summary = {
+def _asset_path(asset: dict[str, Any]) -> str:
+    """'container/name' of an ARM asset's blob URI (account and SAS left out)."""
+    path = urlsplit(str((asset.get("locationInfo") or {}).get("uri") or "")).path
+    return unquote(path.lstrip("/").removeprefix(stack.DEV_ACCOUNT + "/"))
+
+
+def _served(emulator: Emulator) -> str | None:
+    """The model the target serves, as 'container/name', or None for the initial one."""
+    for ep in emulator.endpoints.values():
+        if ep.name != "default" and ep.location is not None:
+            return unquote(str(ep.location["RelativeLocation"]).lstrip("/"))
+    for ws in emulator.web_services.values():
+        for asset in (ws.assets or {}).values():
+            if asset.get("type") == "Resource" and ws.patches:
+                return _asset_path(asset)
+    return None
+
+
+def run_scenario(
+    connection: str, seed: int, workdir: Path | None = None, *, faults: list[str] | None = None
+) -> Result:
+    """One seeded scenario against the Azurite at `connection`; `faults` replaces the mix the
+    seed would draw (each fault's timing and details still come from the seed)."""
+    if faults is not None and (unknown := set(faults) - set(FAULTS)):
+        raise ValueError(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    if workdir is not None:
+        return Scenario(connection, seed, workdir, faults).run()
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        return Scenario(connection, seed, Path(tmp), faults).run()
+
+
+def summarize(results: list[Result], seed: int) -> dict[str, Any]:
+    """The figures of a set of scenarios, as `--json` writes and `--merge` adds up."""
+    figures: Counter[str] = Counter()
+    violations: Counter[str] = Counter()
+    states: Counter[str] = Counter()
+    exceptions: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    for r in results:
+        figures.update(r.figures)
+        violations.update(r.violations)
+        states.update(r.states)
+        exceptions.update(r.exceptions)
+        faults.update(r.faults)
+    skews = [s for r in results for s in r.skews if s]
+    figures.pop("most PATCHes of one model", None)  # a maximum, not a sum
+    return {
         "scenarios": len(results),
-        "seed": args.seed,
-        "faults_injected": sum(sum(r.injected.values()) + len(r.faults) for r in results),
-        "crashes_injected": sum(sum(r.injected.values()) for r in results),
-        "runs": sum(r.batches for r in results),
-        "max_jobs_started_per_batch": max((r.jobs_started_max for r in results), default=0),
-        "max_promotions_per_run": max((r.promotions_max for r in results), default=0),
-        "runs_not_terminal": sum(r.not_terminal for r in results),
-        "blobs_missing": sum(r.blobs_missing for r in results),
-        "blob_versions_trained_twice": sum(r.trained_twice for r in results),
-        "worse_models_promoted": sum(r.worse_promoted for r in results),
-        "violations": sum(r.violations for r in results),
+        "seeds": [seed],
+        "seconds": round(sum(r.seconds for r in results), 1),
+        "longest_scenario_seconds": round(max((r.seconds for r in results), default=0), 1),
+        "scenarios_with_fault": dict(sorted(faults.items())),
+        "figures": dict(sorted(figures.items())),
+        "max_patches_of_one_model": max(
+            (r.figures["most PATCHes of one model"] for r in results), default=0
+        ),
+        "clock_skews": {
+            "count": len(skews),
+            "min_seconds": min(skews, default=0),
+            "max_seconds": max(skews, default=0),
+        },
+        "runs_by_state": dict(sorted(states.items())),
+        "exceptions": dict(sorted(exceptions.items())),
+        "violations_by_kind": dict(sorted(violations.items())),
+        "violations": sum(violations.values()),
+        "violating_seeds": [r.seed for r in results if r.total],
     }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
-    return 1 if summary["violations"] else 0
 
 
 def _merge(paths: list[str]) -> int:
@@ -427,14 +929,84 @@ def _merge(paths: list[str]) -> int:
     for path in paths:
         with open(path, encoding="utf-8") as fh:
             parts.append(json.load(fh))
-    merged: dict[str, Any] = {"seeds": [p["seed"] for p in parts]}
-    for key in parts[0]:
-        if key == "seed":
-            continue
-        values = [p[key] for p in parts]
-        merged[key] = max(values) if key.startswith("max_") else sum(values)
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key.startswith(("max_", "longest_")):
+                merged[key] = max(merged.get(key, 0), value)
+            elif key == "clock_skews":
+                prior = merged.get(key)
+                merged[key] = (
+                    {
+                        "count": prior["count"] + value["count"],
+                        "min_seconds": min(prior["min_seconds"], value["min_seconds"]),
+                        "max_seconds": max(prior["max_seconds"], value["max_seconds"]),
+                    }
+                    if prior
+                    else dict(value)
+                )
+            elif isinstance(value, dict):
+                sub = Counter(merged.get(key, {}))
+                sub.update(value)
+                merged[key] = dict(sorted(sub.items()))
+            else:
+                merged[key] = merged.get(key, type(value)()) + value
     print(json.dumps(merged, indent=2))
-    return 1 if merged["violations"] else 0
+    return 1 if merged.get("violations") else 0
+
+
+@contextlib.contextmanager
+def _workdir(keep: str | None) -> Iterator[Path]:
+    if keep:
+        path = Path(keep)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        yield Path(tmp)
+
+
+def main() -> int:
+    """Run scenarios, print one line each and a summary; exit 1 on any violation."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--first", type=int, default=0, help="index of the first scenario (to rerun one seed)"
+    )
+    parser.add_argument("--json", type=str, help="also write the summary to this file")
+    parser.add_argument(
+        "--keep", type=str, help="keep each scenario's worker and CLI output under this folder"
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="only add up the summaries of earlier runs (e.g. parallel shards)",
+    )
+    args = parser.parse_args()
+    if args.merge:
+        return _merge(args.merge)
+    logging.basicConfig(level=logging.CRITICAL)
+    print(
+        f"chaos: {args.scenarios} scenario(s) from seed {args.seed}, worker processes, "
+        f"deploy lease {DEPLOY_LEASE:.0f} s",
+        flush=True,
+    )
+    results = []
+    with stack.azurite() as connection, _workdir(args.keep) as workdir:
+        for i in range(args.first, args.first + args.scenarios):
+            result = run_scenario(connection, args.seed * 100_000 + i, workdir)
+            results.append(result)
+            print(result.line(i), flush=True)
+            for detail in result.details:
+                print(f"      {detail}", flush=True)
+    summary = summarize(results, args.seed)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+    return 1 if summary["violations"] else 0
 
 
 if __name__ == "__main__":

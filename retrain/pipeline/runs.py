@@ -113,7 +113,11 @@ class RunMover:
         mine = delivery_doc(delivery)
 
         def claim(d: Doc) -> Doc | None:
-            holder = d[section] if section else d
+            holder = d.get(section) if section else d
+            if holder is None:
+                if section != "start":
+                    return None
+                holder = d["start"] = {"polls": -1}  # recorded before starts were claimed
             made = holder.get("polls", 0)
             if made > poll:
                 return None

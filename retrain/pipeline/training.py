@@ -17,7 +17,7 @@ from retrain.pipeline.context import (
     delivery_doc,
     dims,
 )
-from retrain.pipeline.records import parse
+from retrain.pipeline.records import iso, parse
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
 from retrain.runstate import TRAINING, RunState, is_terminal
@@ -87,17 +87,23 @@ class Training:
     ) -> str:
         """Do what the run's state calls for: submit and start, start, or poll."""
         now = self._ctx.clock.now()
+        key = run_key(spec.name, msg.run_id)
         if run["state"] == RunState.QUEUED:
             if now >= parse(run["deadline_at"]):
                 return self._runs.fail(spec, run, "the job deadline passed before it was submitted")
-            run, persisted = self._submit(spec, jobs, run, now)
+            run, persisted = self._submit(spec, jobs, run, msg, delivery, now)
             step.run = run
             if not persisted:
                 return "conflict"
+            step.polled = True  # the job id's write took the start slot for this delivery
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
         if run["state"] == RunState.SUBMITTED:
+            # Starting is part of the one chain: of several copies, one asks BES and starts.
+            if not self._runs.claim_poll(key, "start", msg.poll, delivery):
+                return "duplicate"
+            step.polled = True
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
-        if not self._runs.claim_poll(run_key(spec.name, msg.run_id), None, msg.poll, delivery):
+        if not self._runs.claim_poll(key, None, msg.poll, delivery):
             return "duplicate"
         step.polled = True
         return self._poll(spec, jobs, run, msg, now)
@@ -172,7 +178,13 @@ class Training:
         return "started"
 
     def _submit(
-        self, spec: ModelSpec, jobs: BatchJobs, run: Doc, now: datetime
+        self,
+        spec: ModelSpec,
+        jobs: BatchJobs,
+        run: Doc,
+        msg: TrackRun,
+        delivery: Delivery | None,
+        now: datetime,
     ) -> tuple[Doc, bool]:
         """Submit, then persist the job id; only a persisted job is ever started."""
         folder = f"{spec.name}/{run['run_id']}"
@@ -189,6 +201,7 @@ class Training:
             now,
             note=f"job {job_id} submitted",
             job_id=job_id,
+            start={"polls": msg.poll, "poll_by": delivery_doc(delivery), "polled_at": iso(now)},
             outputs={
                 "input": f"{art}/{frozen}",
                 "model": f"{art}/{folder}/{MODEL_BLOB}",

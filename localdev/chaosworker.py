@@ -1,0 +1,226 @@
+"""One worker process of a chaos scenario: the real function app under the local runner.
+
+Each worker is a separate instance, as in Azure: its own caches, its own `Retrainer`, and its
+own clock, which runs `--skew` seconds off the machine's. It polls the blob container and the
+queues like the host, fires the sweep every `--sweep-every` seconds, and may kill itself with
+SIGKILL right after a side effect (`--crash-rate`), before the message is acked: a process that
+dies at the worst moment. It serves until SIGTERM (or a SIGKILL from the harness).
+
+What it saw goes to `--report` as JSON lines: every exception a function raised (its type and
+whether it was a retryable remote error) and every crash it injected into itself.
+
+    python -m localdev.chaosworker --settings settings.json --report worker.jsonl --skew -90
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from localdev.runner import LocalRunner, log_handler
+from retrain.clock import SystemClock
+
+
+class SkewedClock:
+    """The machine's clock, `offset` off: an instance whose clock runs ahead or behind."""
+
+    def __init__(self, offset: timedelta) -> None:
+        self.offset = offset
+        self._system = SystemClock()
+
+    def now(self) -> datetime:
+        return self._system.now() + self.offset
+
+    def monotonic(self) -> float:
+        # A skew moves the wall clock only: leases are timed on the machine's monotonic clock.
+        return self._system.monotonic()
+
+
+class Report:
+    """Appends one JSON line per event; flushed at once, so a SIGKILL loses nothing written."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, **event: Any) -> None:
+        self._fh.write(json.dumps(event, default=str) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+
+class Crasher:
+    """Kills this process right after a side effect, with probability `rate`."""
+
+    def __init__(self, rng: random.Random, rate: float, report: Report) -> None:
+        self.rng = rng
+        self.rate = rate
+        self.report = report
+
+    def after(self, point: str) -> None:
+        """Call right after a side effect succeeded."""
+        if self.rate and self.rng.random() < self.rate:
+            self.report.write(event="crash", point=point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Wrapper:
+    def __init__(self, inner: Any, crasher: Crasher) -> None:
+        self._inner = inner
+        self._crasher = crasher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class CrashingStore(_Wrapper):
+    def create(self, key: str, doc: dict[str, Any]) -> str:
+        etag: str = self._inner.create(key, doc)
+        self._crasher.after("ledger write")
+        return etag
+
+    def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
+        new: str = self._inner.replace(key, doc, etag)
+        self._crasher.after("ledger write")
+        return new
+
+
+class CrashingJobs(_Wrapper):
+    def submit(self, **kwargs: Any) -> str:
+        job: str = self._inner.submit(**kwargs)
+        self._crasher.after("BES submit")
+        return job
+
+    def start(self, job_id: str) -> None:
+        self._inner.start(job_id)
+        self._crasher.after("BES start")
+
+
+class CrashingTarget(_Wrapper):
+    def deploy(self, model: Any) -> Any:
+        progress = self._inner.deploy(model)
+        self._crasher.after("PATCH")
+        return progress
+
+
+class CrashingOutbox(_Wrapper):
+    def send(self, queue: str, message: Any, **kwargs: Any) -> None:
+        self._inner.send(queue, message, **kwargs)
+        self._crasher.after("enqueue")
+
+
+WRAPPERS = {
+    "store": CrashingStore,
+    "jobs": CrashingJobs,
+    "target": CrashingTarget,
+    "outbox": CrashingOutbox,
+}
+
+
+class _FunctionErrors(logging.Handler):
+    """Reports each exception a function raised (the runner logs them with exc_info)."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(logging.ERROR)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.exc_info or not record.exc_info[1]:
+            return
+        exc = record.exc_info[1]
+        args = record.args if isinstance(record.args, tuple) else ()
+        self.report.write(
+            event="exception",
+            function=str(args[0]) if args else "?",
+            type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            retryable=bool(getattr(exc, "retryable", False)),
+            message=str(exc)[:300],
+        )
+
+
+def main() -> int:
+    """Serve one worker until SIGTERM."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", type=Path, required=True, help="app settings (JSON)")
+    parser.add_argument("--report", type=Path, required=True, help="JSON lines written here")
+    parser.add_argument("--skew", type=float, default=0.0, help="clock offset in seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--duplicates", type=float, default=0.0)
+    parser.add_argument("--shuffle", action="store_true")
+    parser.add_argument("--crash-rate", type=float, default=0.0)
+    parser.add_argument("--sweep-every", type=float, default=3.0)
+    parser.add_argument(
+        "--visibility",
+        type=float,
+        default=30.0,
+        help="seconds a received message stays invisible (a killed worker's messages reappear)",
+    )
+    args = parser.parse_args()
+    settings: dict[str, str] = json.loads(args.settings.read_text(encoding="utf-8"))
+    os.environ.update(settings)
+    report = Report(args.report)
+    logging.basicConfig(level=logging.INFO, handlers=[log_handler(sys.stderr)])
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    logging.getLogger("runner").addHandler(_FunctionErrors(report))
+
+    from retrain import wiring
+    from retrain.settings import get_settings
+
+    rng = random.Random(args.seed)
+    crasher = Crasher(random.Random(args.seed + 1), args.crash_rate, report)
+
+    def decorate(kind: str, port: Any) -> Any:
+        wrapper = WRAPPERS.get(kind)
+        return wrapper(port, crasher) if wrapper and args.crash_rate else port
+
+    built = wiring.build(
+        get_settings(), decorate=decorate, clock=SkewedClock(timedelta(seconds=args.skew))
+    )
+    wiring.retrainer = lambda: built  # type: ignore[assignment]
+    import function_app
+
+    runner = LocalRunner(
+        function_app.app,
+        env=settings,
+        failure_visibility=timedelta(seconds=1),
+        lease=timedelta(seconds=args.visibility),
+        duplicates=args.duplicates,
+        shuffle=args.shuffle,
+        rng=rng,
+    )
+    stop = False
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    report.write(event="ready", pid=os.getpid())
+    next_sweep = time.monotonic() + args.sweep_every * rng.random()
+    log = logging.getLogger("chaosworker")
+    while not stop:
+        try:
+            if time.monotonic() >= next_sweep:
+                runner.fire("sweep")
+                next_sweep = time.monotonic() + args.sweep_every
+            runner.step()
+        except Exception as exc:  # noqa: BLE001 - the emulated host's own hiccup, not the app's
+            # E.g. a message another worker re-received after its visibility ran out: the pop
+            # receipt no longer matches. The host logs such errors and keeps polling.
+            log.warning("polling round failed: %s: %s", type(exc).__name__, exc)
+            report.write(event="host error", type=type(exc).__name__)
+        time.sleep(0.1)  # the emulated host's polling interval
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
