@@ -116,3 +116,34 @@ class TestAdvance:
         with pytest.raises(IllegalTransition):
             advance(doc, RunState.TRAINED, RunState.PROMOTED, NOW, note="skips promoting")
         assert doc == json.loads(STORED_RUN)
+
+
+# The same words where they are not a run's state, each with what it is instead.
+NOT_RUN_STATES = {
+    ("retrain/pipeline/arrivals.py", "rejected"): "an arrival's status (Arrival.REJECTED)",
+    ("retrain/pipeline/gate.py", "awaiting_approval"): "the model document's parked-run field",
+    (
+        "retrain/pipeline/operations.py",
+        "awaiting_approval",
+    ): "the model document's parked-run field",
+    ("retrain/pipeline/promotion.py", "failed"): "a target's Progress.state",
+    ("retrain/deploy.py", "failed"): "a target's Progress.state",
+    ("retrain/arm.py", "failed"): "an ARM provisioning state, and the Progress it maps to",
+}
+
+
+def test_no_run_state_is_spelled_outside_the_table() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    values = {s.value for s in RunState}
+    found = set()
+    for path in sorted((root / "retrain").rglob("*.py")):
+        module = path.relative_to(root).as_posix()
+        if module == "retrain/runstate.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in values:
+                found.add((module, node.value))
+    assert found <= set(NOT_RUN_STATES), sorted(found - set(NOT_RUN_STATES))
