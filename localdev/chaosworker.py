@@ -41,6 +41,9 @@ class SkewedClock:
     def now(self) -> datetime:
         return self._system.now() + self.offset
 
+    def monotonic(self) -> float:
+        return self._system.monotonic()  # a wrong wall clock does not change elapsed time
+
 
 class Report:
     """Appends one JSON line per event; flushed at once, so a SIGKILL loses nothing written."""

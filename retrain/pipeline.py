@@ -440,11 +440,11 @@ class Retrainer:
                 run, persisted = self._submit(spec, jobs, run, msg, delivery, now)
                 if not persisted:
                     return "conflict"
-                step.polled = True  # the job id's write took the start slot for this delivery
+                step.polled = True  # the job id's write took the chain's poll for this delivery
                 return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
             if run["state"] == "submitted":
                 # Starting is part of the one chain: of several copies, one asks BES and starts.
-                if not self._claim_poll(key, "start", msg.poll, delivery):
+                if not self._claim_poll(key, None, msg.poll, delivery):
                     return "duplicate"
                 step.polled = True
                 return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
@@ -509,20 +509,14 @@ class Retrainer:
                 if exc.status != 409:
                     raise
                 log.info("job %s: already started (409 on start)", job_id)
-        _, moved = self._move(
-            spec,
-            run["run_id"],
-            "submitted",
-            "running",
-            now,
-            note=f"job {job_id} started",
-            polls=0,
-            poll_by=_delivery_doc(delivery),
+        moved_run, moved = self._move(
+            spec, run["run_id"], "submitted", "running", now, note=f"job {job_id} started"
         )
         if not moved:
             return "duplicate"  # another delivery started the job and owns the poll chain
-        step.polled = True  # the move took poll 0 of the chain for this delivery
-        self._poll_later(spec, run["run_id"], 1)
+        # The chain goes on from the poll this delivery claimed to start the job (polls and
+        # starts share one count, so no copy of an earlier message can poll it again).
+        self._poll_later(spec, run["run_id"], moved_run.get("polls", 0) + 1)
         return "started"
 
     def _submit(
@@ -579,7 +573,9 @@ class Retrainer:
             now,
             note=f"job {job_id} submitted",
             job_id=job_id,
-            start={"polls": msg.poll, "poll_by": _delivery_doc(delivery), "polled_at": _iso(now)},
+            polls=msg.poll,
+            poll_by=_delivery_doc(delivery),
+            polled_at=_iso(now),
             outputs={
                 "input": f"{art}/{frozen}",
                 "model": f"{art}/{folder}/{MODEL_BLOB}",
@@ -1842,9 +1838,7 @@ class Retrainer:
         def claim(d: Doc) -> Doc | None:
             holder = d.get(section) if section else d
             if holder is None:
-                if section != "start":
-                    return None
-                holder = d["start"] = {"polls": -1}  # recorded before starts were claimed
+                return None
             made = holder.get("polls", 0)
             if made > poll:
                 return None
