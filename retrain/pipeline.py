@@ -141,6 +141,8 @@ class _Step:
 
     polled: bool = False
     """It claimed its message's poll number, so a retry must use the next one."""
+    starting: bool = False
+    """It was starting a job: a start with no answer may still be acted on by the service."""
 
 
 class Retrainer:
@@ -460,6 +462,11 @@ class Retrainer:
                 delay = max(
                     timedelta(seconds=exc.retry_after or 0),
                     self._timing.delay(poll) if claimed else MIN_POLL_GAP,
+                    # A start that got no answer may reach BES late: look (status first) only
+                    # once the service must have acted on it, so it is not started twice.
+                    self._timing.call_bound
+                    if step.starting and exc.status is None
+                    else MIN_POLL_GAP,
                     MIN_POLL_GAP,
                 )
                 log.warning(
@@ -503,12 +510,14 @@ class Retrainer:
         if not known_unstarted:
             already = jobs.status(job_id).state is not JobState.NOT_STARTED
         if not already:
+            step.starting = True
             try:
                 jobs.start(job_id)
             except RemoteError as exc:
                 if exc.status != 409:
                     raise
                 log.info("job %s: already started (409 on start)", job_id)
+            step.starting = False
         moved_run, moved = self._move(
             spec, run["run_id"], "submitted", "running", now, note=f"job {job_id} started"
         )

@@ -1074,6 +1074,31 @@ class TestChainsAfterAnInterruptedStep:
         assert w.run()["polls"] == 1
 
 
+class TestAStartWithNoAnswer:
+    def queued(self) -> World:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        w.deliver()  # sealed: the track message waits
+        return w
+
+    def test_is_looked_at_again_only_after_the_service_must_have_acted(self) -> None:
+        w = self.queued()
+        w.jobs.errors["start"] = RemoteError("BES start: read timed out", retryable=True)
+        assert w.deliver() == ["retry"]
+        ((_, again, delay),) = w.outbox.sent[-1:]
+        assert isinstance(again, TrackRun)
+        assert delay >= w.retrainer._timing.call_bound
+        assert w.deliver() == ["started"]  # status first: running, so not started again
+        assert w.jobs.started == ["job1"]
+
+    def test_a_refused_start_is_tried_again_at_the_chain_pace(self) -> None:
+        w = self.queued()
+        w.jobs.errors["start"] = RemoteError("BES start: HTTP 503", status=503, retryable=True)
+        assert w.deliver() == ["retry"]
+        ((_, _, delay),) = w.outbox.sent[-1:]
+        assert delay < w.retrainer._timing.call_bound
+
+
 class TestRetrainNowRefusesVersionsInFlight:
     def test_a_version_in_a_sealed_batch_whose_run_is_not_recorded_yet(self) -> None:
         w = sealed_without_its_run()
