@@ -1534,6 +1534,8 @@ class Retrainer:
         try:
             if self._target_for(spec).serves(self._model_ref(champion["model"])):
                 return 0
+            if not self._claim_restore(spec):
+                return 0
             source = self._ledger.get(run_key(spec.name, champion["run_id"])) or {
                 "run_id": champion["run_id"],
                 "outputs": {"model": champion["model"]},
@@ -1560,6 +1562,28 @@ class Retrainer:
             extra=_dims(spec.name, restore),
         )
         return 1
+
+    def _claim_restore(self, spec: ModelSpec) -> bool:
+        """At most one restore started by the sweep per model and stall period: a target that
+        keeps refusing the champion gets a failed restore run now and then, not every sweep."""
+        now = self._clock.now()
+
+        def claim(d: Doc) -> Doc | None:
+            last = d.get("restore_started_at")
+            if last and now < _parse(last) + self._stall:
+                return None
+            d["restore_started_at"] = _iso(now)
+            return d
+
+        _, claimed = self._ledger.update(sweep_key(spec.name), claim, initial={"model": spec.name})
+        if not claimed:
+            log.warning(
+                "sweep: the target of %s does not serve its champion; a restore was started "
+                "less than RETRAIN_SWEEP_STALL ago",
+                spec.name,
+                extra=_dims(spec.name),
+            )
+        return claimed
 
     def _sweep_blobs(
         self, spec: ModelSpec, state: Doc, now: datetime, counts: dict[str, int]

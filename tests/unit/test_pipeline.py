@@ -1018,6 +1018,20 @@ class TestFailedWhileAHolderDeploys:
         assert w.target.serving == champion_model
         assert w.retrainer.sweep()["restores"] == 0
 
+    def test_a_target_that_keeps_refusing_the_champion_gets_one_restore_per_stall(
+        self,
+    ) -> None:
+        w, _ = champion_then_second_trained()
+        w.deliver()  # the second run is promoted
+        w.target.serving = "artifacts/elsewhere/model.ilearner"  # changed outside the app
+        w.target.provisioning = ["failed"] * 10
+        assert w.retrainer.sweep()["restores"] == 1
+        w.deliver()  # the restore fails: the target refuses
+        assert latest_run(w)["state"] == "failed"
+        assert w.retrainer.sweep()["restores"] == 0  # not a failed restore per sweep
+        w.clock.advance(minutes=30)  # past the stall (RETRAIN_SWEEP_STALL + the poll delay)
+        assert w.retrainer.sweep()["restores"] == 1
+
     def test_a_holder_refused_the_crown_ends_its_run(self) -> None:
         w, _ = champion_then_second_trained()
         ((_, msg, _),) = w.outbox.take()
