@@ -42,8 +42,7 @@ class SkewedClock:
         return self._system.now() + self.offset
 
     def monotonic(self) -> float:
-        # A skew moves the wall clock only: leases are timed on the machine's monotonic clock.
-        return self._system.monotonic()
+        return self._system.monotonic()  # a wrong wall clock does not change elapsed time
 
 
 class Report:

@@ -97,6 +97,8 @@ class Step:
 
     polled: bool = False
     """It claimed its message's poll number, so a retry must use the next one."""
+    starting: bool = False
+    """It was starting a job: a start with no answer may still be acted on by the service."""
     run: Doc | None = None
     """The run record as it last wrote it, if it wrote one."""
 

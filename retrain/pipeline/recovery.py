@@ -102,6 +102,8 @@ class Recovery:
         try:
             if ctx.target_for(spec).serves(self._slot.model_ref(champion["model"])):
                 return 0
+            if not self._claim_restore(spec):
+                return 0
             source = champion_run(champion, ctx.ledger.get(run_key(spec.name, champion["run_id"])))
             restore = self._slot.redeploy(
                 spec, source, kind="restore", by="sweep", champion=champion["run_id"]
@@ -125,6 +127,29 @@ class Recovery:
             extra=dims(spec.name, restore),
         )
         return 1
+
+    def _claim_restore(self, spec: ModelSpec) -> bool:
+        """At most one restore started by the sweep per model and stall period: a target that
+        keeps refusing the champion gets a failed restore run now and then, not every sweep."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+
+        def claim(d: Doc) -> Doc | None:
+            last = d.get("restore_started_at")
+            if last and now < parse(last) + ctx.stall:
+                return None
+            d["restore_started_at"] = iso(now)
+            return d
+
+        _, claimed = ctx.ledger.update(sweep_key(spec.name), claim, initial={"model": spec.name})
+        if not claimed:
+            log.warning(
+                "sweep: the target of %s does not serve its champion; a restore was started "
+                "less than RETRAIN_SWEEP_STALL ago",
+                spec.name,
+                extra=dims(spec.name),
+            )
+        return claimed
 
     def _sweep_blobs(self, spec: ModelSpec, state: Doc, now: datetime, counts: Counts) -> int:
         """Ingest the model's blobs that never reached a batch; returns how many it ingested.

@@ -115,9 +115,7 @@ class RunMover:
         def claim(d: Doc) -> Doc | None:
             holder = d.get(section) if section else d
             if holder is None:
-                if section != "start":
-                    return None
-                holder = d["start"] = {"polls": -1}  # recorded before starts were claimed
+                return None
             made = holder.get("polls", 0)
             if made > poll:
                 return None

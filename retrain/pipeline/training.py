@@ -95,11 +95,11 @@ class Training:
             step.run = run
             if not persisted:
                 return "conflict"
-            step.polled = True  # the job id's write took the start slot for this delivery
+            step.polled = True  # the job id's write took the chain's poll for this delivery
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
         if run["state"] == RunState.SUBMITTED:
             # Starting is part of the one chain: of several copies, one asks BES and starts.
-            if not self._runs.claim_poll(key, "start", msg.poll, delivery):
+            if not self._runs.claim_poll(key, None, msg.poll, delivery):
                 return "duplicate"
             step.polled = True
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
@@ -116,6 +116,9 @@ class Training:
         delay = max(
             timedelta(seconds=exc.retry_after or 0),
             self._ctx.timing.delay(poll) if claimed else MIN_POLL_GAP,
+            # A start that got no answer may reach BES late: look (status first) only once
+            # the service must have acted on it, so it is not started twice.
+            self._ctx.timing.call_bound if step.starting and exc.status is None else MIN_POLL_GAP,
             MIN_POLL_GAP,
         )
         log.warning(
@@ -155,26 +158,27 @@ class Training:
         if not known_unstarted:
             already = jobs.status(job_id).state is not JobState.NOT_STARTED
         if not already:
+            step.starting = True
             try:
                 jobs.start(job_id)
             except RemoteError as exc:
                 if exc.status != 409:
                     raise
                 log.info("job %s: already started (409 on start)", job_id)
-        _, moved = self._runs.move(
+            step.starting = False
+        moved_run, moved = self._runs.move(
             spec,
             run["run_id"],
             RunState.SUBMITTED,
             RunState.RUNNING,
             now,
             note=f"job {job_id} started",
-            polls=0,
-            poll_by=delivery_doc(delivery),
         )
         if not moved:
             return "duplicate"  # another delivery started the job and owns the poll chain
-        step.polled = True  # the move took poll 0 of the chain for this delivery
-        self._poll_later(spec, run["run_id"], 1)
+        # The chain goes on from the poll this delivery claimed to start the job (polls and
+        # starts share one count, so no copy of an earlier message can poll it again).
+        self._poll_later(spec, run["run_id"], moved_run.get("polls", 0) + 1)
         return "started"
 
     def _submit(
@@ -201,7 +205,9 @@ class Training:
             now,
             note=f"job {job_id} submitted",
             job_id=job_id,
-            start={"polls": msg.poll, "poll_by": delivery_doc(delivery), "polled_at": iso(now)},
+            polls=msg.poll,
+            poll_by=delivery_doc(delivery),
+            polled_at=iso(now),
             outputs={
                 "input": f"{art}/{frozen}",
                 "model": f"{art}/{folder}/{MODEL_BLOB}",

@@ -1018,6 +1018,20 @@ class TestFailedWhileAHolderDeploys:
         assert w.target.serving == champion_model
         assert w.retrainer.sweep()["restores"] == 0
 
+    def test_a_target_that_keeps_refusing_the_champion_gets_one_restore_per_stall(
+        self,
+    ) -> None:
+        w, _ = champion_then_second_trained()
+        w.deliver()  # the second run is promoted
+        w.target.serving = "artifacts/elsewhere/model.ilearner"  # changed outside the app
+        w.target.provisioning = ["failed"] * 10
+        assert w.retrainer.sweep()["restores"] == 1
+        w.deliver()  # the restore fails: the target refuses
+        assert latest_run(w)["state"] == "failed"
+        assert w.retrainer.sweep()["restores"] == 0  # not a failed restore per sweep
+        w.clock.advance(minutes=30)  # past the stall (RETRAIN_SWEEP_STALL + the poll delay)
+        assert w.retrainer.sweep()["restores"] == 1
+
     def test_a_holder_refused_the_crown_ends_its_run(self) -> None:
         w, _ = champion_then_second_trained()
         ((_, msg, _),) = w.outbox.take()
@@ -1072,6 +1086,31 @@ class TestChainsAfterAnInterruptedStep:
         assert w.run()["state"] == "running"
         assert w.deliver() != ["duplicate"]  # before: dropped, and the run never polled
         assert w.run()["polls"] == 1
+
+
+class TestAStartWithNoAnswer:
+    def queued(self) -> World:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        w.deliver()  # sealed: the track message waits
+        return w
+
+    def test_is_looked_at_again_only_after_the_service_must_have_acted(self) -> None:
+        w = self.queued()
+        w.jobs.errors["start"] = RemoteError("BES start: read timed out", retryable=True)
+        assert w.deliver() == ["retry"]
+        ((_, again, delay),) = w.outbox.sent[-1:]
+        assert isinstance(again, TrackRun)
+        assert delay >= w.retrainer._timing.call_bound
+        assert w.deliver() == ["started"]  # status first: running, so not started again
+        assert w.jobs.started == ["job1"]
+
+    def test_a_refused_start_is_tried_again_at_the_chain_pace(self) -> None:
+        w = self.queued()
+        w.jobs.errors["start"] = RemoteError("BES start: HTTP 503", status=503, retryable=True)
+        assert w.deliver() == ["retry"]
+        ((_, _, delay),) = w.outbox.sent[-1:]
+        assert delay < w.retrainer._timing.call_bound
 
 
 class TestRetrainNowRefusesVersionsInFlight:
