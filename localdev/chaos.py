@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -506,10 +507,10 @@ class Scenario:
         elif action == "lose message":
             queues = QueueServiceClient.from_connection_string(self.connection)
             jobs = queues.get_queue_client(self.settings["RETRAIN_JOBS_QUEUE"])
-            props = jobs.get_queue_properties()
-            if props.approximate_message_count:
-                jobs.clear_messages()
-                self.result.figures["lost messages"] += 1
+            with contextlib.suppress(ResourceNotFoundError):  # no worker has made it yet
+                if jobs.get_queue_properties().approximate_message_count:
+                    jobs.clear_messages()
+                    self.result.figures["lost messages"] += 1
 
     def _upload(self, data: ContainerClient, name: str, *, valid: bool, phase: str) -> None:
         text = housing_csv(
@@ -886,7 +887,9 @@ def run_scenario(
         return Scenario(connection, seed, Path(tmp), faults).run()
 
 
-def summarize(results: list[Result], seed: int) -> dict[str, Any]:
+def summarize(
+    results: list[Result], seed: int, harness_errors: list[str] | None = None
+) -> dict[str, Any]:
     """The figures of a set of scenarios, as `--json` writes and `--merge` adds up."""
     figures: Counter[str] = Counter()
     violations: Counter[str] = Counter()
@@ -921,6 +924,7 @@ def summarize(results: list[Result], seed: int) -> dict[str, Any]:
         "violations_by_kind": dict(sorted(violations.items())),
         "violations": sum(violations.values()),
         "violating_seeds": [r.seed for r in results if r.total],
+        "harness_errors": list(harness_errors or []),
     }
 
 
@@ -952,7 +956,7 @@ def _merge(paths: list[str]) -> int:
             else:
                 merged[key] = merged.get(key, type(value)()) + value
     print(json.dumps(merged, indent=2))
-    return 1 if merged.get("violations") else 0
+    return 1 if merged.get("violations") or merged.get("harness_errors") else 0
 
 
 @contextlib.contextmanager
@@ -994,19 +998,28 @@ def main() -> int:
         flush=True,
     )
     results = []
+    errors: list[str] = []
     with stack.azurite() as connection, _workdir(args.keep) as workdir:
         for i in range(args.first, args.first + args.scenarios):
-            result = run_scenario(connection, args.seed * 100_000 + i, workdir)
+            seed = args.seed * 100_000 + i
+            try:
+                result = run_scenario(connection, seed, workdir)
+            except Exception as exc:  # noqa: BLE001 - any harness failure is reported below
+                # The harness itself failed: say so and go on; the run does not pass.
+                errors.append(f"seed {seed}: {type(exc).__name__}: {exc}"[:300])
+                print(f"  scenario {i:>3} seed {seed}: HARNESS ERROR", flush=True)
+                traceback.print_exc()
+                continue
             results.append(result)
             print(result.line(i), flush=True)
             for detail in result.details:
                 print(f"      {detail}", flush=True)
-    summary = summarize(results, args.seed)
+    summary = summarize(results, args.seed, errors)
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
-    return 1 if summary["violations"] else 0
+    return 1 if summary["violations"] or errors else 0
 
 
 if __name__ == "__main__":
