@@ -450,9 +450,16 @@ class Retrainer:
                     return "duplicate"
                 step.polled = True
                 return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
-            if not self._claim_poll(key, None, msg.poll, delivery):
+            poll_claim = self._claim_poll(key, None, msg.poll, delivery)
+            if not poll_claim:
                 return "duplicate"
             step.polled = True
+            if poll_claim == "again":
+                # The failed attempt may have polled and sent the next poll before it died:
+                # polling now could come within a second of that one. Send the next poll
+                # instead (of two copies of it, one claims it).
+                self._poll_later(spec, msg.run_id, msg.poll + 1)
+                return "resent"
             return self._poll(spec, jobs, run, msg, now)
         except RemoteError as exc:
             if exc.retryable:
@@ -591,7 +598,14 @@ class Retrainer:
                 "evaluation": f"{art}/{folder}/{EVALUATION_BLOB}",
             },
         )
-        if not persisted:
+        if persisted:
+            # The version's own record says which run trained it, whichever batch it was in
+            # (a retrain-now puts a version in a batch other than its arrival's).
+            self._ledger.update(
+                arrival_key(source.container, source.name, source.etag),
+                functools.partial(_note_trained, run["run_id"]),
+            )
+        else:
             # Another delivery submitted first; ours was never started, so it never runs.
             log.warning(
                 "run %s: job %s lost the race and is deleted unstarted",
@@ -857,21 +871,26 @@ class Retrainer:
         replacing: str | None = None,
         champion: str | None = None,
     ) -> None:
-        """Make `run_id` the model's active run (taking it over from `replacing`, if that run
-        holds it; only while run `champion` is the champion, if given), or explain why not."""
+        """Make `run_id` the model's active run, or explain why not. With `replacing`, only by
+        taking it over from that run (never an idle model: a late check must not act after
+        the model moved on); with `champion`, only while that run is the champion."""
         now = _iso(self._clock.now())
+        allowed = (run_id, replacing) if replacing else (None, run_id)
 
         def lock(d: Doc) -> Doc | None:
             if champion is not None and (d.get("champion") or {}).get("run_id") != champion:
                 return None
-            if d.get("active_run") in (None, run_id, replacing):
+            if d.get("active_run") in allowed:
                 d["active_run"], d["active_since"] = run_id, now
                 return d
             return None
 
         state, _ = self._ledger.update(model_key(spec.name), lock, initial=_new_model(spec))
         if state.get("active_run") is None:
-            raise InputRejected(f"cannot {action} now: the champion of {spec.name} changed")
+            raise InputRejected(
+                f"cannot {action} now: the champion of {spec.name} changed, or the run it "
+                "would take the model over from already let it go"
+            )
         holder = str(state.get("active_run"))
         if holder != run_id:
             recorded = self._ledger.get(run_key(spec.name, holder), remember=False)
@@ -1059,20 +1078,63 @@ class Retrainer:
             )
             if run["state"] in TERMINAL:
                 # Failed while this call was changing the target: its restore check, if still
-                # pending, runs now, after the change (the sweep compares target and champion
-                # for whatever happens later still).
+                # owed, runs now, after the change; if it already ran (before this call
+                # landed) and the model is idle, the target is compared with the champion now.
                 self._release(spec, run["run_id"])
+                state = self._ledger.get(model_key(spec.name)) or {}
+                if state.get("champion") and not state.get("active_run"):
+                    self._reconcile(spec, state["champion"])
             return "lease lost"
         return run, progress
 
     def _crown(self, spec: ModelSpec, run: Doc, path: str) -> str:
-        """Make the verified run the champion, only while it still holds the model."""
+        """End the verified run `promoted`, then make it the champion.
+
+        The run's own move comes first and is conditional on it still being `promoting`, so a
+        run failed meanwhile (e.g. by another copy's poison) is never crowned; a crash between
+        the two writes is finished by `_release`, which seats a promoted run that still holds
+        the model (the message's redelivery or the sweep get there)."""
         now = self._clock.now()
+        run_id = run["run_id"]
+        doc, moved = self._move(spec, run_id, "promoting", "promoted", now, note=f"deployed {path}")
+        if not moved and doc["state"] != "promoted":
+            log.error(
+                "run %s of %s is %s now; its verified deploy is not crowned",
+                run_id,
+                spec.name,
+                doc["state"],
+                extra=_dims(spec.name, run_id),
+            )
+            self._release(spec, run_id)  # its owed restore check runs after this deploy
+            return str(doc["state"])
+        if not self._seat(spec, doc):
+            state = self._ledger.get(model_key(spec.name)) or {}
+            log.error(
+                "run %s of %s is deployed but run %s holds the model; not crowned (the sweep "
+                "compares target and champion once the model is idle)",
+                run_id,
+                spec.name,
+                state.get("active_run"),
+                extra=_dims(spec.name, run_id),
+            )
+            return "superseded"
+        log.info(
+            "run %s of %s promoted: the target serves %s",
+            run_id,
+            spec.name,
+            path,
+            extra=_dims(spec.name, run_id, run.get("job_id")),
+        )
+        self._release(spec, run_id)
+        return "promoted"
+
+    def _seat(self, spec: ModelSpec, run: Doc) -> bool:
+        """Make promoted `run` the champion while it holds the model; True when it is."""
         run_id = run["run_id"]
         champion = {
             "run_id": run_id,
-            "model": path,
-            "promoted_at": _iso(now),
+            "model": run["outputs"]["model"],
+            "promoted_at": run.get("updated_at") or _iso(self._clock.now()),
             "metrics": (run.get("metrics") or {}).get("challenger"),
         }
         restore = run.get("kind") == "restore"
@@ -1085,36 +1147,8 @@ class Retrainer:
             d["champion"] = champion
             return d
 
-        state, crowned = self._ledger.update(model_key(spec.name), crown)
-        if not crowned and (state.get("champion") or {}).get("run_id") != run_id:
-            log.error(
-                "run %s of %s no longer holds the model (active run: %s); not crowned",
-                run_id,
-                spec.name,
-                state.get("active_run"),
-                extra=_dims(spec.name, run_id),
-            )
-            # Ended, not left promoting: the target may serve its model, which the sweep
-            # compares with the champion once the model is idle.
-            self._move(
-                spec,
-                run_id,
-                "promoting",
-                "superseded",
-                now,
-                note=f"deployed {path} but run {state.get('active_run')} holds the model",
-            )
-            return "superseded"
-        self._move(spec, run_id, "promoting", "promoted", now, note=f"deployed {path}")
-        log.info(
-            "run %s of %s promoted: the target serves %s",
-            run_id,
-            spec.name,
-            path,
-            extra=_dims(spec.name, run_id, run.get("job_id")),
-        )
-        self._release(spec, run_id)
-        return "promoted"
+        state, _ = self._ledger.update(model_key(spec.name), crown)
+        return bool((state.get("champion") or {}).get("run_id") == run_id)
 
     # -------------------------------------------------------------- operations
 
@@ -1170,12 +1204,6 @@ class Retrainer:
                     f"{blob} (version {head.etag}) is in batch {taken}, which was sealed and "
                     "whose run is starting; wait for it to end"
                 )
-            if holder is not None and holder["state"] not in TERMINAL:
-                # Even with --force: the run still holds (and may be training on) this version.
-                raise InputRejected(
-                    f"{blob} (version {head.etag}) is in run {taken}, which is "
-                    f"{holder['state']}; wait for it to end"
-                )
             if trained and not force:
                 raise AlreadyTrained(
                     f"{blob} (version {head.etag}) was already trained by run {trained}; "
@@ -1183,6 +1211,12 @@ class Retrainer:
                     "new data, or retrain with --force if that run failed for a reason other "
                     "than its data (e.g. BES was down); a forced retrain is recorded on the run",
                     run_id=trained,
+                )
+            if holder is not None and holder["state"] not in TERMINAL:
+                # Even with --force: the run still holds (and may be training on) this version.
+                raise InputRejected(
+                    f"{blob} (version {head.etag}) is in run {taken}, which is "
+                    f"{holder['state']}; wait for it to end"
                 )
             # Not trained (its run ended before a job started), or forced: a new entry.
             mark = {"requested": reason}
@@ -1209,6 +1243,13 @@ class Retrainer:
             return changed
 
         doc, _ = self._ledger.update(model_key(name), add, initial=_new_model(spec))
+        if record.get("batch_id") != doc["batch"]["id"]:
+            # The version's record follows it into this batch, so a second request sees it in
+            # flight (and, once a job has trained it, by whom).
+            self._ledger.update(
+                arrival_key(container, blob, head.etag),
+                functools.partial(_claim_batch, doc["batch"]["id"]),
+            )
         self._outbox.send(
             self._places.jobs_queue,
             CheckBatch(
@@ -1226,9 +1267,12 @@ class Retrainer:
         return str(doc["batch"]["id"])
 
     def _trained_by(self, spec: ModelSpec, container: str, name: str, etag: str) -> str | None:
-        """The run that trained this version of the file, if any: the run of its arrival
-        record, when that run submitted a BES job with this version as its training file."""
+        """The run that trained this version of the file, if any: the last run its arrival
+        record names as having trained it, else the run of its arrival batch when that run
+        submitted a BES job with this version as its training file."""
         record = self._ledger.get(arrival_key(container, name, etag), remember=False)
+        if record and record.get("trained_by"):
+            return str(record["trained_by"][-1])
         if not record or record.get("status") != "accepted" or not record.get("batch_id"):
             return None
         run = self._ledger.get(run_key(spec.name, record["batch_id"]), remember=False)
@@ -1355,6 +1399,7 @@ class Retrainer:
                     by="retrain",
                     replacing=run_id,
                     run_id=f"restore-{run_id}",
+                    champion=champion["run_id"],
                 )
                 outcome = (
                     f"the target may serve this run's model: restoring the champion "
@@ -1650,8 +1695,12 @@ class Retrainer:
     ) -> int:
         container = self._places.data_container
         record = self._ledger.get(arrival_key(container, blob.name, blob.etag), remember=False)
+        if record is not None and record.get("unreadable"):
+            # Archived when it arrived: judged again while the listing mark has not passed it
+            # (after that, `retrain --blob` or a new upload brings a rehydrated blob in).
+            return 1 if self.on_blob(container, blob.name) == "batched" else 0
         if record is not None and (
-            (record.get("status") != "accepted" and not record.get("unreadable"))
+            record.get("status") != "accepted"
             or _holds(
                 self._claimed_files(spec, state, record["batch_id"], runs) or [],
                 {"name": blob.name, "etag": blob.etag},
@@ -1771,15 +1820,23 @@ class Retrainer:
                 poll=deployment.get("polls", 0) + 1 if deployment else 0,
             )
             queue = self._places.evaluations_queue
+        # "Stalled" is judged on this instance's clock against times others wrote: a chain
+        # that is alive may have just polled, or a start may be on its way to BES. The re-sent
+        # message keeps the chain's pace (its status call comes at least a second after any
+        # other) and, for a job that may be starting, waits until that start must have landed.
+        delay = max(self._timing.first_delay, 2 * MIN_POLL_GAP)
+        if run["state"] == "submitted":
+            delay = max(delay, self._timing.call_bound)
         log.warning(
-            "sweep: run %s of %s stalled in %s since %s; re-driven",
+            "sweep: run %s of %s stalled in %s since %s; re-driven in %s",
             run_id,
             spec.name,
             run["state"],
             last.isoformat(),
+            delay,
             extra=_dims(spec.name, run_id),
         )
-        self._outbox.send(queue, message)
+        self._outbox.send(queue, message, delay=delay)
         return 1
 
     def _repair_claim(self, spec: ModelSpec, run_id: str, now: datetime) -> int:
@@ -1859,23 +1916,23 @@ class Retrainer:
 
     def _claim_poll(
         self, key: str, section: str | None, poll: int, delivery: Delivery | None
-    ) -> bool:
-        """Claim poll number `poll` of the run's chain for this delivery.
-
-        Granted when no poll that far was made yet, or when this is a redelivery (a later
-        attempt of the very message that claimed it) after a failure. Any other copy, a
-        duplicate or a stale message, is refused: one chain per run, whatever the duplicates.
-        """
+    ) -> str:
+        """Claim poll number `poll` of the run's chain for this delivery: "first", "again"
+        (a redelivery, a later attempt of the very message that claimed it, after a failure),
+        or "" (refused: a duplicate or stale copy; one chain per run, whatever the copies)."""
         mine = _delivery_doc(delivery)
+        again = False
 
         def claim(d: Doc) -> Doc | None:
+            nonlocal again
             holder = d.get(section) if section else d
             if holder is None:
                 return None
             made = holder.get("polls", 0)
             if made > poll:
                 return None
-            if made == poll:
+            again = made == poll
+            if again:
                 by = holder.get("poll_by")
                 if not (mine and by and by["id"] == mine["id"] and mine["attempt"] > by["attempt"]):
                     return None
@@ -1885,7 +1942,7 @@ class Retrainer:
             return d
 
         _, claimed = self._ledger.update(key, claim)
-        return claimed
+        return ("again" if again else "first") if claimed else ""
 
     def _spec(self, name: str) -> ModelSpec:
         try:
@@ -1974,6 +2031,8 @@ class Retrainer:
         run = self._ledger.get(run_key(spec.name, run_id), remember=False)
         if run is not None and run.get("restore_pending"):
             self._restore(spec, run)
+        if run is not None and run["state"] == "promoted":
+            self._seat(spec, run)  # its crown write may have been lost with its writer
 
         def release(d: Doc) -> Doc | None:
             if d.get("active_run") != run_id:
@@ -2010,6 +2069,14 @@ def _holds(files: list[Doc], file: Doc) -> bool:
     before normalisation carry quoted ones)."""
     etag = normalize_etag(file["etag"])
     return any(f["name"] == file["name"] and normalize_etag(f["etag"]) == etag for f in files)
+
+
+def _note_trained(run_id: str, record: Doc) -> Doc | None:
+    trained = record.setdefault("trained_by", [])
+    if run_id in trained:
+        return None
+    trained.append(run_id)
+    return record
 
 
 def _claim_batch(batch_id: str, record: Doc) -> Doc:
