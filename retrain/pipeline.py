@@ -1495,7 +1495,13 @@ class Retrainer:
         for key in self._ledger.store.keys("poison/"):
             record = self._ledger.get(key)
             if record and not record.get("replayed"):
-                self._replay(key, record)
+                try:
+                    self._replay(key, record)
+                except InputRejected as exc:
+                    # Kept, with why; the other records are still replayed.
+                    log.warning("poison %s not replayed: %s", key, exc)
+                    self._ledger.update(key, functools.partial(_with, "replay_refused", str(exc)))
+                    continue
                 replayed.append(key)
         return replayed
 
@@ -1503,7 +1509,18 @@ class Retrainer:
         if record.get("run_id") and record.get("state_before"):
             spec = self._spec(record["model"])
             now = self._clock.now()
-            self._lock(spec, record["run_id"], f"replay {key}")
+            parked = record["state_before"] == "awaiting_approval"
+            if parked:
+                # A run waiting for approval does not hold the model: it waits again, unless
+                # another run waits now.
+                waiting = (self._ledger.get(model_key(spec.name)) or {}).get("awaiting_approval")
+                if waiting not in (None, record["run_id"]):
+                    raise InputRejected(
+                        f"cannot replay {key}: run {waiting} of {spec.name} waits for approval "
+                        "now; approve or reject it first"
+                    )
+            else:
+                self._lock(spec, record["run_id"], f"replay {key}")
 
             def revive(d: Doc) -> Doc | None:
                 if d.get("poisoned") != key:
@@ -1519,7 +1536,9 @@ class Retrainer:
                 )
 
             _, revived = self._ledger.update(run_key(spec.name, record["run_id"]), revive)
-            if not revived:
+            if revived and parked:
+                self._await_approval(spec, record["run_id"], now)
+            elif not revived and not parked:
                 self._release(spec, record["run_id"])
         self._outbox.send_raw(record["queue"], record["body"])
         self._ledger.update(
@@ -1975,6 +1994,8 @@ class Retrainer:
         doc, changed = self._ledger.update(run_key(spec.name, run["run_id"]), fail)
         if changed:
             self._emit(spec, doc, reason)
+            if doc["history"][-2]["state"] == "awaiting_approval":
+                self._unpark(spec.name, run["run_id"])  # it no longer waits for anyone
         self._release(spec, run["run_id"])
         return "failed"
 
@@ -2069,6 +2090,10 @@ def _holds(files: list[Doc], file: Doc) -> bool:
     before normalisation carry quoted ones)."""
     etag = normalize_etag(file["etag"])
     return any(f["name"] == file["name"] and normalize_etag(f["etag"]) == etag for f in files)
+
+
+def _with(field: str, value: Any, doc: Doc) -> Doc:
+    return {**doc, field: value}
 
 
 def _note_trained(run_id: str, record: Doc) -> Doc | None:
