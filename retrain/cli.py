@@ -241,7 +241,18 @@ def cmd_poison(args: argparse.Namespace, out: Output) -> int:
     app = _app()
     if args.replay:
         replayed = app.replay_poison()
-        out.emit({"replayed": replayed}, lambda: f"replayed {len(replayed)} message(s)")
+        kept = [
+            {"key": r.get("key"), "run_id": r.get("run_id"), "reason": r["replay_refused"]}
+            for r in app.poisoned()
+            if not r.get("replayed") and r.get("replay_refused")
+        ]
+        out.emit(
+            {"replayed": replayed, "kept": kept},
+            lambda: "\n".join(
+                [f"replayed {len(replayed)} message(s)"]
+                + [f"kept (run {k['run_id']}): {k['reason']}" for k in kept]
+            ),
+        )
         return 0
     records = app.poisoned()
     out.emit(

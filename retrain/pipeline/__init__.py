@@ -84,10 +84,11 @@ class Retrainer:
         self._arrivals = Arrivals(ctx)
         self._batches = Batches(ctx)
         self._training = Training(ctx, runs, slot)
-        self._promotion = Deployment(ctx, runs, slot, Gate(ctx, runs, slot))
+        gate = Gate(ctx, runs, slot)
+        self._promotion = Deployment(ctx, runs, slot, gate)
         self._operations = Operations(ctx, runs, slot, self._arrivals)
         self._recovery = Recovery(ctx, slot, self._arrivals, self._batches, self._operations)
-        self._poison = Poison(ctx, runs, slot)
+        self._poison = Poison(ctx, runs, slot, gate)
 
     # Tests look at and swap these; every step shares them through the context.
 

@@ -73,7 +73,7 @@ class Gate:
                 **fields,
             )
             if moved:
-                self._await_approval(spec, run["run_id"], now)
+                self.await_approval(spec, run["run_id"], now)
             return run
         run, _ = self._runs.move(
             spec,
@@ -118,7 +118,7 @@ class Gate:
         metrics = {"challenger": evaluation.challenger, "champion": champion}
         return decision, {"decision": verdict, "metrics": metrics}
 
-    def _await_approval(self, spec: ModelSpec, run_id: str, now: datetime) -> None:
+    def await_approval(self, spec: ModelSpec, run_id: str, now: datetime) -> None:
         """Park the run for approval, supersede an older parked run, free the model."""
         ctx = self._ctx
         older: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -11,7 +12,14 @@ from retrain.ledger import Doc, arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun
 from retrain.pipeline.arrivals import Arrival, Arrivals
 from retrain.pipeline.context import Context, dims
-from retrain.pipeline.records import add_to_batch, batch_id, file_entry, holds, new_model
+from retrain.pipeline.records import (
+    add_to_batch,
+    batch_id,
+    claim_batch,
+    file_entry,
+    holds,
+    new_model,
+)
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
 from retrain.runstate import RunState, is_terminal
@@ -62,7 +70,7 @@ class Operations:
         if not moved:
             self._slot.release(spec, run_id)
             raise InputRejected(f"run {run_id} changed state while being approved")
-        self._unpark(name, run_id)
+        self._slot.unpark(name, run_id)
         ctx.outbox.send(ctx.places.evaluations_queue, EvaluateRun(model=name, run_id=run_id))
         return RunState.PROMOTING.value
 
@@ -81,17 +89,8 @@ class Operations:
         )
         if not moved:
             raise InputRejected(f"run {run_id} is {run['state']}, not awaiting approval")
-        self._unpark(name, run_id)
+        self._slot.unpark(name, run_id)
         return RunState.REJECTED.value
-
-    def _unpark(self, name: str, run_id: str) -> None:
-        """The model no longer has `run_id` waiting for approval."""
-        self._ctx.ledger.update(
-            model_key(name),
-            lambda d: (
-                {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
-            ),
-        )
 
     # ----------------------------------------------------------------- rollback
 
@@ -158,6 +157,13 @@ class Operations:
             return changed
 
         doc, _ = ctx.ledger.update(model_key(name), add, initial=new_model(spec))
+        if record.get("batch_id") != doc["batch"]["id"]:
+            # The version's record follows it into this batch, so a second request sees it in
+            # flight (and, once a job has trained it, by whom).
+            ctx.ledger.update(
+                arrival_key(container, blob, head.etag),
+                functools.partial(claim_batch, doc["batch"]["id"]),
+            )
         ctx.outbox.send(
             ctx.places.jobs_queue,
             CheckBatch(
@@ -216,12 +222,6 @@ class Operations:
                 f"{blob} (version {etag}) is in batch {taken}, which was sealed and "
                 "whose run is starting; wait for it to end"
             )
-        if holder is not None and not is_terminal(holder["state"]):
-            # Even with --force: the run still holds (and may be training on) this version.
-            raise InputRejected(
-                f"{blob} (version {etag}) is in run {taken}, which is "
-                f"{holder['state']}; wait for it to end"
-            )
         if trained and not force:
             raise AlreadyTrained(
                 f"{blob} (version {etag}) was already trained by run {trained}; "
@@ -229,6 +229,12 @@ class Operations:
                 "new data, or retrain with --force if that run failed for a reason other "
                 "than its data (e.g. BES was down); a forced retrain is recorded on the run",
                 run_id=trained,
+            )
+        if holder is not None and not is_terminal(holder["state"]):
+            # Even with --force: the run still holds (and may be training on) this version.
+            raise InputRejected(
+                f"{blob} (version {etag}) is in run {taken}, which is "
+                f"{holder['state']}; wait for it to end"
             )
         # Not trained (its run ended before a job started), or forced: a new entry.
         mark: dict[str, Any] = {"requested": reason}
@@ -239,10 +245,13 @@ class Operations:
         return mark, trained
 
     def _trained_by(self, spec: ModelSpec, container: str, name: str, etag: str) -> str | None:
-        """The run that trained this version of the file, if any: the run of its arrival
-        record, when that run submitted a BES job with this version as its training file."""
+        """The run that trained this version of the file, if any: the last run its arrival
+        record names as having trained it, else the run of its arrival batch when that run
+        submitted a BES job with this version as its training file."""
         ledger = self._ctx.ledger
         record = ledger.get(arrival_key(container, name, etag), remember=False)
+        if record and record.get("trained_by"):
+            return str(record["trained_by"][-1])
         if not record or record.get("status") != Arrival.ACCEPTED or not record.get("batch_id"):
             return None
         run = ledger.get(run_key(spec.name, record["batch_id"]), remember=False)

@@ -3,14 +3,16 @@ be replayed."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 
-from retrain.errors import MessageError
-from retrain.ledger import Doc, run_key
+from retrain.errors import InputRejected, MessageError
+from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun, parse_evaluation, parse_jobs
 from retrain.pipeline.context import Context, dims
-from retrain.pipeline.records import iso
+from retrain.pipeline.gate import Gate
+from retrain.pipeline.records import iso, with_field
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
 from retrain.runstate import RunState, is_terminal
@@ -21,10 +23,11 @@ log = logging.getLogger(__name__)
 class Poison:
     """The poison-queue step and its replay."""
 
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot) -> None:
+    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, gate: Gate) -> None:
         self._ctx = ctx
         self._runs = runs
         self._slot = slot
+        self._gate = gate
 
     def on_poison(self, queue: str, body: bytes) -> str:
         """A message failed every delivery: keep it for replay and fail its run with the reason."""
@@ -97,7 +100,13 @@ class Poison:
         for key in ledger.store.keys("poison/"):
             record = ledger.get(key)
             if record and not record.get("replayed"):
-                self._replay(key, record)
+                try:
+                    self._replay(key, record)
+                except InputRejected as exc:
+                    # Kept, with why; the other records are still replayed.
+                    log.warning("poison %s not replayed: %s", key, exc)
+                    ledger.update(key, functools.partial(with_field, "replay_refused", str(exc)))
+                    continue
                 replayed.append(key)
         return replayed
 
@@ -105,21 +114,35 @@ class Poison:
         ctx = self._ctx
         if record.get("run_id") and record.get("state_before"):
             spec = ctx.spec(record["model"])
-            self._slot.claim_model(spec, record["run_id"], f"replay {key}")
+            now = ctx.clock.now()
+            parked = record["state_before"] == RunState.AWAITING_APPROVAL
+            if parked:
+                # A run waiting for approval does not hold the model: it waits again, unless
+                # another run waits now.
+                waiting = (ctx.ledger.get(model_key(spec.name)) or {}).get("awaiting_approval")
+                if waiting not in (None, record["run_id"]):
+                    raise InputRejected(
+                        f"cannot replay {key}: run {waiting} of {spec.name} waits for approval "
+                        "now; approve or reject it first"
+                    )
+            else:
+                self._slot.claim_model(spec, record["run_id"], f"replay {key}")
             # No event: the run is where its message found it, as the message's replay expects.
             _, revived = self._runs.move(
                 spec,
                 record["run_id"],
                 RunState.FAILED,
                 record["state_before"],
-                ctx.clock.now(),
+                now,
                 note="revived to replay its poisoned message",
                 guard=lambda d: d.get("poisoned") == key,
                 announce=False,
                 error=None,
                 poisoned=None,
             )
-            if not revived:
+            if revived and parked:
+                self._gate.await_approval(spec, record["run_id"], now)
+            elif not revived and not parked:
                 self._slot.release(spec, record["run_id"])
         ctx.outbox.send_raw(record["queue"], record["body"])
         ctx.ledger.update(

@@ -203,9 +203,12 @@ class Deployment:
             )
             if is_terminal(run["state"]):
                 # Failed while this call was changing the target: its restore check, if still
-                # pending, runs now, after the change (the sweep compares target and champion
-                # for whatever happens later still).
+                # owed, runs now, after the change; if it already ran (before this call
+                # landed) and the model is idle, the target is compared with the champion now.
                 self._slot.release(spec, run["run_id"])
+                state = self._ctx.ledger.get(model_key(spec.name)) or {}
+                if state.get("champion") and not state.get("active_run"):
+                    self._slot.reconcile(spec, state["champion"])
             return "lease lost"
         return run, progress
 
@@ -288,48 +291,38 @@ class Deployment:
             raise
 
     def _crown(self, spec: ModelSpec, run: Doc, path: str) -> str:
-        """Make the verified run the champion, only while it still holds the model."""
+        """End the verified run `promoted`, then make it the champion.
+
+        The run's own move comes first and is conditional on it still being `promoting`, so a
+        run failed meanwhile (e.g. by another copy's poison) is never crowned; a crash between
+        the two writes is finished by `release`, which seats a promoted run that still holds
+        the model (the message's redelivery or the sweep get there)."""
         now = self._ctx.clock.now()
         run_id = run["run_id"]
-        champion = {
-            "run_id": run_id,
-            "model": path,
-            "promoted_at": iso(now),
-            "metrics": (run.get("metrics") or {}).get("challenger"),
-        }
-        restore = run.get("kind") == "restore"
-
-        def crown(d: Doc) -> Doc | None:
-            if d.get("active_run") != run_id or (d.get("champion") or {}).get("run_id") == run_id:
-                return None
-            if not restore:
-                d["previous_champion"] = d.get("champion")
-            d["champion"] = champion
-            return d
-
-        state, crowned = self._ctx.ledger.update(model_key(spec.name), crown)
-        if not crowned and (state.get("champion") or {}).get("run_id") != run_id:
+        doc, moved = self._runs.move(
+            spec, run_id, RunState.PROMOTING, RunState.PROMOTED, now, note=f"deployed {path}"
+        )
+        if not moved and doc["state"] != RunState.PROMOTED:
             log.error(
-                "run %s of %s no longer holds the model (active run: %s); not crowned",
+                "run %s of %s is %s now; its verified deploy is not crowned",
+                run_id,
+                spec.name,
+                doc["state"],
+                extra=dims(spec.name, run_id),
+            )
+            self._slot.release(spec, run_id)  # its owed restore check runs after this deploy
+            return str(doc["state"])
+        if not self._slot.seat(spec, doc):
+            state = self._ctx.ledger.get(model_key(spec.name)) or {}
+            log.error(
+                "run %s of %s is deployed but run %s holds the model; not crowned (the sweep "
+                "compares target and champion once the model is idle)",
                 run_id,
                 spec.name,
                 state.get("active_run"),
                 extra=dims(spec.name, run_id),
             )
-            # Ended, not left promoting: the target may serve its model, which the sweep
-            # compares with the champion once the model is idle.
-            self._runs.move(
-                spec,
-                run_id,
-                RunState.PROMOTING,
-                RunState.SUPERSEDED,
-                now,
-                note=f"deployed {path} but run {state.get('active_run')} holds the model",
-            )
-            return RunState.SUPERSEDED.value
-        self._runs.move(
-            spec, run_id, RunState.PROMOTING, RunState.PROMOTED, now, note=f"deployed {path}"
-        )
+            return "superseded"
         log.info(
             "run %s of %s promoted: the target serves %s",
             run_id,

@@ -50,6 +50,21 @@ def claim_batch(batch_id: str, record: Doc) -> Doc:
     return {**record, "batch_id": batch_id}
 
 
+def note_trained(run_id: str, record: Doc) -> Doc | None:
+    """The arrival record, now naming run `run_id` among those that trained its version;
+    None if it already does."""
+    trained = record.setdefault("trained_by", [])
+    if run_id in trained:
+        return None
+    trained.append(run_id)
+    return record
+
+
+def with_field(field: str, value: Any, doc: Doc) -> Doc:
+    """`doc` with `field` set to `value`."""
+    return {**doc, field: value}
+
+
 def batch_id(now: datetime) -> str:
     """A new batch's id, which is also its run's id."""
     return f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"

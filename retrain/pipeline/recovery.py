@@ -12,14 +12,14 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 
-from retrain.errors import InputRejected, RemoteError
+from retrain.errors import InputRejected
 from retrain.ledger import Doc, arrival_key, model_key, run_key
 from retrain.messages import EvaluateRun, TrackRun
 from retrain.pipeline.arrivals import Arrival, Arrivals
 from retrain.pipeline.batches import Batches
-from retrain.pipeline.context import Context, dims
+from retrain.pipeline.context import MIN_POLL_GAP, Context, dims
 from retrain.pipeline.operations import AlreadyTrained, Operations
-from retrain.pipeline.records import champion_run, check_due, holds, iso, parse, sweep_key
+from retrain.pipeline.records import check_due, holds, iso, parse, sweep_key
 from retrain.pipeline.slot import ModelSlot
 from retrain.runstate import SCHEDULE_SKIPPED, TRAINING, RunState, is_terminal
 from retrain.settings import ModelSpec
@@ -85,7 +85,7 @@ class Recovery:
         champion = state.get("champion")
         if not champion or active:
             return
-        counts["restores"] += self._reconcile(spec, champion)
+        counts["restores"] += self._slot.reconcile(spec, champion)
         if (
             spec.retrain_every
             and not batch
@@ -93,63 +93,6 @@ class Recovery:
             and self._claim_sweep(mkey, now)
         ):
             counts["scheduled"] += self._scheduled_retrain(spec, champion, now)
-
-    def _reconcile(self, spec: ModelSpec, champion: Doc) -> int:
-        """An idle model's target must serve its champion. When it does not (a deploy call that
-        landed after its run was failed and checked, a change made outside the app), a restore
-        run re-deploys the champion, taking the model only while that champion still holds."""
-        ctx = self._ctx
-        try:
-            if ctx.target_for(spec).serves(self._slot.model_ref(champion["model"])):
-                return 0
-            if not self._claim_restore(spec):
-                return 0
-            source = champion_run(champion, ctx.ledger.get(run_key(spec.name, champion["run_id"])))
-            restore = self._slot.redeploy(
-                spec, source, kind="restore", by="sweep", champion=champion["run_id"]
-            )
-        except InputRejected:
-            return 0  # another run took the model, or the champion changed, meanwhile
-        except RemoteError as exc:
-            log.warning(
-                "sweep: could not tell what the target of %s serves: %s",
-                spec.name,
-                exc,
-                extra=dims(spec.name),
-            )
-            return 0
-        log.warning(
-            "sweep: the target of %s does not serve its champion (run %s); restoring it "
-            "through run %s",
-            spec.name,
-            champion["run_id"],
-            restore,
-            extra=dims(spec.name, restore),
-        )
-        return 1
-
-    def _claim_restore(self, spec: ModelSpec) -> bool:
-        """At most one restore started by the sweep per model and stall period: a target that
-        keeps refusing the champion gets a failed restore run now and then, not every sweep."""
-        ctx = self._ctx
-        now = ctx.clock.now()
-
-        def claim(d: Doc) -> Doc | None:
-            last = d.get("restore_started_at")
-            if last and now < parse(last) + ctx.stall:
-                return None
-            d["restore_started_at"] = iso(now)
-            return d
-
-        _, claimed = ctx.ledger.update(sweep_key(spec.name), claim, initial={"model": spec.name})
-        if not claimed:
-            log.warning(
-                "sweep: the target of %s does not serve its champion; a restore was started "
-                "less than RETRAIN_SWEEP_STALL ago",
-                spec.name,
-                extra=dims(spec.name),
-            )
-        return claimed
 
     def _sweep_blobs(self, spec: ModelSpec, state: Doc, now: datetime, counts: Counts) -> int:
         """Ingest the model's blobs that never reached a batch; returns how many it ingested.
@@ -221,8 +164,12 @@ class Recovery:
     ) -> int:
         container = self._ctx.places.data_container
         record = self._ctx.ledger.get(arrival_key(container, blob.name, blob.etag), remember=False)
+        if record is not None and record.get("unreadable"):
+            # Archived when it arrived: judged again while the listing mark has not passed it
+            # (after that, `retrain --blob` or a new upload brings a rehydrated blob in).
+            return 1 if self._arrivals.on_blob(container, blob.name) == "batched" else 0
         if record is not None and (
-            (record.get("status") != Arrival.ACCEPTED and not record.get("unreadable"))
+            record.get("status") != Arrival.ACCEPTED
             or holds(
                 self._arrivals.claimed_files(spec, state, record["batch_id"], runs) or [],
                 {"name": blob.name, "etag": blob.etag},
@@ -319,15 +266,23 @@ class Recovery:
                 poll=deployment.get("polls", 0) + 1 if deployment else 0,
             )
             queue = ctx.places.evaluations_queue
+        # "Stalled" is judged on this instance's clock against times others wrote: a chain
+        # that is alive may have just polled, or a start may be on its way to BES. The re-sent
+        # message keeps the chain's pace (its status call comes at least a second after any
+        # other) and, for a job that may be starting, waits until that start must have landed.
+        delay = max(ctx.timing.first_delay, 2 * MIN_POLL_GAP)
+        if run["state"] == RunState.SUBMITTED:
+            delay = max(delay, ctx.timing.call_bound)
         log.warning(
-            "sweep: run %s of %s stalled in %s since %s; re-driven",
+            "sweep: run %s of %s stalled in %s since %s; re-driven in %s",
             run_id,
             spec.name,
             run["state"],
             last.isoformat(),
+            delay,
             extra=dims(spec.name, run_id),
         )
-        ctx.outbox.send(queue, message)
+        ctx.outbox.send(queue, message, delay=delay)
         return 1
 
     def _repair_claim(self, spec: ModelSpec, run_id: str, now: datetime) -> int:

@@ -98,28 +98,30 @@ class RunMover:
         doc, changed = ctx.ledger.update(run_key(spec.name, run["run_id"]), fail)
         if changed:
             ctx.emit(spec, doc, reason)
+            if doc["history"][-2]["state"] == RunState.AWAITING_APPROVAL:
+                self._slot.unpark(spec.name, run["run_id"])  # it no longer waits for anyone
         self._slot.release(spec, run["run_id"])
         return RunState.FAILED.value
 
     def claim_poll(
         self, key: str, section: str | None, poll: int, delivery: Delivery | None
-    ) -> bool:
-        """Claim poll number `poll` of the run's chain for this delivery.
-
-        Granted when no poll that far was made yet, or when this is a redelivery (a later
-        attempt of the very message that claimed it) after a failure. Any other copy, a
-        duplicate or a stale message, is refused: one chain per run, whatever the duplicates.
-        """
+    ) -> str:
+        """Claim poll number `poll` of the run's chain for this delivery: "first", "again"
+        (a redelivery, a later attempt of the very message that claimed it, after a failure),
+        or "" (refused: a duplicate or stale copy; one chain per run, whatever the copies)."""
         mine = delivery_doc(delivery)
+        again = False
 
         def claim(d: Doc) -> Doc | None:
+            nonlocal again
             holder = d.get(section) if section else d
             if holder is None:
                 return None
             made = holder.get("polls", 0)
             if made > poll:
                 return None
-            if made == poll and not is_redelivery(mine, holder.get("poll_by")):
+            again = made == poll
+            if again and not is_redelivery(mine, holder.get("poll_by")):
                 return None
             holder["polls"] = poll
             holder["poll_by"] = mine
@@ -127,4 +129,4 @@ class RunMover:
             return d
 
         _, claimed = self._ctx.ledger.update(key, claim)
-        return claimed
+        return ("again" if again else "first") if claimed else ""

@@ -1,8 +1,9 @@
 """The model's active-run slot: claiming it, releasing it, and the restore a failed promotion owes.
 
 One run at a time holds a model (`active_run` in the model's document). A rollback, a restore,
-an approval or a replay claims the slot; a run that ends releases it, and a batch that waited
-for it gets its check.
+an approval or a replay claims the slot; a run that ends releases it (a promoted one is seated
+as champion first), and a batch that waited for it gets its check. An idle model's target that
+does not serve its champion is reconciled through a restore run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from retrain.errors import InputRejected, RemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
 from retrain.pipeline.context import Context, dims
-from retrain.pipeline.records import champion_run, iso, new_model, redeploy_run
+from retrain.pipeline.records import (
+    champion_run,
+    iso,
+    new_model,
+    parse,
+    redeploy_run,
+    sweep_key,
+)
+from retrain.runstate import RunState
 from retrain.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -40,22 +49,27 @@ class ModelSlot:
         replacing: str | None = None,
         champion: str | None = None,
     ) -> None:
-        """Make `run_id` the model's active run (taking it over from `replacing`, if that run
-        holds it; only while run `champion` is the champion, if given), or explain why not."""
+        """Make `run_id` the model's active run, or explain why not. With `replacing`, only by
+        taking it over from that run (never an idle model: a late check must not act after
+        the model moved on); with `champion`, only while that run is the champion."""
         ctx = self._ctx
         now = iso(ctx.clock.now())
+        allowed = (run_id, replacing) if replacing else (None, run_id)
 
         def claim(d: Doc) -> Doc | None:
             if champion is not None and (d.get("champion") or {}).get("run_id") != champion:
                 return None
-            if d.get("active_run") in (None, run_id, replacing):
+            if d.get("active_run") in allowed:
                 d["active_run"], d["active_since"] = run_id, now
                 return d
             return None
 
         state, _ = ctx.ledger.update(model_key(spec.name), claim, initial=new_model(spec))
         if state.get("active_run") is None:
-            raise InputRejected(f"cannot {action} now: the champion of {spec.name} changed")
+            raise InputRejected(
+                f"cannot {action} now: the champion of {spec.name} changed, or the run it "
+                "would take the model over from already let it go"
+            )
         holder = str(state.get("active_run"))
         if holder != run_id:
             recorded = ctx.ledger.get(run_key(spec.name, holder), remember=False)
@@ -73,6 +87,8 @@ class ModelSlot:
         run = ctx.ledger.get(run_key(spec.name, run_id), remember=False)
         if run is not None and run.get("restore_pending"):
             self.restore(spec, run)
+        if run is not None and run["state"] == RunState.PROMOTED:
+            self.seat(spec, run)  # its crown write may have been lost with its writer
 
         def release(d: Doc) -> Doc | None:
             if d.get("active_run") != run_id:
@@ -83,6 +99,37 @@ class ModelSlot:
         state, _ = ctx.ledger.update(model_key(spec.name), release, initial=new_model(spec))
         if state.get("batch") and not state.get("active_run"):
             ctx.schedule_check(spec, state["batch"], ctx.clock.now())
+
+    def seat(self, spec: ModelSpec, run: Doc) -> bool:
+        """Make promoted `run` the champion while it holds the model; True when it is."""
+        run_id = run["run_id"]
+        champion = {
+            "run_id": run_id,
+            "model": run["outputs"]["model"],
+            "promoted_at": run.get("updated_at") or iso(self._ctx.clock.now()),
+            "metrics": (run.get("metrics") or {}).get("challenger"),
+        }
+        restore = run.get("kind") == "restore"
+
+        def crown(d: Doc) -> Doc | None:
+            if d.get("active_run") != run_id or (d.get("champion") or {}).get("run_id") == run_id:
+                return None
+            if not restore:
+                d["previous_champion"] = d.get("champion")
+            d["champion"] = champion
+            return d
+
+        state, _ = self._ctx.ledger.update(model_key(spec.name), crown)
+        return bool((state.get("champion") or {}).get("run_id") == run_id)
+
+    def unpark(self, name: str, run_id: str) -> None:
+        """The model no longer has `run_id` waiting for approval."""
+        self._ctx.ledger.update(
+            model_key(name),
+            lambda d: (
+                {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
+            ),
+        )
 
     def model_ref(self, path: str) -> BlobRef:
         """A fresh read reference to a model blob (`container/blob`) for a target to deploy."""
@@ -185,11 +232,69 @@ class ModelSlot:
             by="retrain",
             replacing=run["run_id"],
             run_id=f"restore-{run['run_id']}",
+            champion=champion["run_id"],
         )
         return (
             f"the target may serve this run's model: restoring the champion "
             f"(run {champion['run_id']}) through run {restore}"
         )
+
+    def reconcile(self, spec: ModelSpec, champion: Doc) -> int:
+        """An idle model's target must serve its champion. When it does not (a deploy call that
+        landed after its run was failed and checked, a change made outside the app), a restore
+        run re-deploys the champion, taking the model only while that champion still holds."""
+        ctx = self._ctx
+        try:
+            if ctx.target_for(spec).serves(self.model_ref(champion["model"])):
+                return 0
+            if not self._claim_restore(spec):
+                return 0
+            source = champion_run(champion, ctx.ledger.get(run_key(spec.name, champion["run_id"])))
+            restore = self.redeploy(
+                spec, source, kind="restore", by="sweep", champion=champion["run_id"]
+            )
+        except InputRejected:
+            return 0  # another run took the model, or the champion changed, meanwhile
+        except RemoteError as exc:
+            log.warning(
+                "sweep: could not tell what the target of %s serves: %s",
+                spec.name,
+                exc,
+                extra=dims(spec.name),
+            )
+            return 0
+        log.warning(
+            "sweep: the target of %s does not serve its champion (run %s); restoring it "
+            "through run %s",
+            spec.name,
+            champion["run_id"],
+            restore,
+            extra=dims(spec.name, restore),
+        )
+        return 1
+
+    def _claim_restore(self, spec: ModelSpec) -> bool:
+        """At most one restore started by the sweep per model and stall period: a target that
+        keeps refusing the champion gets a failed restore run now and then, not every sweep."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+
+        def claim(d: Doc) -> Doc | None:
+            last = d.get("restore_started_at")
+            if last and now < parse(last) + ctx.stall:
+                return None
+            d["restore_started_at"] = iso(now)
+            return d
+
+        _, claimed = ctx.ledger.update(sweep_key(spec.name), claim, initial={"model": spec.name})
+        if not claimed:
+            log.warning(
+                "sweep: the target of %s does not serve its champion; a restore was started "
+                "less than RETRAIN_SWEEP_STALL ago",
+                spec.name,
+                extra=dims(spec.name),
+            )
+        return claimed
 
 
 def _held(recorded: Doc | None) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import datetime, timedelta
 
 from retrain.bes import BatchJobs, BlobRef, JobState
 from retrain.errors import InputRejected, RemoteError
-from retrain.ledger import Doc, run_key
+from retrain.ledger import Doc, arrival_key, run_key
 from retrain.messages import EvaluateRun, TrackRun
 from retrain.pipeline.context import (
     MIN_POLL_GAP,
@@ -17,7 +18,7 @@ from retrain.pipeline.context import (
     delivery_doc,
     dims,
 )
-from retrain.pipeline.records import iso, parse
+from retrain.pipeline.records import iso, note_trained, parse
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
 from retrain.runstate import TRAINING, RunState, is_terminal
@@ -103,9 +104,16 @@ class Training:
                 return "duplicate"
             step.polled = True
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
-        if not self._runs.claim_poll(key, None, msg.poll, delivery):
+        poll_claim = self._runs.claim_poll(key, None, msg.poll, delivery)
+        if not poll_claim:
             return "duplicate"
         step.polled = True
+        if poll_claim == "again":
+            # The failed attempt may have polled and sent the next poll before it died:
+            # polling now could come within a second of that one. Send the next poll
+            # instead (of two copies of it, one claims it).
+            self._poll_later(spec, msg.run_id, msg.poll + 1)
+            return "resent"
         return self._poll(spec, jobs, run, msg, now)
 
     def _retry(self, spec: ModelSpec, run: Doc, msg: TrackRun, exc: RemoteError, step: Step) -> str:
@@ -214,7 +222,15 @@ class Training:
                 "evaluation": f"{art}/{folder}/{EVALUATION_BLOB}",
             },
         )
-        if not persisted:
+        if persisted:
+            # The version's own record says which run trained it, whichever batch it was in
+            # (a retrain-now puts a version in a batch other than its arrival's).
+            training = run["training_file"]
+            self._ctx.ledger.update(
+                arrival_key(self._ctx.places.data_container, training["name"], training["etag"]),
+                functools.partial(note_trained, run["run_id"]),
+            )
+        else:
             # Another delivery submitted first; ours was never started, so it never runs.
             log.warning(
                 "run %s: job %s lost the race and is deleted unstarted",

@@ -67,3 +67,51 @@ def test_a_body_that_is_not_json_is_kept() -> None:
     assert w.retrainer.on_poison("evals", b"\xff\xfe not json") == "recorded"
     (record,) = kept(w)
     assert "cannot be parsed" in record["reason"]
+
+
+def parked_then_poisoned() -> tuple[World, str]:
+    """A run waiting for approval whose evaluate message went to poison (it failed on every
+    delivery after the run was parked)."""
+    from localdev.sample import housing_csv
+    from retrain.messages import EvaluateRun
+
+    w = World(promotion="manual")
+    w.drop("housing/a.csv", housing_csv(10, seed=1))
+    for _ in range(3):
+        w.deliver()
+    w.evaluation("Root Mean Squared Error\n2.5\n")
+    w.deliver()
+    run_id = w.run()["run_id"]
+    assert w.run()["state"] == "awaiting_approval"
+    body = EvaluateRun(model="housing", run_id=run_id).model_dump_json().encode()
+    assert w.retrainer.on_poison("evals", body) == "failed"
+    return w, run_id
+
+
+def test_a_failed_parked_run_no_longer_waits_and_its_replay_parks_it_without_the_model() -> None:
+    from retrain.ledger import model_key
+
+    w, run_id = parked_then_poisoned()
+    state = w.ledger.get(model_key("housing"))
+    assert state is not None
+    assert state["awaiting_approval"] is None  # failed: it waits for no one
+    assert len(w.retrainer.replay_poison()) == 1
+    assert w.run()["state"] == "awaiting_approval"
+    state = w.ledger.get(model_key("housing"))
+    assert state is not None
+    assert (state["awaiting_approval"], state["active_run"]) == (run_id, None)
+
+
+def test_a_record_that_cannot_be_replayed_is_kept_with_why_and_the_rest_are_replayed() -> None:
+    from retrain.ledger import model_key
+
+    w, _ = parked_then_poisoned()
+    w.ledger.update(model_key("housing"), lambda d: {**d, "awaiting_approval": "another-run"})
+    from retrain.messages import TrackRun
+
+    other = TrackRun(model="housing", run_id="gone-run").model_dump_json().encode()
+    w.retrainer.on_poison("jobs", other)  # a second record, replayable as it is
+    assert len(w.retrainer.replay_poison()) == 1
+    refused = [r for r in kept(w) if not r["replayed"]]
+    assert len(refused) == 1
+    assert "another-run of housing waits for approval" in refused[0]["replay_refused"]

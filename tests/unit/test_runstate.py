@@ -122,11 +122,13 @@ class TestAdvance:
 NOT_RUN_STATES = {
     ("retrain/pipeline/arrivals.py", "rejected"): "an arrival's status (Arrival.REJECTED)",
     ("retrain/pipeline/gate.py", "awaiting_approval"): "the model document's parked-run field",
-    (
-        "retrain/pipeline/operations.py",
-        "awaiting_approval",
-    ): "the model document's parked-run field",
+    ("retrain/pipeline/slot.py", "awaiting_approval"): "the model document's parked-run field",
+    ("retrain/pipeline/poison.py", "awaiting_approval"): "the model document's parked-run field",
     ("retrain/pipeline/promotion.py", "failed"): "a target's Progress.state",
+    (
+        "retrain/pipeline/promotion.py",
+        "superseded",
+    ): "on_evaluate's answer when another run's hold keeps a promoted run from the crown",
     ("retrain/deploy.py", "failed"): "a target's Progress.state",
     ("retrain/arm.py", "failed"): "an ARM provisioning state, and the Progress it maps to",
 }
