@@ -113,6 +113,11 @@ class Poison:
     def _replay(self, key: str, record: Doc) -> None:
         ctx = self._ctx
         if record.get("run_id") and record.get("state_before"):
+            if record["state_before"] not in {state.value for state in RunState}:
+                raise InputRejected(
+                    f"cannot replay {key}: its state_before {record['state_before']!r} is not "
+                    "a run state (the record was changed by hand?)"
+                )
             spec = ctx.spec(record["model"])
             now = ctx.clock.now()
             parked = record["state_before"] == RunState.AWAITING_APPROVAL

@@ -115,3 +115,18 @@ def test_a_record_that_cannot_be_replayed_is_kept_with_why_and_the_rest_are_repl
     refused = [r for r in kept(w) if not r["replayed"]]
     assert len(refused) == 1
     assert "another-run of housing waits for approval" in refused[0]["replay_refused"]
+
+
+def test_a_record_with_an_unknown_state_is_kept_and_touches_no_run() -> None:
+    from retrain.ledger import model_key
+
+    w, _ = parked_then_poisoned()
+    (key,) = [k for k in w.store.docs if k.startswith("poison/")]
+    w.ledger.update(key, lambda d: {**d, "state_before": "bogus"})
+    assert w.retrainer.replay_poison() == []
+    (record,) = kept(w)
+    assert "not a run state" in record["replay_refused"]
+    assert w.run()["state"] == "failed"
+    state = w.ledger.get(model_key("housing"))
+    assert state is not None
+    assert state["active_run"] is None
