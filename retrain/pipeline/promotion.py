@@ -208,7 +208,7 @@ class Deployment:
                 self._slot.release(spec, run["run_id"])
                 state = self._ctx.ledger.get(model_key(spec.name)) or {}
                 if state.get("champion") and not state.get("active_run"):
-                    self._slot.reconcile(spec, state["champion"])
+                    self._slot.reconcile(spec, state["champion"], by="holder")
             return "lease lost"
         return run, progress
 

@@ -239,33 +239,37 @@ class ModelSlot:
             f"(run {champion['run_id']}) through run {restore}"
         )
 
-    def reconcile(self, spec: ModelSpec, champion: Doc) -> int:
+    def reconcile(self, spec: ModelSpec, champion: Doc, *, by: str = "sweep") -> int:
         """An idle model's target must serve its champion. When it does not (a deploy call that
         landed after its run was failed and checked, a change made outside the app), a restore
-        run re-deploys the champion, taking the model only while that champion still holds."""
+        run re-deploys the champion, taking the model only while that champion still holds.
+        The sweep starts at most one such restore per stall period; a deploy holder that knows
+        its own call landed late (`by="holder"`) is not held to that."""
         ctx = self._ctx
         try:
             if ctx.target_for(spec).serves(self.model_ref(champion["model"])):
                 return 0
-            if not self._claim_restore(spec):
+            if by == "sweep" and not self._claim_restore(spec):
                 return 0
             source = champion_run(champion, ctx.ledger.get(run_key(spec.name, champion["run_id"])))
             restore = self.redeploy(
-                spec, source, kind="restore", by="sweep", champion=champion["run_id"]
+                spec, source, kind="restore", by=by, champion=champion["run_id"]
             )
         except InputRejected:
             return 0  # another run took the model, or the champion changed, meanwhile
         except RemoteError as exc:
             log.warning(
-                "sweep: could not tell what the target of %s serves: %s",
+                "%s: could not tell what the target of %s serves: %s",
+                by,
                 spec.name,
                 exc,
                 extra=dims(spec.name),
             )
             return 0
         log.warning(
-            "sweep: the target of %s does not serve its champion (run %s); restoring it "
+            "%s: the target of %s does not serve its champion (run %s); restoring it "
             "through run %s",
+            by,
             spec.name,
             champion["run_id"],
             restore,

@@ -1038,6 +1038,40 @@ class TestFailedWhileAHolderDeploys:
         assert w.target.serving == champion_model
         assert w.retrainer.sweep()["restores"] == 0
 
+    def test_a_holder_restores_even_when_the_sweep_restored_moments_before(self) -> None:
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        assert w.deliver() == ["promoted"]
+        w.target.serving = "artifacts/elsewhere/model.ilearner"  # changed outside the app
+        assert w.retrainer.sweep()["restores"] == 1
+        assert w.deliver() == ["promoted"]  # the sweep's restore; its limit is spent
+        champion_model = w.target.serving
+        w.drop("housing/b.csv", housing_csv(10, seed=2))
+        for _ in range(3):
+            w.deliver()
+        second = latest_run(w)
+        w.data.put(
+            "artifacts",
+            second["outputs"]["evaluation"].split("/", 1)[1],
+            "Root Mean Squared Error\n1.5\n",
+        )
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, EvaluateRun)
+        original = w.target.deploy
+
+        def deploy_while_poisoned(model: Any) -> Any:
+            w.retrainer.on_poison("evals", msg.model_dump_json().encode())
+            return original(model)
+
+        w.target.deploy = deploy_while_poisoned  # type: ignore[method-assign]
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "lease lost"
+        del w.target.deploy
+        assert w.deliver() == ["promoted"]  # the holder's restore, not held to the sweep's
+        assert w.target.serving == champion_model
+
     def test_a_target_that_keeps_refusing_the_champion_gets_one_restore_per_stall(
         self,
     ) -> None:
