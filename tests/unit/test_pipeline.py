@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -884,9 +885,11 @@ class TestWedgedModel:
         assert w.retrainer.rollback("housing", first, by="me").startswith("rollback-")
 
 
-def champion_then_second_trained() -> tuple[World, str]:
+def champion_then_second_trained(
+    before_second: Callable[[World], None] | None = None,
+) -> tuple[World, str]:
     """A World whose first run is the champion and whose second (better) run is trained,
-    its evaluate message waiting in the outbox."""
+    its evaluate message waiting in the outbox; `before_second` runs between the two."""
     w = World()
     w.drop("housing/a.csv", housing_csv(10, seed=1))
     for _ in range(3):
@@ -894,6 +897,8 @@ def champion_then_second_trained() -> tuple[World, str]:
     w.evaluation("Root Mean Squared Error\n2.5\n")
     assert w.deliver() == ["promoted"]
     champion = w.run()["run_id"]
+    if before_second is not None:
+        before_second(w)
     w.clock.advance(minutes=5)
     w.drop("housing/b.csv", housing_csv(10, seed=2))
     for _ in range(3):
@@ -905,6 +910,22 @@ def champion_then_second_trained() -> tuple[World, str]:
         "Root Mean Squared Error\n1.5\n",
     )
     return w, champion
+
+
+def poisoned_during_deploy(w: World, msg: EvaluateRun) -> str:
+    """Deliver `msg` while, during its deploy call, another copy's poison fails the run: the
+    call lands after the run was failed and checked."""
+    original = w.target.deploy
+
+    def deploy_while_poisoned(model: Any) -> Any:
+        w.retrainer.on_poison("evals", msg.model_dump_json().encode())
+        return original(model)
+
+    w.target.deploy = deploy_while_poisoned  # type: ignore[method-assign]
+    try:
+        return w.retrainer.on_evaluate(msg, delivery=Delivery("m-1"))
+    finally:
+        del w.target.deploy
 
 
 def champion_run(w: World) -> str:
@@ -1021,14 +1042,7 @@ class TestFailedWhileAHolderDeploys:
         champion_model = w.target.serving
         ((_, msg, _),) = w.outbox.take()
         assert isinstance(msg, EvaluateRun)
-        original = w.target.deploy
-
-        def deploy_while_poisoned(model: Any) -> Any:
-            w.retrainer.on_poison("evals", msg.model_dump_json().encode())
-            return original(model)  # the call lands after the run was failed and checked
-
-        w.target.deploy = deploy_while_poisoned  # type: ignore[method-assign]
-        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "lease lost"
+        assert poisoned_during_deploy(w, msg) == "lease lost"
         run = w.ledger.get(run_key("housing", msg.run_id))
         assert run is not None
         assert run["state"] == "failed"
@@ -1039,36 +1053,16 @@ class TestFailedWhileAHolderDeploys:
         assert w.retrainer.sweep()["restores"] == 0
 
     def test_a_holder_restores_even_when_the_sweep_restored_moments_before(self) -> None:
-        w = World()
-        w.drop("housing/a.csv", housing_csv(10, seed=1))
-        for _ in range(3):
-            w.deliver()
-        w.evaluation("Root Mean Squared Error\n2.5\n")
-        assert w.deliver() == ["promoted"]
-        w.target.serving = "artifacts/elsewhere/model.ilearner"  # changed outside the app
-        assert w.retrainer.sweep()["restores"] == 1
-        assert w.deliver() == ["promoted"]  # the sweep's restore; its limit is spent
+        def sweep_restores(w: World) -> None:
+            w.target.serving = "artifacts/elsewhere/model.ilearner"  # changed outside the app
+            assert w.retrainer.sweep()["restores"] == 1
+            assert w.deliver() == ["promoted"]  # the sweep's restore; its limit is spent
+
+        w, _ = champion_then_second_trained(before_second=sweep_restores)
         champion_model = w.target.serving
-        w.drop("housing/b.csv", housing_csv(10, seed=2))
-        for _ in range(3):
-            w.deliver()
-        second = latest_run(w)
-        w.data.put(
-            "artifacts",
-            second["outputs"]["evaluation"].split("/", 1)[1],
-            "Root Mean Squared Error\n1.5\n",
-        )
         ((_, msg, _),) = w.outbox.take()
         assert isinstance(msg, EvaluateRun)
-        original = w.target.deploy
-
-        def deploy_while_poisoned(model: Any) -> Any:
-            w.retrainer.on_poison("evals", msg.model_dump_json().encode())
-            return original(model)
-
-        w.target.deploy = deploy_while_poisoned  # type: ignore[method-assign]
-        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "lease lost"
-        del w.target.deploy
+        assert poisoned_during_deploy(w, msg) == "lease lost"
         assert w.deliver() == ["promoted"]  # the holder's restore, not held to the sweep's
         assert w.target.serving == champion_model
 
