@@ -10,7 +10,7 @@ import requests
 
 from retrain.bes import BlobRef
 from retrain.deploy import SUCCEEDED, Progress
-from retrain.errors import RemoteError
+from retrain.errors import PermanentError, PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.http import call, field_of, json_of, redact, shape_error
 
 ROLE_HINT = "the app's identity needs the Contributor role on the web service or its resource group"
@@ -85,18 +85,17 @@ class NewWebService:
             )
         except RemoteError as exc:
             if exc.status in (401, 403):
-                raise RemoteError(f"{exc} ({ROLE_HINT})", status=exc.status) from exc
+                raise PermanentRemoteError(f"{exc} ({ROLE_HINT})", status=exc.status) from exc
             if exc.status == 404:
-                raise RemoteError(
+                raise PermanentRemoteError(
                     f"web service {self._name} not found at {self._url} (check subscription, "
                     "resource group and name)",
                     status=404,
                 ) from exc
             if exc.status == 409:
-                raise RemoteError(
+                raise TransientRemoteError(
                     f"{exc} (another operation on {self._name} is in progress)",
                     status=409,
-                    retryable=True,
                     retry_after=exc.retry_after,
                 ) from exc
             raise
@@ -121,18 +120,18 @@ class NewWebService:
     def _checked(self, service: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         props = service["properties"]
         if props.get("readOnly"):
-            raise RemoteError(
+            raise PermanentRemoteError(
                 f"web service {self._name} is read-only and can no longer be "
                 "updated; deploy a new web service to retrain it"
             )
         if props.get("payloadsInBlobStorage"):
-            raise RemoteError(
+            raise PermanentRemoteError(
                 f"web service {self._name} keeps its definition in blob storage "
                 "(over 3 MB), so its assets cannot be patched through ARM"
             )
         assets = field_of(props, "assets", dict, what=f"ARM GET web service {self._name}")
         if not assets:
-            raise RemoteError(f"web service {self._name} has no assets in its definition")
+            raise PermanentRemoteError(f"web service {self._name} has no assets in its definition")
         return self._find_asset(assets), assets
 
     def _find_asset(self, assets: dict[str, Any]) -> str:
@@ -153,7 +152,7 @@ class NewWebService:
         if len(found) == 1:
             return found[0]
         problem = "no" if not found else f"{len(found)}"
-        raise RemoteError(
+        raise PermanentRemoteError(
             f"web service {self._name}: {problem} Resource asset {what} (Resource assets: "
             f"{names}); set target.asset_name to the trained model's asset name"
         )
@@ -172,7 +171,7 @@ class NewWebService:
 
     def deploy(self, model: BlobRef) -> Progress:
         if not model.relative_location.endswith(".ilearner"):
-            raise ValueError("a trained model's blob must end in .ilearner")
+            raise PermanentError("a trained model's blob must end in .ilearner")
         service = self.get()
         key, assets = self._checked(service)
         uri = self._uri(model)
@@ -207,7 +206,7 @@ class NewWebService:
             props = self.get()["properties"]
             return self._from_state(props.get("provisioningState"), None)
         if not operation.startswith(self._base + "/"):
-            raise RemoteError(f"refusing to poll an operation outside {self._base}")
+            raise PermanentRemoteError(f"refusing to poll an operation outside {self._base}")
         what = f"ARM operation status for {self._name}"
         body = json_of(self._call("GET", operation, what), what=what)
         if not isinstance(body, dict):

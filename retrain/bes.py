@@ -12,7 +12,12 @@ from urllib.parse import quote
 
 import requests
 
-from retrain.errors import RemoteError
+from retrain.errors import (
+    PermanentRemoteError,
+    RemoteError,
+    TransientError,
+    TransientRemoteError,
+)
 from retrain.http import call, field_of, json_of, redact, shape_error
 
 log = logging.getLogger(__name__)
@@ -84,7 +89,7 @@ _BY_NAME = {s.value.casefold(): s for s in JobState} | {"canceled": JobState.CAN
 def parse_state(value: Any) -> JobState:
     """Normalise StatusCode: an int, a numeric string, or a name in any case, spaces or not."""
     if isinstance(value, bool):
-        raise RemoteError(f"BES status: unknown StatusCode {value!r}")
+        raise PermanentRemoteError(f"BES status: unknown StatusCode {value!r}")
     if isinstance(value, int) and 0 <= value < len(_BY_NUMBER):
         return _BY_NUMBER[value]
     if isinstance(value, str):
@@ -93,7 +98,7 @@ def parse_state(value: Any) -> JobState:
             return _BY_NUMBER[int(text)]
         if text in _BY_NAME:
             return _BY_NAME[text]
-    raise RemoteError(f"BES status: unknown StatusCode {value!r}")
+    raise PermanentRemoteError(f"BES status: unknown StatusCode {value!r}")
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ class BesClient:
 
     def _job(self, job_id: str) -> str:
         if not _JOB_ID.match(job_id):
-            raise RemoteError(f"BES: refusing to use malformed job id {job_id!r}")
+            raise PermanentRemoteError(f"BES: refusing to use malformed job id {job_id!r}")
         return f"/{job_id}"
 
     def submit(
@@ -215,7 +220,7 @@ class BesClient:
             raise shape_error(what, "the reply", "a JSON object", body)
         code = body.get("StatusCode", body.get("Status Code"))
         if code is None:
-            raise RemoteError(f"{what}: the response has no StatusCode")
+            raise PermanentRemoteError(f"{what}: the response has no StatusCode")
         state = parse_state(code)
         outputs: dict[str, BlobRef] = {}
         results = field_of(body, "Results", dict, what=what) or {}
@@ -262,19 +267,19 @@ class BesClient:
             if exc.status == 404:
                 return "BES service answers and accepts the key"
             if exc.status in (401, 403):
-                raise RemoteError(
+                raise PermanentRemoteError(
                     f"BES refused the key in {key} (HTTP {exc.status}): set it to the API key "
                     "of the training web service that bes.jobs_url names",
                     status=exc.status,
                 ) from exc
             got = f"HTTP {exc.status}" if exc.status else "no answer"
-            raise RemoteError(
+            kind = TransientRemoteError if isinstance(exc, TransientError) else PermanentRemoteError
+            raise kind(
                 f"BES probe: a status GET of an unknown job should answer 404, got {got} "
                 f"({exc}); check bes.jobs_url (the BES 'Batch Requests' URL, as copied)",
                 status=exc.status,
-                retryable=exc.retryable,
             ) from exc
-        raise RemoteError(
+        raise PermanentRemoteError(
             f"BES probe: a status GET of an unknown job should answer 404, got HTTP "
             f"{response.status_code}; check bes.jobs_url (the BES 'Batch Requests' URL)",
             status=response.status_code,

@@ -178,7 +178,7 @@ def cmd_preflight(args: argparse.Namespace, out: Output) -> int:
         for step in steps:
             try:
                 facts += step(name)
-            except (RetrainError, ValueError) as exc:
+            except RetrainError as exc:
                 errors.append(str(exc))
         if errors:
             results.append({"model": name, "ok": False, "error": "\n  ".join(errors)})
@@ -213,12 +213,12 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     for name in settings.models:
         try:
             checks.append({"check": f"BES of {name}", "ok": True, "detail": app.probe(name)})
-        except (RetrainError, ValueError) as exc:
+        except RetrainError as exc:
             checks.append({"check": f"BES of {name}", "ok": False, "detail": str(exc)})
         try:
             facts = app.preflight(name)
             checks.append({"check": f"target of {name}", "ok": True, "detail": "; ".join(facts)})
-        except (RetrainError, ValueError) as exc:
+        except RetrainError as exc:
             checks.append({"check": f"target of {name}", "ok": False, "detail": str(exc)})
         champion = (states.get(name) or {}).get("champion") or {}
         checks.append(

@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 import requests
 
 from retrain.bes import BlobRef
-from retrain.errors import RemoteError
+from retrain.errors import ConfigError, PermanentError, PermanentRemoteError
 from retrain.http import call, field_of, json_of, shape_error
 
 
@@ -59,7 +59,7 @@ class ClassicEndpoint:
         timeout: tuple[float, float],
     ) -> None:
         if endpoint_url.rstrip("/").rsplit("/", 1)[-1].casefold() == "default":
-            raise ValueError("the default endpoint cannot be patched")
+            raise ConfigError("the default endpoint cannot be patched")
         self._url = endpoint_url.rstrip("/")
         self._name = self._url.rsplit("/", 1)[-1]
         self._resource = resource_name
@@ -94,13 +94,13 @@ class ClassicEndpoint:
             if resource.get("Name") == self._resource:
                 return resource
         if not names:
-            raise RemoteError(
+            raise PermanentRemoteError(
                 f"endpoint {self._name} has no updatable resource; patch an endpoint of the "
                 "predictive web service, not the training one"
             )
         close = difflib.get_close_matches(self._resource, names, n=3, cutoff=0.5)
         hint = f"; did you mean {close}?" if close else ""
-        raise RemoteError(
+        raise PermanentRemoteError(
             f"endpoint {self._name} has no resource named {self._resource!r} (it has {names}){hint}"
         )
 
@@ -119,7 +119,7 @@ class ClassicEndpoint:
 
     def deploy(self, model: BlobRef) -> Progress:
         if not model.relative_location.endswith(".ilearner"):
-            raise ValueError("a trained model's RelativeLocation must end in .ilearner")
+            raise PermanentError("a trained model's RelativeLocation must end in .ilearner")
         if self.serves(model):
             return SUCCEEDED
         body = {

@@ -1,4 +1,22 @@
-"""Errors, sorted by what the caller should do about them."""
+"""Errors, sorted by what the caller must do about them.
+
+    RetrainError
+    ├── TransientError        try again later: let it escape so the host re-delivers
+    │   ├── StateConflict
+    │   └── TransientRemoteError
+    ├── PermanentError        trying again cannot help: fail the run with the reason
+    │   ├── MessageError, EvaluationError, IllegalTransition, DocumentMissing
+    │   └── PermanentRemoteError
+    │       └── BlobUnreadable (retrain.storage)
+    ├── UsageError            back to the operator with the fix
+    │   ├── ConfigError
+    │   └── InputRejected
+    └── RemoteError           a remote call failed (status, Retry-After): only its two subclasses
+                              above are raised
+
+A remote failure is both a `RemoteError` (it has a status and maybe a Retry-After) and one of the
+first two kinds (what to do about it); callers catch the kind they handle.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +25,81 @@ class RetrainError(Exception):
     """Root of every error this package raises on purpose."""
 
 
-class ConfigError(RetrainError):
+class TransientError(RetrainError):
+    """Trying again later can succeed: let it escape so the host re-delivers the message, or
+    re-send the message after `retry_after` seconds when the service asked for a wait."""
+
+    retry_after: float | None = None
+
+
+class PermanentError(RetrainError):
+    """Trying again cannot help: the run fails with this message as its reason."""
+
+
+class UsageError(RetrainError):
+    """What was asked cannot be done as asked: the message says what to change."""
+
+
+class ConfigError(UsageError):
     """A setting is missing or invalid; the message names the setting and the fix."""
 
 
-class MessageError(RetrainError):
+class InputRejected(UsageError):
+    """Arrived data, or an operator's request, cannot be used as it is: for data the reason is
+    recorded and the blob quarantined; for a command the CLI prints it."""
+
+
+class MessageError(PermanentError):
     """A queue message cannot be parsed; retrying it cannot help."""
 
 
-class InputRejected(RetrainError):
-    """Arrived data is unusable for training; the reason is recorded and the blob quarantined."""
+class EvaluationError(PermanentError):
+    """The Evaluate Model output is missing, malformed, or lacks a metric the gate needs."""
+
+
+class IllegalTransition(PermanentError):
+    """A run was asked to move between states the state table does not connect: a bug."""
+
+
+class DocumentMissing(PermanentError):
+    """A ledger document that an update needs does not exist (and no initial one was given)."""
+
+
+class StateConflict(TransientError):
+    """A conditional write lost a race: someone else changed the document first."""
 
 
 class RemoteError(RetrainError):
-    """A call to Azure ML failed.
+    """A call to a remote service (Azure ML, storage, a webhook) failed.
 
-    ``retryable`` says whether sending the same request later can succeed (timeouts, 429, 5xx),
-    ``status`` is the HTTP status when there was a response, ``retry_after`` the server's hint.
+    `status` is the HTTP status when there was a response, `retry_after` the server's hint in
+    seconds. Never raised itself: a remote failure is a TransientRemoteError or a
+    PermanentRemoteError, so a handler knows what to do with it from its class.
     """
 
     def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        retryable: bool = False,
-        retry_after: float | None = None,
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
     ) -> None:
+        if type(self) is RemoteError:
+            raise TypeError("raise TransientRemoteError or PermanentRemoteError, not RemoteError")
         from retrain.http import redact  # texts from services may echo a SAS URL or a key
 
         super().__init__(redact(message))
         self.status = status
-        self.retryable = retryable
         self.retry_after = retry_after
 
-
-class StateConflict(RetrainError):
-    """A conditional write lost a race: someone else changed the document first."""
-
-
-class EvaluationError(RetrainError):
-    """The Evaluate Model output is missing, malformed, or lacks a metric the gate needs."""
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same request later can succeed. Code decides by class; this is
+        for records that name it (the chaos harness reports it for each escaped error)."""
+        return isinstance(self, TransientError)
 
 
-class IllegalTransition(RetrainError):
-    """A run was asked to move between states the state table does not connect: a bug."""
+class TransientRemoteError(RemoteError, TransientError):
+    """The service did not answer, was busy or failed in passing (timeouts, 429, 5xx, a copy
+    still in progress): the same request later can succeed."""
+
+
+class PermanentRemoteError(RemoteError, PermanentError):
+    """The service refused the request or answered something unusable: retrying the same
+    request cannot help."""

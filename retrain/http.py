@@ -11,7 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from retrain.errors import RemoteError
+from retrain.errors import PermanentRemoteError, TransientRemoteError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 RETRIES = 4
@@ -50,10 +50,12 @@ def worst_call(connect_timeout: float, read_timeout: float) -> float:
     return (connect_timeout + read_timeout) * (RETRIES + 1) + MAX_RETRY_WAIT * RETRIES
 
 
-def shape_error(what: str, field: str, expected: str, got: Any) -> RemoteError:
+def shape_error(what: str, field: str, expected: str, got: Any) -> PermanentRemoteError:
     """A reply that does not have the documented shape: names the field and what came instead."""
     shown = redact(json.dumps(got, default=str)[:80]) if got is not None else "null"
-    return RemoteError(f"{what}: {field} should be {expected}, got {type(got).__name__} {shown}")
+    return PermanentRemoteError(
+        f"{what}: {field} should be {expected}, got {type(got).__name__} {shown}"
+    )
 
 
 def field_of(
@@ -152,7 +154,8 @@ def call(
     data: bytes | None = None,
     follow_redirects: bool = True,
 ) -> requests.Response:
-    """Send one request and turn every failure into a RemoteError that names the operation.
+    """Send one request and turn every failure into a remote error that names the operation:
+    transient (timeouts, connection failures, 429 and 5xx) or permanent (everything else).
 
     With `follow_redirects=False` a 3xx answer is an error: the request (and its headers) is
     not re-sent to wherever the answer points.
@@ -167,37 +170,34 @@ def call(
             allow_redirects=follow_redirects,
         )
     except requests.exceptions.RetryError as exc:
-        raise RemoteError(
-            f"{what}: still failing after retries ({redact(str(exc))})", retryable=True
+        raise TransientRemoteError(
+            f"{what}: still failing after retries ({redact(str(exc))})"
         ) from exc
     except requests.exceptions.Timeout as exc:
-        raise RemoteError(f"{what}: timed out", retryable=True) from exc
+        raise TransientRemoteError(f"{what}: timed out") from exc
     except requests.exceptions.ConnectionError as exc:
-        raise RemoteError(
-            f"{what}: connection failed ({type(exc).__name__})", retryable=True
-        ) from exc
+        raise TransientRemoteError(f"{what}: connection failed ({type(exc).__name__})") from exc
     except requests.exceptions.RequestException as exc:
-        raise RemoteError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from exc
+        raise PermanentRemoteError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from exc
     if not follow_redirects and 300 <= response.status_code < 400:
         location = redact(response.headers.get("Location") or "nowhere")
-        raise RemoteError(
+        raise PermanentRemoteError(
             f"{what}: HTTP {response.status_code} redirect to {location} not followed; "
             "configure the final URL",
             status=response.status_code,
         )
     if response.status_code >= 400:
         status = response.status_code
-        retryable = status in RETRY_STATUSES
+        kind = TransientRemoteError if status in RETRY_STATUSES else PermanentRemoteError
         hint = {
             401: "the API key is wrong or expired",
             403: "the key is not allowed to do this",
             404: "the URL does not exist (check the configured URL and names)",
         }.get(status, "")
         body = _snippet(response)
-        raise RemoteError(
+        raise kind(
             f"{what}: HTTP {status}{' - ' + hint if hint else ''}{': ' + body if body else ''}",
             status=status,
-            retryable=retryable,
             retry_after=retry_after(response),
         )
     return response
@@ -212,12 +212,12 @@ def _snippet(response: requests.Response) -> str:
 
 
 def json_of(response: requests.Response, *, what: str) -> Any:
-    """The JSON body of a response, or a RemoteError saying what came back instead."""
+    """The JSON body of a response, or a PermanentRemoteError saying what came instead."""
     try:
         return response.json()
     except ValueError as exc:
         ctype = response.headers.get("Content-Type") or "no content type"
-        raise RemoteError(
+        raise PermanentRemoteError(
             f"{what}: expected JSON, got {ctype} {_snippet(response)!r}",
             status=response.status_code,
         ) from exc

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from retrain.errors import StateConflict
+from retrain.errors import DocumentMissing, StateConflict
 from retrain.storage import DocumentStore, Versioned, normalize_etag
 
 Doc = dict[str, Any]
@@ -99,7 +99,8 @@ class Ledger:
     def update(self, key: str, mutate: Mutation, *, initial: Doc | None = None) -> tuple[Doc, bool]:
         """Apply `mutate` atomically; returns the resulting document and whether it changed.
 
-        A missing document starts from `initial` (when given). Lost races re-read and re-apply.
+        A missing document starts from `initial` (DocumentMissing without one). Lost races
+        re-read and re-apply.
         """
         stripe = int(hashlib.blake2b(key.encode(), digest_size=2).hexdigest(), 16)
         with self._turns[stripe % LOCK_STRIPES]:
@@ -124,7 +125,7 @@ class Ledger:
             version: str | None = None
             if found is None:
                 if initial is None:
-                    raise KeyError(key)
+                    raise DocumentMissing(f"{key} does not exist")
                 current = copy.deepcopy(initial)
             else:
                 current, version = found.doc, found.etag

@@ -23,7 +23,13 @@ from azure.storage.queue import QueueServiceClient, TextBase64EncodePolicy
 from pydantic import BaseModel
 
 from retrain.bes import BlobRef
-from retrain.errors import ConfigError, InputRejected, RemoteError, StateConflict
+from retrain.errors import (
+    ConfigError,
+    InputRejected,
+    PermanentRemoteError,
+    StateConflict,
+    TransientRemoteError,
+)
 from retrain.http import RETRY_STATUSES, redact
 from retrain.settings import is_loopback
 
@@ -74,11 +80,11 @@ def _wire(etag: str) -> str:
     return f'"{normalize_etag(etag)}"'
 
 
-class BlobUnreadable(RemoteError):
+class BlobUnreadable(PermanentRemoteError):
     """The blob exists but its content cannot be read as it is (e.g. in the archive tier)."""
 
     def __init__(self, message: str, *, etag: str, size: int) -> None:
-        super().__init__(message, status=409, retryable=False)
+        super().__init__(message, status=409)
         self.etag = etag
         self.size = size
 
@@ -161,10 +167,10 @@ class Outbox(Protocol):
         ...
 
 
-def _wrap(what: str, exc: AzureError) -> RemoteError:
+def _wrap(what: str, exc: AzureError) -> TransientRemoteError:
     # Storage errors can quote a request URL, a copy source's SAS among them.
     text = redact(f"storage {what}: {type(exc).__name__}: {exc.message or ''}")
-    return RemoteError(text[:400], retryable=True)
+    return TransientRemoteError(text[:400])
 
 
 class BlobDocumentStore:
@@ -347,14 +353,14 @@ class BlobData:
             stream = blob.download_blob(offset=0, length=max_bytes + 1)
             data = stream.readall()
         except ResourceNotFoundError as exc:
-            raise RemoteError(
+            raise PermanentRemoteError(
                 f"{container}/{name} does not exist (the job wrote no output "
                 "there; check the output names in the model spec)"
             ) from exc
         except AzureError as exc:
             raise _wrap(f"read {container}/{name}", exc) from exc
         if len(data) > max_bytes:
-            raise RemoteError(f"{container}/{name} is larger than {max_bytes} bytes")
+            raise PermanentRemoteError(f"{container}/{name} is larger than {max_bytes} bytes")
         return data.decode("utf-8-sig", errors="replace")
 
     def listing(self, container: str, prefix: str) -> list[Listed]:

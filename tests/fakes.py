@@ -12,7 +12,12 @@ from pydantic import BaseModel
 from retrain.bes import BlobRef, JobState, JobStatus
 from retrain.clock import ManualClock as ManualClock  # re-exported for the tests
 from retrain.deploy import Progress
-from retrain.errors import InputRejected, RemoteError, StateConflict
+from retrain.errors import (
+    InputRejected,
+    PermanentRemoteError,
+    RemoteError,
+    StateConflict,
+)
 from retrain.storage import HEAD_BYTES, BlobHead, BlobUnreadable, BlobVersion, Listed, Versioned
 
 
@@ -105,7 +110,7 @@ class FakeData:
     def read_text(self, container: str, name: str, *, max_bytes: int) -> str:
         found = self.blobs.get((container, name))
         if found is None:
-            raise RemoteError(f"{container}/{name} does not exist")
+            raise PermanentRemoteError(f"{container}/{name} does not exist")
         return found[0].decode()
 
     def listing(self, container: str, prefix: str) -> list[Listed]:
@@ -192,7 +197,9 @@ class FakeJobs:
 
     def start(self, job_id: str) -> None:
         if job_id in self.started:
-            raise RemoteError(f"BES start {job_id}: HTTP 409: the job was started", status=409)
+            raise PermanentRemoteError(
+                f"BES start {job_id}: HTTP 409: the job was started", status=409
+            )
         self.started.append(job_id)
         self._maybe_fail("start")  # an answer lost after the job was started
 

@@ -1,4 +1,5 @@
-"""The trigger layer: three functions, bindings the host accepts, nothing heavy at import."""
+"""The trigger layer: the functions, bindings the host accepts, nothing heavy at import, and
+one delegating call per trigger."""
 
 from __future__ import annotations
 
@@ -111,3 +112,107 @@ def test_event_grid_ingest_needs_no_binding_extension() -> None:
     )
     out = _fresh_python(code, RETRAIN_INGEST_TRIGGER="eventgrid")
     assert out.split() == ["eventGridTrigger", "True", "False"]
+
+
+class _Recorder:
+    """Stands in for the Retrainer: records each call the triggers make."""
+
+    def __init__(self) -> None:
+        from retrain.pipeline import Places
+
+        self.places = Places("data", "art", "quarantine", "jobs-q", "evals-q", "events-q")
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
+    from retrain import wiring
+
+    fake = _Recorder()
+    monkeypatch.setattr(wiring, "retrainer", lambda: fake)
+    return fake
+
+
+def _queue_message(body: str, *, message_id: str = "m-1", dequeue_count: int = 2) -> Any:
+    from azure.functions.queue import QueueMessage
+
+    return QueueMessage(id=message_id, body=body.encode(), dequeue_count=dequeue_count)
+
+
+class TestTriggersDelegate:
+    """Each trigger parses its input and makes one call; what the call does is tested in unit/."""
+
+    def test_a_jobs_message_goes_to_the_step_its_kind_names(
+        self, functions: dict[str, Any], recorder: _Recorder
+    ) -> None:
+        from retrain.messages import CheckBatch, TrackRun
+        from retrain.pipeline import Delivery
+
+        train = functions["train"].get_user_function()
+        check = CheckBatch(model="housing", batch_id="b-1", arrivals=1)
+        track = TrackRun(model="housing", run_id="r-1", poll=3)
+        train(_queue_message(check.model_dump_json()))
+        train(_queue_message(track.model_dump_json(), message_id="m-2", dequeue_count=4))
+        assert recorder.calls == [
+            ("on_check_batch", (check,), {}),
+            ("on_track_run", (track,), {"delivery": Delivery("m-2", 4)}),
+        ]
+
+    def test_an_evaluations_message_carries_its_delivery(
+        self, functions: dict[str, Any], recorder: _Recorder
+    ) -> None:
+        from retrain.messages import EvaluateRun
+        from retrain.pipeline import Delivery
+
+        message = EvaluateRun(model="housing", run_id="r-1")
+        functions["evaluate"].get_user_function()(_queue_message(message.model_dump_json()))
+        assert recorder.calls == [("on_evaluate", (message,), {"delivery": Delivery("m-1", 2)})]
+
+    def test_poison_handlers_name_their_queue_as_the_wiring_does(
+        self, functions: dict[str, Any], recorder: _Recorder, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Not from the environment: the queue name keys the poison record and picks its parser."""
+        monkeypatch.delenv("RETRAIN_JOBS_QUEUE", raising=False)
+        monkeypatch.delenv("RETRAIN_EVALUATIONS_QUEUE", raising=False)
+        functions["train_poison"].get_user_function()(_queue_message("a"))
+        functions["evaluate_poison"].get_user_function()(_queue_message("b"))
+        assert recorder.calls == [
+            ("on_poison", ("jobs-q", b"a"), {}),
+            ("on_poison", ("evals-q", b"b"), {}),
+        ]
+
+    def test_the_blob_trigger_hands_on_the_address(
+        self, functions: dict[str, Any], recorder: _Recorder
+    ) -> None:
+        from retrain.binding import BlobAddress
+
+        blob = BlobAddress("data", "housing/a.csv", "AzureWebJobsStorage")
+        functions["ingest"].get_user_function()(blob)
+        functions["sweep"].get_user_function()(None)
+        assert recorder.calls == [("on_blob", ("data", "housing/a.csv"), {}), ("sweep", (), {})]
+
+
+class TestBlobEvents:
+    """The Event Grid path, called directly (the app indexes it only when configured)."""
+
+    @staticmethod
+    def _event(url: str, *, api: str = "PutBlob") -> tuple[str, str, dict[str, Any]]:
+        return ("e-1", "Microsoft.Storage.BlobCreated", {"api": api, "url": url})
+
+    def test_a_blob_in_the_wired_data_container_is_ingested(self, recorder: _Recorder) -> None:
+        from retrain import triggers
+
+        triggers.blob_event(*self._event("https://acct.blob.core.windows.net/data/housing/a.csv"))
+        assert recorder.calls == [("on_blob", ("data", "housing/a.csv"), {})]
+
+    def test_other_events_are_skipped(self, recorder: _Recorder) -> None:
+        from retrain import triggers
+
+        triggers.blob_event(*self._event("https://acct.blob.core.windows.net/other/a.csv"))
+        triggers.blob_event(
+            *self._event("https://acct.blob.core.windows.net/data/a.csv", api="PutBlock")
+        )
+        assert recorder.calls == []

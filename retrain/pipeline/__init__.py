@@ -27,7 +27,7 @@ from retrain.ledger import Doc, Ledger
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline.arrivals import Arrivals
 from retrain.pipeline.batches import Batches
-from retrain.pipeline.context import DEPLOY_CALLS, Context, Delivery, Places, Timing
+from retrain.pipeline.context import DEPLOY_CALLS, Context, Delivery, Places, QueueKind, Timing
 from retrain.pipeline.gate import Gate
 from retrain.pipeline.operations import AlreadyTrained, Operations
 from retrain.pipeline.poison import Poison
@@ -45,6 +45,7 @@ __all__ = [
     "AlreadyTrained",
     "Delivery",
     "Places",
+    "QueueKind",
     "Retrainer",
     "Timing",
     "sweep_key",
@@ -89,6 +90,11 @@ class Retrainer:
         self._operations = Operations(ctx, runs, slot, self._arrivals)
         self._recovery = Recovery(ctx, slot, self._arrivals, self._batches, self._operations)
         self._poison = Poison(ctx, runs, slot, gate)
+
+    @property
+    def places(self) -> Places:
+        """The containers and queues the pipeline uses, as the wiring named them."""
+        return self._ctx.places
 
     # Tests look at and swap these; every step shares them through the context.
 

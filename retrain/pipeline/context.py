@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from retrain.bes import BatchJobs
 from retrain.clock import Clock
@@ -49,6 +49,10 @@ def is_redelivery(mine: Doc | None, by: Doc | None) -> bool:
     return bool(mine and by and by["id"] == mine["id"] and mine["attempt"] > by["attempt"])
 
 
+QueueKind = Literal["jobs", "evaluations"]
+"""The queues whose messages can end as poison."""
+
+
 @dataclass(frozen=True)
 class Places:
     """Names of the containers and queues the pipeline uses."""
@@ -59,6 +63,10 @@ class Places:
     jobs_queue: str
     evaluations_queue: str
     events_queue: str | None = None
+
+    def queue(self, kind: QueueKind) -> str:
+        """The name of the jobs or the evaluations queue."""
+        return self.jobs_queue if kind == "jobs" else self.evaluations_queue
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from retrain.errors import EvaluationError, RemoteError
+from retrain.errors import EvaluationError, PermanentRemoteError
 from retrain.evaluation import Decision, decide, parse_evaluation_csv
 from retrain.ledger import Doc, model_key, run_key
 from retrain.pipeline.context import Context, dims
@@ -94,9 +94,8 @@ class Gate:
         try:
             text = ctx.data.read_text(container, blob, max_bytes=MAX_EVALUATION_BYTES)
             evaluation = parse_evaluation_csv(text)
-        except (EvaluationError, RemoteError) as exc:
-            if isinstance(exc, RemoteError) and exc.retryable:
-                raise  # storage hiccup: the host re-delivers the message
+        except (EvaluationError, PermanentRemoteError) as exc:
+            # A transient storage error escapes: the host re-delivers the message.
             self._runs.fail(spec, run, f"cannot read the evaluation: {exc}")
             return None
         state = ctx.ledger.get(model_key(spec.name)) or {}

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from retrain.bes import BlobRef
 from retrain.deploy import DeployTarget, Progress
-from retrain.errors import RemoteError
+from retrain.errors import PermanentRemoteError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
 from retrain.pipeline.context import (
@@ -80,9 +80,9 @@ class Deployment:
         step = Step()
         try:
             return self._promote(spec, run, msg, delivery, step)
-        except RemoteError as exc:
-            if not exc.retryable:
-                return self._runs.fail(spec, run, f"promotion failed: {exc}")
+        except PermanentRemoteError as exc:
+            return self._runs.fail(spec, run, f"promotion failed: {exc}")
+        except TransientRemoteError as exc:
             if exc.retry_after is None or msg.retries >= MAX_RETRY_AFTER:
                 raise  # the host retries the message, then keeps it as poison
             # Honour the service's Retry-After with a delayed copy of the message, instead of
@@ -129,10 +129,9 @@ class Deployment:
         if progress.state == "pending":
             return self._provisioning(spec, run, msg)
         if not target.serves(ref):
-            raise RemoteError(
+            raise TransientRemoteError(
                 f"promotion of run {run['run_id']}: the target still serves another model "
-                "after the update",
-                retryable=True,
+                "after the update"
             )
         return self._crown(spec, run, path)
 

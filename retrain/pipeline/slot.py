@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from retrain.bes import BlobRef
 from retrain.deploy import DeployTarget
-from retrain.errors import InputRejected, RemoteError
+from retrain.errors import InputRejected, RemoteError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
 from retrain.pipeline.context import Context, dims
@@ -81,7 +81,7 @@ class ModelSlot:
         """End the model's active run and let a batch that waited for it go ahead.
 
         A run that still owes its restore check keeps the model until the check is definite
-        (it raises a retryable RemoteError while the target cannot tell what it serves, so the
+        (it raises a TransientRemoteError while the target cannot tell what it serves, so the
         message, or the next sweep, tries again)."""
         ctx = self._ctx
         run = ctx.ledger.get(run_key(spec.name, run_id), remember=False)
@@ -175,7 +175,7 @@ class ModelSlot:
         (through a restore run, one id per failed run), or record what it serves when there is
         nothing to restore. A definite outcome is recorded on the failed run and clears its
         `restore_pending`; while the target cannot say what it serves, the check stays owed and
-        a retryable RemoteError goes to the caller (the message's retry or the next sweep)."""
+        a TransientRemoteError goes to the caller (the message's retry or the next sweep)."""
         run_id = run["run_id"]
         key = run_key(spec.name, run_id)
         state = self._ctx.ledger.get(model_key(spec.name)) or {}
@@ -198,8 +198,8 @@ class ModelSlot:
         )
         if unknown is not None:
             self._ctx.ledger.update(key, lambda d: {**d, "target_after": outcome})
-            raise RemoteError(
-                f"run {run_id} of {spec.name}: restore check: {unknown}", retryable=True
+            raise TransientRemoteError(
+                f"run {run_id} of {spec.name}: restore check: {unknown}"
             ) from unknown
 
         def settle(d: Doc) -> Doc | None:

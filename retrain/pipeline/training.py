@@ -7,7 +7,12 @@ import logging
 from datetime import datetime, timedelta
 
 from retrain.bes import BatchJobs, BlobRef, JobState
-from retrain.errors import InputRejected, RemoteError
+from retrain.errors import (
+    InputRejected,
+    PermanentRemoteError,
+    RemoteError,
+    TransientRemoteError,
+)
 from retrain.ledger import Doc, arrival_key, run_key
 from retrain.messages import EvaluateRun, TrackRun
 from retrain.pipeline.context import (
@@ -65,11 +70,10 @@ class Training:
         step = Step()
         try:
             return self._step(spec, jobs, run, msg, delivery, step)
-        except RemoteError as exc:
-            latest = step.run or run
-            if exc.retryable:
-                return self._retry(spec, latest, msg, exc, step)
-            current = ctx.ledger.get(key) or latest
+        except TransientRemoteError as exc:
+            return self._retry(spec, step.run or run, msg, exc, step)
+        except PermanentRemoteError as exc:
+            current = ctx.ledger.get(key) or step.run or run
             if current.get("job_id") and current["state"] in (
                 RunState.SUBMITTED,
                 RunState.RUNNING,
@@ -116,7 +120,9 @@ class Training:
             return "resent"
         return self._poll(spec, jobs, run, msg, now)
 
-    def _retry(self, spec: ModelSpec, run: Doc, msg: TrackRun, exc: RemoteError, step: Step) -> str:
+    def _retry(
+        self, spec: ModelSpec, run: Doc, msg: TrackRun, exc: TransientRemoteError, step: Step
+    ) -> str:
         """Send the message again after the service's hint or the chain's backoff."""
         # A claimed poll number is spent: the retry is the chain's next poll.
         claimed = step.polled
@@ -259,11 +265,10 @@ class Training:
         try:
             copied = data.freeze(source, art, frozen)
         except InputRejected as exc:
-            raise RemoteError(f"the validated training file is gone: {exc}") from exc
+            raise PermanentRemoteError(f"the validated training file is gone: {exc}") from exc
         if not copied:
-            raise RemoteError(
+            raise TransientRemoteError(
                 f"the copy of {training['name']} into {art}/{frozen} is still in progress",
-                retryable=True,
                 retry_after=5,
             )
         inputs = {spec.bes.input_name: data.reference(art, frozen, write=False, expires=expires)}

@@ -13,7 +13,7 @@ from responses import matchers
 
 from retrain.arm import NewWebService, StaticToken
 from retrain.bes import BlobRef
-from retrain.errors import RemoteError
+from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.http import make_session
 
 ARM = "https://management.azure.com"
@@ -149,17 +149,17 @@ def test_unusable_definitions_are_refused(
 
 
 @pytest.mark.parametrize(
-    ("status", "message", "retryable"),
+    ("status", "message", "kind"),
     [
-        (401, "Contributor role", False),
-        (403, "Contributor role", False),
-        (404, "web service ws not found", False),
-        (409, "in progress", True),
+        (401, "Contributor role", PermanentRemoteError),
+        (403, "Contributor role", PermanentRemoteError),
+        (404, "web service ws not found", PermanentRemoteError),
+        (409, "in progress", TransientRemoteError),
     ],
 )
 @responses.activate
-def test_arm_errors_say_what_to_do(status: int, message: str, retryable: bool) -> None:
+def test_arm_errors_say_what_to_do(status: int, message: str, kind: type[RemoteError]) -> None:
     responses.get(URL, status=status, json={"error": {"code": "X"}})
     with pytest.raises(RemoteError, match=message) as info:
         client().get()
-    assert info.value.retryable is retryable
+    assert type(info.value) is kind

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from retrain.errors import DocumentMissing
 from retrain.ledger import Ledger, arrival_key, model_key
 from retrain.messages import CheckBatch
 from tests.fakes import MemoryDocumentStore
@@ -150,7 +151,7 @@ class TestRememberedVersions:
         del store.docs["k"]
         doc, _ = ledger.update("k", lambda d: {**d, "n": d["n"] + 1}, initial={"n": 0})
         assert doc == {"n": 1}
-        with pytest.raises(KeyError):
+        with pytest.raises(DocumentMissing, match="missing does not exist"):
             Ledger(store).update("missing", lambda d: d)
 
 

@@ -10,7 +10,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from retrain.bes import BlobRef, relative_location
-from retrain.errors import InputRejected, RemoteError
+from retrain.errors import InputRejected, RemoteError, TransientRemoteError
 from retrain.ingest import check_name
 from retrain.storage import BlobData
 from tests.unit.test_pipeline import World
@@ -135,7 +135,7 @@ def test_a_name_whose_read_is_refused_is_still_recorded_not_retried() -> None:
     name = "housing/a\\b.csv"
 
     def refuse(container: str, blob: str) -> Any:
-        raise RemoteError("storage read: HTTP 403 AuthenticationFailed", retryable=True)
+        raise TransientRemoteError("storage read: HTTP 403 AuthenticationFailed")
 
     w.data.head = refuse  # type: ignore[method-assign]
     assert w.retrainer.on_blob("data", name) == "rejected"
@@ -147,7 +147,7 @@ def test_a_readable_name_whose_read_fails_is_still_retried() -> None:
     w = World()
 
     def fail(container: str, blob: str) -> Any:
-        raise RemoteError("storage read: timed out", retryable=True)
+        raise TransientRemoteError("storage read: timed out")
 
     w.data.head = fail  # type: ignore[method-assign]
     with pytest.raises(RemoteError):

@@ -15,7 +15,7 @@ from responses import matchers
 
 from retrain.bes import BesClient, BlobRef, JobState, parse_state
 from retrain.deploy import ClassicEndpoint
-from retrain.errors import RemoteError
+from retrain.errors import ConfigError, PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.http import MAX_RETRY_AFTER, make_session, redact
 
 JOBS = "https://ussouthcentral.services.azureml.net/workspaces/w/services/s/jobs"
@@ -61,7 +61,7 @@ def test_submit_is_never_retried_on_a_server_error() -> None:
     responses.post(JOBS, status=503, body="busy")
     with pytest.raises(RemoteError) as info:
         bes().submit(inputs={}, outputs={}, global_parameters={})
-    assert info.value.retryable
+    assert isinstance(info.value, TransientRemoteError)
     assert len(responses.calls) == 1
 
 
@@ -114,7 +114,7 @@ def test_401_says_the_key_is_wrong_and_is_not_retryable() -> None:
     responses.get(f"{JOBS}/abc", status=401, json={"error": "nope"})
     with pytest.raises(RemoteError, match="API key is wrong") as info:
         bes().status("abc")
-    assert not info.value.retryable
+    assert isinstance(info.value, PermanentRemoteError)
 
 
 @responses.activate
@@ -193,7 +193,7 @@ def test_wrong_resource_name_suggests_close_matches() -> None:
 
 
 def test_default_endpoint_is_refused() -> None:
-    with pytest.raises(ValueError, match="default endpoint"):
+    with pytest.raises(ConfigError, match="default endpoint"):
         ClassicEndpoint(
             EP.replace("prod", "default"), "k", "M", session=make_session(), timeout=(1, 1)
         )
@@ -323,7 +323,7 @@ def test_probe_names_the_key_setting_when_the_key_is_refused(status: int) -> Non
     responses.get(f"{JOBS}/{'0' * 32}", status=status)
     with pytest.raises(RemoteError, match="RETRAIN_BES_KEY_HOUSING") as info:
         prober().probe()
-    assert not info.value.retryable
+    assert isinstance(info.value, PermanentRemoteError)
     assert "the-key" not in str(info.value)
 
 

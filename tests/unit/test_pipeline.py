@@ -11,7 +11,7 @@ import pytest
 from localdev.sample import housing_csv
 from retrain.bes import JobState, JobStatus
 from retrain.deploy import Progress
-from retrain.errors import InputRejected, RemoteError
+from retrain.errors import InputRejected, PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.ledger import Ledger, arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline import DEPLOY_CALLS, Delivery, Places, Retrainer, Timing
@@ -298,7 +298,7 @@ class TestTraining:
         w = self.sealed(FakeJobs([JobState.RUNNING, JobState.FINISHED]))
         ((_, msg, _),) = w.outbox.take()
         assert isinstance(msg, TrackRun)
-        w.jobs.errors["start"] = RemoteError("BES start: connection failed", retryable=True)
+        w.jobs.errors["start"] = TransientRemoteError("BES start: connection failed")
         assert w.retrainer.on_track_run(msg, delivery=Delivery("m-1")) == "retry"
         assert w.run()["state"] == "submitted"
         assert w.jobs.started == ["job1"]  # the service did start it
@@ -353,7 +353,7 @@ class TestTraining:
         w.deliver()
         ((_, poll, _),) = w.outbox.take()
         assert isinstance(poll, TrackRun)
-        w.jobs.errors["status"] = RemoteError("429", status=429, retryable=True, retry_after=0)
+        w.jobs.errors["status"] = TransientRemoteError("429", status=429, retry_after=0)
         assert w.retrainer.on_track_run(poll, delivery=Delivery("p")) == "retry"
         ((_, again, delay),) = w.outbox.sent
         assert isinstance(again, TrackRun)
@@ -403,7 +403,7 @@ class TestTraining:
 
     def test_retryable_error_reschedules_with_retry_after(self) -> None:
         w = self.sealed()
-        w.jobs.errors["submit"] = RemoteError("429", status=429, retryable=True, retry_after=7)
+        w.jobs.errors["submit"] = TransientRemoteError("429", status=429, retry_after=7)
         ((_, msg, _),) = w.outbox.take()
         assert w.retrainer.on_track_run(msg) == "retry"  # type: ignore[arg-type]
         ((_, again, delay),) = w.outbox.sent
@@ -413,7 +413,9 @@ class TestTraining:
 
     def test_permanent_error_fails_the_run(self) -> None:
         w = self.sealed()
-        w.jobs.errors["submit"] = RemoteError("BES submit: HTTP 400: bad input name", status=400)
+        w.jobs.errors["submit"] = PermanentRemoteError(
+            "BES submit: HTTP 400: bad input name", status=400
+        )
         w.deliver()
         assert w.run()["state"] == "failed"
         assert "bad input name" in w.run()["error"]
@@ -501,7 +503,7 @@ class TestEvaluate:
         w.evaluation("Root Mean Squared Error\n2.5\n")
 
         def refuse(model: Any) -> None:
-            raise RemoteError(
+            raise PermanentRemoteError(
                 "Classic endpoint PATCH prod: HTTP 400: Resource not found", status=400
             )
 
@@ -519,7 +521,7 @@ class TestEvaluate:
 
         def busy(model: Any) -> Any:
             w.target.deploy = original  # type: ignore[method-assign]
-            raise RemoteError("PATCH: HTTP 503", status=503, retryable=True, retry_after=2)
+            raise TransientRemoteError("PATCH: HTTP 503", status=503, retry_after=2)
 
         w.target.deploy = busy  # type: ignore[method-assign]
         assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1")) == "retry"
@@ -536,7 +538,7 @@ class TestEvaluate:
         ((_, msg, _),) = w.outbox.take()
 
         def busy(model: Any) -> Any:
-            raise RemoteError("PATCH: HTTP 503", status=503, retryable=True, retry_after=2)
+            raise TransientRemoteError("PATCH: HTTP 503", status=503, retry_after=2)
 
         w.target.deploy = busy  # type: ignore[method-assign]
         assert isinstance(msg, EvaluateRun)
@@ -649,7 +651,7 @@ class TestSweep:
         w.drop("housing/a.csv", housing_csv(10, seed=1))
         w.deliver()  # sealed
         if state == "submitted":
-            w.jobs.errors["start"] = RemoteError("BES start: 503", status=503, retryable=True)
+            w.jobs.errors["start"] = TransientRemoteError("BES start: 503", status=503)
         w.deliver()
         assert w.run()["state"] == state
         w.outbox.take()  # the chain's message is lost
@@ -997,7 +999,7 @@ class TestRestoreIsOwedUntilDefinite:
         serves = w.target.serves
 
         def down(model: Any) -> bool:
-            raise RemoteError("endpoint GET: 503", retryable=True)
+            raise TransientRemoteError("endpoint GET: 503")
 
         w.target.serves = down  # type: ignore[method-assign]
         with pytest.raises(RemoteError, match="restore check"):
@@ -1111,7 +1113,7 @@ class TestChainsAfterAnInterruptedStep:
         def busy_once(model: Any) -> bool:
             calls["n"] += 1
             if calls["n"] == 2:  # the check after the deploy call
-                raise RemoteError("GET: 503", retryable=True, retry_after=2)
+                raise TransientRemoteError("GET: 503", retry_after=2)
             return serves(model)
 
         w.target.serves = busy_once  # type: ignore[method-assign]
@@ -1129,7 +1131,7 @@ class TestChainsAfterAnInterruptedStep:
         def send_fails_once(queue: str, message: Any, **kwargs: Any) -> None:
             if isinstance(message, TrackRun) and message.poll == 1 and not failed["done"]:
                 failed["done"] = True
-                raise RemoteError("queue: 503", retryable=True)
+                raise TransientRemoteError("queue: 503")
             send(queue, message, **kwargs)
 
         w.outbox.send = send_fails_once  # type: ignore[method-assign]
@@ -1148,7 +1150,7 @@ class TestAStartWithNoAnswer:
 
     def test_is_looked_at_again_only_after_the_service_must_have_acted(self) -> None:
         w = self.queued()
-        w.jobs.errors["start"] = RemoteError("BES start: read timed out", retryable=True)
+        w.jobs.errors["start"] = TransientRemoteError("BES start: read timed out")
         assert w.deliver() == ["retry"]
         ((_, again, delay),) = w.outbox.sent[-1:]
         assert isinstance(again, TrackRun)
@@ -1158,7 +1160,7 @@ class TestAStartWithNoAnswer:
 
     def test_a_refused_start_is_tried_again_at_the_chain_pace(self) -> None:
         w = self.queued()
-        w.jobs.errors["start"] = RemoteError("BES start: HTTP 503", status=503, retryable=True)
+        w.jobs.errors["start"] = TransientRemoteError("BES start: HTTP 503", status=503)
         assert w.deliver() == ["retry"]
         ((_, _, delay),) = w.outbox.sent[-1:]
         assert delay < w.retrainer._timing.call_bound

@@ -10,7 +10,7 @@ import responses
 
 from retrain.bes import JobState
 from retrain.deploy import ClassicEndpoint
-from retrain.errors import RemoteError
+from retrain.errors import PermanentRemoteError, RemoteError
 from retrain.http import make_session, redact
 from tests.fakes import FakeJobs
 from tests.unit.test_arm import URL, client, definition
@@ -61,7 +61,7 @@ def test_bes_status_of_the_wrong_shape_is_a_remote_error_naming_the_field(
         bes().status("abc")
     assert named in str(info.value)
     assert str(info.value).startswith("BES status abc")
-    assert not info.value.retryable
+    assert isinstance(info.value, PermanentRemoteError)
 
 
 @responses.activate
@@ -161,7 +161,7 @@ def test_an_error_body_echoing_a_sas_or_a_key_is_redacted_in_the_error() -> None
 
 
 def test_a_remote_error_never_holds_a_signature() -> None:
-    assert "Zm9v" not in str(RemoteError(f"storage read: {URL_WITH_SAS}"))
+    assert "Zm9v" not in str(PermanentRemoteError(f"storage read: {URL_WITH_SAS}"))
 
 
 @responses.activate

@@ -9,7 +9,7 @@ import pytest
 
 from localdev.sample import housing_csv
 from retrain.bes import JobState
-from retrain.errors import InputRejected, RemoteError
+from retrain.errors import InputRejected, PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.ledger import model_key, run_key
 from retrain.messages import EvaluateRun, TrackRun
 from retrain.pipeline import AlreadyTrained, Delivery
@@ -75,7 +75,7 @@ class TestRetrainNowTrainsAVersionOnce:
         # b.csv's own run fails before any job was submitted (BES refused the submit).
         w.clock.advance(minutes=5)
         w.drop("housing/b.csv", housing_csv(10, seed=2))
-        w.jobs.errors["submit"] = RemoteError("BES submit: HTTP 400", status=400)
+        w.jobs.errors["submit"] = PermanentRemoteError("BES submit: HTTP 400", status=400)
         w.deliver()  # sealed
         assert w.deliver() == ["failed"]
         w.clock.advance(hours=25)
@@ -108,7 +108,7 @@ class TestAStaleRestoreCheck:
         serves = w.target.serves
 
         def down(model: Any) -> bool:
-            raise RemoteError("endpoint GET: 503", retryable=True)
+            raise TransientRemoteError("endpoint GET: 503")
 
         w.target.serves = down  # type: ignore[method-assign]
         with pytest.raises(RemoteError, match="restore check"):
@@ -163,7 +163,7 @@ class TestCrownOfAFailedRun:
         serves = w.target.serves
 
         def down(model: Any) -> bool:
-            raise RemoteError("endpoint GET: 503", retryable=True)
+            raise TransientRemoteError("endpoint GET: 503")
 
         def poisoned_meanwhile(model: Any) -> bool:
             # Attempt 1 of the poll is paused here; attempts 2..5 failed and the message went

@@ -11,7 +11,7 @@ import pytest
 
 from localdev.sample import housing_csv
 from retrain.cli import main
-from retrain.errors import InputRejected, RemoteError
+from retrain.errors import InputRejected, PermanentRemoteError
 from retrain.ledger import Ledger, arrival_key, model_key
 from retrain.messages import CheckBatch, RunEvent
 from retrain.pipeline import AlreadyTrained, Places, Retrainer, Timing
@@ -95,7 +95,9 @@ class TestRetrainNow:
         w = World()
         w.drop("housing/a.csv")
         w.deliver()  # sealed
-        w.jobs.errors["submit"] = RemoteError("BES submit: HTTP 400: bad input", status=400)
+        w.jobs.errors["submit"] = PermanentRemoteError(
+            "BES submit: HTTP 400: bad input", status=400
+        )
         w.deliver()
         assert runs(w)[-1]["state"] == "failed"
         w.retrainer.request("housing", reason="requested by dave")
@@ -143,7 +145,7 @@ class TestScheduledRetrain:
         promoted(w)
         w.drop("housing/b.csv", housing_csv(10, seed=2))
         w.deliver()  # sealed
-        w.jobs.errors["submit"] = RemoteError("BES submit: HTTP 503", status=503)
+        w.jobs.errors["submit"] = PermanentRemoteError("BES submit: HTTP 503", status=503)
         w.deliver()
         assert runs(w)[-1]["state"] == "failed"
         w.clock.advance(days=2)
