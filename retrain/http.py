@@ -177,6 +177,12 @@ def call(
         raise TransientRemoteError(f"{what}: timed out") from exc
     except requests.exceptions.ConnectionError as exc:
         raise TransientRemoteError(f"{what}: connection failed ({type(exc).__name__})") from exc
+    except requests.exceptions.ChunkedEncodingError as exc:
+        # The connection broke while the answer was being read: the outcome is unknown, as
+        # after a timeout (the service may have acted), so it is tried again, not failed.
+        raise TransientRemoteError(
+            f"{what}: the answer was cut off ({type(exc).__name__})"
+        ) from exc
     except requests.exceptions.RequestException as exc:
         raise PermanentRemoteError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from exc
     if not follow_redirects and 300 <= response.status_code < 400:

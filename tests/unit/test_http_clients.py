@@ -233,6 +233,16 @@ class _StatusServer:
                     self.close_connection = True
                     self.connection.close()
                     return
+                if step == "cut":  # headers and half the body, then the connection breaks
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b'40\r\n{"StatusCode": "Fini')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 status = int(step)
                 data = json.dumps(
                     {"StatusCode": "Finished" if status == 200 else "Failed", "Results": None}
@@ -265,6 +275,14 @@ def test_a_dropped_status_answer_is_asked_again_no_sooner_than_1_s() -> None:
         assert client.status("abc").state is JobState.FINISHED
     first, second = server.arrivals
     assert second - first >= 1.0
+
+
+def test_an_answer_cut_off_mid_body_is_transient_not_a_failed_run() -> None:
+    """The service may have acted; as after a timeout, the caller tries again later."""
+    with _StatusServer(["cut"]) as jobs:
+        client = BesClient(jobs, "k", session=make_session(), timeout=(2, 2))
+        with pytest.raises(TransientRemoteError, match="cut off"):
+            client.status("abc")
 
 
 def test_retries_keep_1_s_between_polls_of_a_job_even_with_retry_after_0() -> None:
