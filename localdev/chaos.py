@@ -970,6 +970,10 @@ def _workdir(keep: str | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
     """Run scenarios, print one line each and a summary; exit 1 on any violation."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -991,6 +995,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.merge:
         return _merge(args.merge)
+    # SIGTERM (e.g. `kill`, or a stopped make) unwinds like Ctrl-C: the scenario stops its
+    # workers (a paused one is resumed first) and Azurite is stopped.
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.CRITICAL)
     print(
         f"chaos: {args.scenarios} scenario(s) from seed {args.seed}, worker processes, "
