@@ -24,6 +24,7 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/xenon --max-absolute C retrain  # no function in retrain/ above complexity grade C
 
 emulator: setup
 	$(PY) -m localdev.amlemu --config localdev/emulator.example.json --port 8765
