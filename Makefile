@@ -17,8 +17,13 @@ node_modules/.installed: package.json package-lock.json
 demo: setup
 	$(PY) -m localdev.demo
 
+# Coverage floor for retrain/: the whole suite stood at 94.7 %; the floor sits a point and a half
+# below so timing-dependent paths (fault injection, e2e) cannot fail CI on noise. Here, not in
+# pytest's addopts, so one layer can run alone (the unit layer alone covers 87 %).
+COVERAGE := --cov=retrain --cov-report=term-missing:skip-covered --cov-fail-under=93
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(COVERAGE)
 
 lint: setup
 	.venv/bin/ruff check .
