@@ -17,13 +17,19 @@ node_modules/.installed: package.json package-lock.json
 demo: setup
 	$(PY) -m localdev.demo
 
+# Coverage floor for retrain/: the whole suite stood at 94.7 %; the floor sits a point and a half
+# below so timing-dependent paths (fault injection, e2e) cannot fail CI on noise. Here, not in
+# pytest's addopts, so one layer can run alone (the unit layer alone covers 87 %).
+COVERAGE := --cov=retrain --cov-report=term-missing:skip-covered --cov-fail-under=93
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(COVERAGE)
 
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/xenon --max-absolute C retrain  # no function in retrain/ above complexity grade C
 
 emulator: setup
 	$(PY) -m localdev.amlemu --config localdev/emulator.example.json --port 8765

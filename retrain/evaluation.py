@@ -161,6 +161,18 @@ def decide(gate: GateSpec, challenger: Metrics, champion: Metrics | None) -> Dec
     primary = lookup(challenger, gate.metric)
     if primary is None:
         return Decision(False, f"the evaluation has no {gate.metric!r} column (the gate metric)")
+    refused = _below_floor(gate, challenger)
+    if refused is not None:
+        return refused
+    if champion is None:
+        return Decision(
+            True, f"no champion to beat; {gate.metric} {_fmt(primary)} meets the floors"
+        )
+    return _against_champion(gate, primary, challenger, champion)
+
+
+def _below_floor(gate: GateSpec, challenger: Metrics) -> Decision | None:
+    """The refusal for the first floor the challenger misses, or None when it meets them all."""
     for metric, bound in gate.floors.items():
         value = lookup(challenger, metric)
         if value is None or not math.isfinite(value):
@@ -169,10 +181,13 @@ def decide(gate: GateSpec, challenger: Metrics, champion: Metrics | None) -> Dec
         if (value < bound) if higher else (value > bound):
             relation = "below the floor" if higher else "above the ceiling"
             return Decision(False, f"{metric} {_fmt(value)} is {relation} {_fmt(bound)}")
-    if champion is None:
-        return Decision(
-            True, f"no champion to beat; {gate.metric} {_fmt(primary)} meets the floors"
-        )
+    return None
+
+
+def _against_champion(
+    gate: GateSpec, primary: float, challenger: Metrics, champion: Metrics
+) -> Decision:
+    """Improvement on the gate metric, then no regression past its margin on the others."""
     current = lookup(champion, gate.metric)
     if current is None or math.isnan(current):
         return Decision(
@@ -188,6 +203,14 @@ def decide(gate: GateSpec, challenger: Metrics, champion: Metrics | None) -> Dec
             f"not better: {gate.metric} {_fmt(primary)} vs champion {_fmt(current)} "
             f"(needs an improvement above {_fmt(gate.min_improvement)})",
         )
+    regressed = _regressed(gate, challenger, champion)
+    if regressed is not None:
+        return regressed
+    return Decision(True, f"better: {gate.metric} {_fmt(primary)} vs champion {_fmt(current)}")
+
+
+def _regressed(gate: GateSpec, challenger: Metrics, champion: Metrics) -> Decision | None:
+    """The refusal for the first metric that lost more than its margin, or None."""
     for metric, margin in gate.max_regression.items():
         new, old = lookup(challenger, metric), lookup(champion, metric)
         if new is None or not math.isfinite(new):
@@ -200,4 +223,4 @@ def decide(gate: GateSpec, challenger: Metrics, champion: Metrics | None) -> Dec
                 False,
                 f"{metric} regressed: {_fmt(new)} vs champion {_fmt(old)} (allowed {_fmt(margin)})",
             )
-    return Decision(True, f"better: {gate.metric} {_fmt(primary)} vs champion {_fmt(current)}")
+    return None

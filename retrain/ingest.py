@@ -83,28 +83,52 @@ def check_name(name: str) -> None:
 def validate(spec: ModelSpec, name: str, *, size: int, head: bytes) -> list[str]:
     """Check an arriving file from its name, size and first bytes; returns its header columns."""
     check_name(name)
+    suffix = _suffix(spec, name)
+    _check_size(spec, size)
+    if b"\x00" in head:
+        raise InputRejected("the file contains NUL bytes: binary data, not delimited text")
+    newline = head.find(b"\n")
+    if newline < 0 and size > len(head):
+        raise InputRejected(f"the first line is longer than {len(head)} bytes: no header found")
+    header_text = _header_text(head if newline < 0 else head[:newline])
+    columns = _columns(spec, header_text, suffix)
+    rest = b"" if newline < 0 else head[newline + 1 :]
+    if size <= len(head) and not rest.strip():
+        raise InputRejected("the file has a header but no data rows")
+    return columns
+
+
+def _suffix(spec: ModelSpec, name: str) -> str:
+    """The file's extension (casefolded, '' when none), refused unless the model takes it."""
     suffix = name.rsplit(".", 1)[-1].casefold() if "." in name.rsplit("/", 1)[-1] else ""
     if suffix not in spec.formats:
         raise InputRejected(
             f"not a {' or '.join(f.upper() for f in spec.formats)} file by its name "
             f"(extension {('.' + suffix) if suffix else 'missing'})"
         )
+    return suffix
+
+
+def _check_size(spec: ModelSpec, size: int) -> None:
     if size == 0:
         raise InputRejected("the file is empty")
     if size > spec.max_bytes:
         raise InputRejected(
             f"the file is {size} bytes; the limit for {spec.name} is {spec.max_bytes}"
         )
-    if b"\x00" in head:
-        raise InputRejected("the file contains NUL bytes: binary data, not delimited text")
-    newline = head.find(b"\n")
-    if newline < 0 and size > len(head):
-        raise InputRejected(f"the first line is longer than {len(head)} bytes: no header found")
-    first = head if newline < 0 else head[:newline]
+
+
+def _header_text(first: bytes) -> str:
+    """The first line as text (a UTF-8 BOM and a trailing CR dropped)."""
     try:
-        header_text = first.decode("utf-8-sig").rstrip("\r")
+        return first.decode("utf-8-sig").rstrip("\r")
     except UnicodeDecodeError as exc:
         raise InputRejected(f"the header is not valid UTF-8 (byte {exc.start})") from exc
+
+
+def _columns(spec: ModelSpec, header_text: str, suffix: str) -> list[str]:
+    """The header's columns, refused when blank, split by the wrong delimiter, or lacking one
+    the model requires."""
     delimiter = "\t" if suffix == "tsv" else ","
     columns = [c.strip() for c in next(csv.reader([header_text], delimiter=delimiter), [])]
     if not any(columns):
@@ -119,9 +143,6 @@ def validate(spec: ModelSpec, name: str, *, size: int, head: bytes) -> list[str]
         missing = [c for c in spec.columns if c not in columns]
         if missing:
             raise InputRejected(f"the header lacks columns {missing}; it has {_show(columns)}")
-    rest = b"" if newline < 0 else head[newline + 1 :]
-    if size <= len(head) and not rest.strip():
-        raise InputRejected("the file has a header but no data rows")
     return columns
 
 

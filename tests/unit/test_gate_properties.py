@@ -94,9 +94,11 @@ def test_regression_beyond_the_allowed_margin_is_never_promoted(
         challenger, champion = {metric: new}, {metric: old}
         new_other, old_other = new, old
     decision = decide(gate, challenger, champion)
+    gain = new - old if higher(metric) else old - new
     loss = old_other - new_other if higher(other) else new_other - old_other
-    if decision.promote:
-        assert loss <= allowed
+    assert decision.promote is (gain > 0 and loss <= allowed)
+    if gain > 0 and loss > allowed:
+        assert decision.reason.startswith(f"{other} regressed"), decision.reason
 
 
 @given(metric_and_values(1), not_finite)
