@@ -14,7 +14,7 @@ from retrain.ledger import Ledger
 from retrain.pipeline import Places, Retrainer, Timing
 from retrain.storage import BlobData, BlobDocumentStore
 from tests.fakes import FakeJobs, FakeTarget, ManualClock, MemoryOutbox
-from tests.unit.test_pipeline import spec
+from tests.harness import spec
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from retrain.errors import DocumentMissing
 from retrain.ledger import Ledger, arrival_key, model_key
 from retrain.messages import CheckBatch
 from tests.fakes import MemoryDocumentStore
-from tests.unit.test_pipeline import World
+from tests.harness import World
 
 
 def _arrival(w: World, name: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from retrain.bes import BlobRef, relative_location
 from retrain.errors import InputRejected, RemoteError, TransientRemoteError
 from retrain.ingest import check_name
 from retrain.storage import BlobData
-from tests.unit.test_pipeline import World
+from tests.harness import World
 
 KEY = "a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5"
 HTTPS = (

@@ -8,7 +8,7 @@ import pytest
 
 from localdev.sample import housing_csv
 from retrain import cli
-from tests.unit.test_pipeline import World
+from tests.harness import World
 
 
 def awaiting() -> World:

@@ -21,9 +21,9 @@ from retrain.evaluation import decide, parse_evaluation_csv
 from retrain.ingest import route, validate
 from retrain.messages import parse_evaluation, parse_jobs
 from retrain.settings import GateSpec, load_models
+from tests.harness import spec
 from tests.unit.test_http_clients import JOBS
 from tests.unit.test_http_clients import bes as client
-from tests.unit.test_pipeline import spec
 from tests.unit.test_settings import raw_spec
 
 SPEC = spec(columns=["rooms", "price"], max_bytes=10_000)

@@ -6,7 +6,7 @@ import pytest
 
 from retrain.errors import InputRejected
 from retrain.ingest import blob_from_event, route, validate
-from tests.unit.test_pipeline import spec
+from tests.harness import spec
 
 SPEC = spec(columns=["rooms", "price"], max_bytes=10_000)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -12,96 +11,22 @@ from localdev.sample import housing_csv
 from retrain.bes import JobState, JobStatus
 from retrain.deploy import Progress
 from retrain.errors import InputRejected, PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.ledger import Ledger, arrival_key, model_key, run_key
+from retrain.ledger import arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
-from retrain.pipeline import DEPLOY_CALLS, Delivery, Places, Retrainer, Timing
-from retrain.settings import ModelSpec
+from retrain.pipeline import DEPLOY_CALLS, Delivery, Timing
 from tests.fakes import (
-    FakeData,
     FakeJobs,
     FakeTarget,
-    ManualClock,
-    MemoryDocumentStore,
-    MemoryOutbox,
 )
-
-PLACES = Places("data", "artifacts", "quarantine", "jobs", "evals")
-
-
-def spec(**overrides: Any) -> ModelSpec:
-    base: dict[str, Any] = {
-        "name": "housing",
-        "columns": ["rooms", "price"],
-        "bes": {
-            "jobs_url": "https://bes.example/workspaces/w/services/s/jobs",
-            "api_key_setting": "K",
-            "global_parameters": {"Label Column": "price"},
-        },
-        "gate": {"metric": "Root Mean Squared Error"},
-        "target": {
-            "kind": "classic",
-            "endpoint_url": "https://management.azureml.net/workspaces/w/webservices/p/"
-            "endpoints/prod",
-            "api_key_setting": "E",
-            "resource_name": "M [trained model]",
-        },
-        "quiet_period": 60,
-        "max_wait": 300,
-        "job_deadline": 3600,
-    }
-    base.update(overrides)
-    return ModelSpec.model_validate(base)
-
-
-class World:
-    def __init__(self, jobs: FakeJobs | None = None, **overrides: Any) -> None:
-        self.spec = spec(**overrides)
-        self.store = MemoryDocumentStore()
-        self.ledger = Ledger(self.store)
-        self.data = FakeData()
-        self.outbox = MemoryOutbox()
-        self.jobs = jobs or FakeJobs()
-        self.target = FakeTarget()
-        self.clock = ManualClock()
-        self.retrainer = Retrainer(
-            models={"housing": self.spec},
-            ledger=self.ledger,
-            data=self.data,
-            outbox=self.outbox,
-            jobs_for=lambda _: self.jobs,
-            target_for=lambda _: self.target,
-            places=PLACES,
-            timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
-            clock=self.clock,
-        )
-
-    def drop(self, name: str, text: str = "rooms,price\n1,2\n") -> str:
-        self.data.put("data", name, text)
-        return self.retrainer.on_blob("data", name)
-
-    def deliver(self) -> list[str]:
-        """Deliver every message sent so far whose delay has passed (advancing the clock)."""
-        results = []
-        for _queue, msg, delay in self.outbox.take():
-            self.clock.advance(seconds=delay.total_seconds())
-            if isinstance(msg, CheckBatch):
-                results.append(self.retrainer.on_check_batch(msg))
-            elif isinstance(msg, TrackRun):
-                results.append(self.retrainer.on_track_run(msg))
-            else:
-                assert isinstance(msg, EvaluateRun)
-                results.append(self.retrainer.on_evaluate(msg))
-        return results
-
-    def run(self) -> dict[str, Any]:
-        (key,) = self.store.keys("runs/")
-        found = self.store.read(key)
-        assert found is not None
-        return found.doc
-
-    def evaluation(self, text: str) -> None:
-        run = self.run()
-        self.data.put("artifacts", run["outputs"]["evaluation"].split("/", 1)[1], text)
+from tests.harness import (
+    World,
+    champion_run,
+    champion_then_second_trained,
+    failing_provisioning,
+    latest_run,
+    poisoned_during_deploy,
+    sealed_without_its_run,
+)
 
 
 class TestIngest:
@@ -845,18 +770,6 @@ class TestFailedPromotionRestoresTheTarget:
         assert w.retrainer.rollback("housing", second, by="me").startswith("rollback-")
 
 
-def sealed_without_its_run() -> World:
-    """A World whose one batch was sealed by a worker that died before recording its run."""
-    w = World()
-    w.drop("housing/a.csv")
-    ((_, check, _),) = w.outbox.take()
-    w.clock.advance(seconds=61)
-    w.store.crash_before = ("create", "runs/")
-    with pytest.raises(RuntimeError):
-        w.retrainer.on_check_batch(check)  # type: ignore[arg-type]
-    return w
-
-
 class TestWedgedModel:
     def test_a_sealed_batch_whose_run_was_never_recorded_is_recorded_by_the_sweep(self) -> None:
         w = sealed_without_its_run()
@@ -885,84 +798,6 @@ class TestWedgedModel:
         assert w.retrainer.sweep()["runs"] == 1
         assert w.ledger.get(model_key("housing"))["active_run"] is None  # type: ignore[index]
         assert w.retrainer.rollback("housing", first, by="me").startswith("rollback-")
-
-
-def champion_then_second_trained(
-    before_second: Callable[[World], None] | None = None,
-) -> tuple[World, str]:
-    """A World whose first run is the champion and whose second (better) run is trained,
-    its evaluate message waiting in the outbox; `before_second` runs between the two."""
-    w = World()
-    w.drop("housing/a.csv", housing_csv(10, seed=1))
-    for _ in range(3):
-        w.deliver()
-    w.evaluation("Root Mean Squared Error\n2.5\n")
-    assert w.deliver() == ["promoted"]
-    champion = w.run()["run_id"]
-    if before_second is not None:
-        before_second(w)
-    w.clock.advance(minutes=5)
-    w.drop("housing/b.csv", housing_csv(10, seed=2))
-    for _ in range(3):
-        w.deliver()
-    second = latest_run(w)
-    w.data.put(
-        "artifacts",
-        second["outputs"]["evaluation"].split("/", 1)[1],
-        "Root Mean Squared Error\n1.5\n",
-    )
-    return w, champion
-
-
-def poisoned_during_deploy(w: World, msg: EvaluateRun) -> str:
-    """Deliver `msg` while, during its deploy call, another copy's poison fails the run: the
-    call lands after the run was failed and checked."""
-    original = w.target.deploy
-
-    def deploy_while_poisoned(model: Any) -> Any:
-        w.retrainer.on_poison("evals", msg.model_dump_json().encode())
-        return original(model)
-
-    w.target.deploy = deploy_while_poisoned  # type: ignore[method-assign]
-    try:
-        return w.retrainer.on_evaluate(msg, delivery=Delivery("m-1"))
-    finally:
-        del w.target.deploy
-
-
-def champion_run(w: World) -> str:
-    state = w.ledger.get(model_key("housing"))
-    assert state is not None
-    return str(state["champion"]["run_id"])
-
-
-def latest_run(w: World) -> dict[str, Any]:
-    docs = [w.store.docs[k][0] for k in w.store.keys("runs/")]
-    return max(docs, key=lambda d: d["created_at"])
-
-
-def applied_then_failed(w: World) -> None:
-    """The target takes the new model, then reports the provisioning failed."""
-    answers = ["pending", "failed"]
-
-    def progress(operation: str | None) -> Progress:
-        if answers.pop(0) == "pending":
-            return Progress("pending", operation="op-1")
-        w.target.serving = w.target.requested
-        return Progress("failed", "provisioning failed (injected)")
-
-    w.target.progress = progress  # type: ignore[method-assign]
-
-
-def failing_provisioning(w: World) -> tuple[str | None, EvaluateRun]:
-    """Deploy the second run (provisioning pending, then failing after the switch); returns
-    the champion's model and the provisioning poll message, not yet delivered."""
-    champion_model = w.target.serving
-    applied_then_failed(w)
-    w.deliver()  # deploy: pending
-    ((_, poll, _),) = w.outbox.take()
-    assert isinstance(poll, EvaluateRun)
-    return champion_model, poll
 
 
 class TestRestoreIsOwedUntilDefinite:

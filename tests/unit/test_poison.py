@@ -8,7 +8,7 @@ from typing import Any
 
 from retrain.storage import Versioned
 from tests.fakes import MemoryDocumentStore
-from tests.unit.test_pipeline import World
+from tests.harness import World
 
 
 class ResolvingStore(MemoryDocumentStore):

@@ -183,7 +183,7 @@ def test_a_failed_run_stores_logs_and_announces_no_signature(
     """The last line of defence: even a backend that does not redact its Details leaks nothing."""
     from retrain.messages import RunEvent
     from retrain.pipeline import Places
-    from tests.unit.test_pipeline import World
+    from tests.harness import World
 
     w = World(jobs=FakeJobs([JobState.FAILED], details=f"cannot read {URL_WITH_SAS}; {SAS}"))
     w.retrainer._places = Places("data", "artifacts", "quarantine", "jobs", "evals", "events")

@@ -14,7 +14,7 @@ from retrain.ledger import model_key, run_key
 from retrain.messages import EvaluateRun, TrackRun
 from retrain.pipeline import AlreadyTrained, Delivery
 from tests.fakes import FakeJobs
-from tests.unit.test_pipeline import (
+from tests.harness import (
     World,
     champion_then_second_trained,
     latest_run,

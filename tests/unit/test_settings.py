@@ -10,7 +10,7 @@ import pytest
 
 from retrain.errors import ConfigError
 from retrain.settings import get_settings, load_models, read_secret
-from tests.unit.test_pipeline import spec
+from tests.harness import spec
 
 
 def raw_spec(**overrides: Any) -> dict[str, Any]:

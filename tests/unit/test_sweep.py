@@ -15,7 +15,7 @@ from retrain.errors import InputRejected, PermanentRemoteError
 from retrain.ledger import Ledger, arrival_key, model_key
 from retrain.messages import CheckBatch, RunEvent
 from retrain.pipeline import AlreadyTrained, Places, Retrainer, Timing
-from tests.unit.test_pipeline import World
+from tests.harness import World
 
 GOOD = "Root Mean Squared Error\n2.5\n"
 
