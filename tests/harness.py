@@ -11,6 +11,7 @@ import pytest
 
 from localdev.sample import housing_csv
 from retrain.deploy import Progress
+from retrain.errors import RemoteError, TransientRemoteError
 from retrain.ledger import Ledger, model_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline import Delivery, Places, Retrainer, Timing
@@ -130,16 +131,38 @@ def champion_then_second_trained(
     if before_second is not None:
         before_second(w)
     w.clock.advance(minutes=5)
-    w.drop("housing/b.csv", housing_csv(10, seed=2))
+    train_next(w, "housing/b.csv", seed=2, rmse=1.5)
+    return w, champion
+
+
+def train_next(w: World, name: str, *, seed: int, rmse: float) -> dict[str, Any]:
+    """Drop `name`, run its batch to `trained`, and write its evaluation (RMSE `rmse`); the
+    evaluate message waits in the outbox. Returns the run."""
+    w.drop(name, housing_csv(10, seed=seed))
     for _ in range(3):
         w.deliver()
-    second = latest_run(w)
+    run = latest_run(w)
     w.data.put(
         "artifacts",
-        second["outputs"]["evaluation"].split("/", 1)[1],
-        "Root Mean Squared Error\n1.5\n",
+        run["outputs"]["evaluation"].split("/", 1)[1],
+        f"Root Mean Squared Error\n{rmse}\n",
     )
-    return w, champion
+    return run
+
+
+def restore_check_unreachable(w: World, poll: EvaluateRun) -> Callable[[Any], bool]:
+    """Deliver `poll` (its provisioning fails) while the target cannot say what it serves: the
+    restore check stays owed. Returns the target's real `serves`, to put back."""
+    serves: Callable[[Any], bool] = w.target.serves
+
+    def down(model: Any) -> bool:
+        raise TransientRemoteError("endpoint GET: 503")
+
+    w.target.serves = down  # type: ignore[method-assign]
+    with pytest.raises(RemoteError, match="restore check"):
+        w.retrainer.on_evaluate(poll, delivery=Delivery("p-1"))
+    assert latest_run(w)["restore_pending"] is True
+    return serves
 
 
 def poisoned_during_deploy(w: World, msg: EvaluateRun) -> str:

@@ -25,6 +25,7 @@ from tests.harness import (
     failing_provisioning,
     latest_run,
     poisoned_during_deploy,
+    restore_check_unreachable,
     sealed_without_its_run,
 )
 
@@ -831,16 +832,8 @@ class TestRestoreIsOwedUntilDefinite:
     def test_a_target_that_cannot_answer_keeps_the_check_owed_and_the_model_held(self) -> None:
         w, _ = champion_then_second_trained()
         champion_model, poll = failing_provisioning(w)
-        serves = w.target.serves
-
-        def down(model: Any) -> bool:
-            raise TransientRemoteError("endpoint GET: 503")
-
-        w.target.serves = down  # type: ignore[method-assign]
-        with pytest.raises(RemoteError, match="restore check"):
-            w.retrainer.on_evaluate(poll, delivery=Delivery("p-1"))
+        serves = restore_check_unreachable(w, poll)
         failed = latest_run(w)
-        assert failed["restore_pending"] is True
         assert "unknown" in failed["target_after"]
         state = w.ledger.get(model_key("housing"))
         assert state is not None

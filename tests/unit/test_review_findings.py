@@ -18,6 +18,8 @@ from tests.harness import (
     World,
     champion_then_second_trained,
     latest_run,
+    restore_check_unreachable,
+    train_next,
 )
 
 
@@ -105,16 +107,7 @@ class TestAStaleRestoreCheck:
         w.deliver()  # deploy: pending
         ((_, poll, _),) = w.outbox.take()
         assert isinstance(poll, EvaluateRun)
-        serves = w.target.serves
-
-        def down(model: Any) -> bool:
-            raise TransientRemoteError("endpoint GET: 503")
-
-        w.target.serves = down  # type: ignore[method-assign]
-        with pytest.raises(RemoteError, match="restore check"):
-            w.retrainer.on_evaluate(poll, delivery=Delivery("p-1"))
-        failed = latest_run(w)
-        assert failed["restore_pending"] is True
+        serves = restore_check_unreachable(w, poll)
         newer: dict[str, str] = {}
 
         def slow_answer(model: Any) -> bool:
@@ -123,15 +116,7 @@ class TestAStaleRestoreCheck:
             w.target.serves = serves  # type: ignore[method-assign]
             w.retrainer.sweep()
             w.clock.advance(minutes=1)
-            w.drop("housing/c.csv", housing_csv(10, seed=3))
-            for _ in range(3):
-                w.deliver()
-            third = latest_run(w)
-            w.data.put(
-                "artifacts",
-                third["outputs"]["evaluation"].split("/", 1)[1],
-                "Root Mean Squared Error\n0.5\n",
-            )
+            third = train_next(w, "housing/c.csv", seed=3, rmse=0.5)
             assert w.deliver() == ["promoted"]
             newer.update(run_id=third["run_id"], model=third["outputs"]["model"])
             return serves(model)
