@@ -1021,12 +1021,20 @@ def main() -> int:
             print(result.line(i), flush=True)
             for detail in result.details:
                 print(f"      {detail}", flush=True)
+            if args.json:  # after every scenario, so a run stopped early still adds up
+                _write_summary(args.json, summarize(results, args.seed, errors))
     summary = summarize(results, args.seed, errors)
     print(json.dumps(summary, indent=2))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
+        _write_summary(args.json, summary)
     return 1 if summary["violations"] or errors else 0
+
+
+def _write_summary(path: str, summary: dict[str, Any]) -> None:
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":
