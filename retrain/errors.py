@@ -5,7 +5,7 @@
     │   ├── StateConflict
     │   └── TransientRemoteError
     ├── PermanentError        trying again cannot help: fail the run with the reason
-    │   ├── MessageError, EvaluationError, IllegalTransition, DocumentMissing
+    │   ├── MessageError, EvaluationError, IllegalTransition, DocumentMissing, DocumentInvalid
     │   └── PermanentRemoteError
     │       └── BlobUnreadable (retrain.storage)
     ├── UsageError            back to the operator with the fix
@@ -63,6 +63,11 @@ class IllegalTransition(PermanentError):
 
 class DocumentMissing(PermanentError):
     """A ledger document that an update needs does not exist (and no initial one was given)."""
+
+
+class DocumentInvalid(PermanentError):
+    """A ledger document does not have its record's shape (retrain.documents): a bug, or a
+    document edited by hand; the write is refused and the message names the field."""
 
 
 class StateConflict(TransientError):

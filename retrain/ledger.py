@@ -9,7 +9,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from retrain.errors import DocumentMissing, StateConflict
+from retrain.documents import check_write
+from retrain.errors import DocumentMissing, PermanentError, StateConflict
 from retrain.storage import DocumentStore, Versioned, normalize_etag
 
 Doc = dict[str, Any]
@@ -43,6 +44,10 @@ def run_key(model: str, run_id: str) -> str:
 
 class Ledger:
     """Reads and changes documents only through compare-and-swap loops.
+
+    Every write is checked first (`retrain.documents.check_write`): a document without its
+    record's shape, or a run moved between states the state table does not connect, is refused
+    with a PermanentError and nothing is stored.
 
     It remembers the last version of each document it read or wrote (up to `remember`): an
     update on a warm instance first tries that version's ETag and so costs one write instead of
@@ -89,6 +94,7 @@ class Ledger:
 
     def create(self, key: str, doc: Doc) -> bool:
         """Create `key` if absent; False when it already existed."""
+        check_write(key, None, doc)
         try:
             etag = self.store.create(key, doc)
         except StateConflict:
@@ -112,7 +118,8 @@ class Ledger:
         if known is not None:
             changed = mutate(copy.deepcopy(known.doc))
             # "Nothing to do" on a copy that may be stale proves nothing: decide again below.
-            if changed is not None:
+            # Neither does a refused write: the stale copy may be what made it wrong.
+            if changed is not None and self._allowed(key, known.doc, changed):
                 try:
                     etag = self.store.replace(key, changed, known.etag)
                 except StateConflict:
@@ -133,6 +140,7 @@ class Ledger:
             changed = mutate(copy.deepcopy(current))
             if changed is None:
                 return current, False
+            check_write(key, None if version is None else current, changed)
             try:
                 if version is None:
                     new_etag = self.store.create(key, changed)
@@ -143,3 +151,11 @@ class Ledger:
             self._keep(key, copy.deepcopy(changed), new_etag)
             return changed, True
         raise StateConflict(f"{key}: gave up after {MAX_ATTEMPTS} conflicting writes")
+
+    @staticmethod
+    def _allowed(key: str, before: Doc, after: Doc) -> bool:
+        try:
+            check_write(key, before, after)
+        except PermanentError:
+            return False
+        return True

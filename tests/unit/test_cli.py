@@ -44,6 +44,13 @@ def test_runs_shows_who_rejected_a_run_and_why(
     assert (listed["rejected_by"], listed["rejected_reason"]) == ("carol", "holiday freeze")
 
 
+CHAMPION = {
+    "run_id": "c",
+    "model": "artifacts/housing/c/model.ilearner",
+    "metrics": {"Root Mean Squared Error": 1.0},
+}
+
+
 def test_runs_shows_the_gates_reason_for_a_run_the_gate_rejected(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -53,7 +60,7 @@ def test_runs_shows_the_gates_reason_for_a_run_the_gate_rejected(
         w.deliver()
     w.ledger.update(
         "models/housing.json",
-        lambda d: {**d, "champion": {"run_id": "c", "metrics": {"Root Mean Squared Error": 1.0}}},
+        lambda d: {**d, "champion": CHAMPION},
     )
     w.evaluation("Root Mean Squared Error\n2.5\n")
     w.deliver()

@@ -24,6 +24,7 @@ from tests.harness import (
     champion_then_second_trained,
     failing_provisioning,
     latest_run,
+    left_as,
     poisoned_during_deploy,
     restore_check_unreachable,
     sealed_without_its_run,
@@ -240,7 +241,7 @@ class TestTraining:
         ((_, msg, _),) = w.outbox.take()
         assert isinstance(msg, TrackRun)
         w.retrainer.on_track_run(msg, delivery=Delivery("m-1"))
-        w.ledger.update(run_key("housing", msg.run_id), lambda d: {**d, "state": "submitted"})
+        left_as(w, run_key("housing", msg.run_id), lambda d: {**d, "state": "submitted"})
         w.jobs.status = lambda job_id: JobStatus(JobState.NOT_STARTED, None, {})  # type: ignore[method-assign]
         w.outbox.take()
         assert w.retrainer.on_track_run(msg, delivery=Delivery("m-1", 2)) == "started"
@@ -374,7 +375,7 @@ class TestEvaluate:
         assert isinstance(msg, EvaluateRun)
         w.retrainer.on_evaluate(msg, delivery=Delivery("m-1"))
         # The first attempt died after the deploy, before the run was marked promoted.
-        w.ledger.update(run_key("housing", msg.run_id), lambda d: {**d, "state": "promoting"})
+        left_as(w, run_key("housing", msg.run_id), lambda d: {**d, "state": "promoting"})
         assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-2")) == "duplicate"
         assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "promoted"
         assert len(w.target.deploys) == 1
@@ -415,7 +416,11 @@ class TestEvaluate:
             "models/housing.json",
             lambda d: {
                 **d,
-                "champion": {"run_id": "old", "metrics": {"Root Mean Squared Error": -3.0}},
+                "champion": {
+                    "run_id": "old",
+                    "model": "artifacts/housing/old/model.ilearner",
+                    "metrics": {"Root Mean Squared Error": -3.0},
+                },
             },
         )
         w.evaluation("Root Mean Squared Error\n2.5\n")
@@ -607,6 +612,10 @@ class TestSweep:
         }
 
 
+LATER = {"run_id": "later-run", "model": "artifacts/housing/later-run/model.ilearner"}
+"""A champion crowned by a later run, as the model document records it."""
+
+
 class TestDeployLease:
     def trained(self) -> tuple[World, EvaluateRun]:
         w = World()
@@ -690,15 +699,15 @@ class TestDeployLease:
         first = w.run()["run_id"]
         # A stale delivery of the first run, which had deployed before it stalled, comes back
         # after the model moved on (another run holds it now).
-        w.ledger.update(run_key("housing", first), lambda d: {**d, "state": "promoting"})
+        left_as(w, run_key("housing", first), lambda d: {**d, "state": "promoting"})
         w.ledger.update(
             model_key("housing"),
-            lambda d: {**d, "active_run": "later-run", "champion": {"run_id": "later-run"}},
+            lambda d: {**d, "active_run": "later-run", "champion": LATER},
         )
         assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "superseded"
         state = w.ledger.get(model_key("housing"))
         assert state is not None
-        assert state["champion"] == {"run_id": "later-run"}
+        assert state["champion"] == LATER
 
     def test_no_call_is_started_when_the_lease_is_nearly_spent(self) -> None:
         w, msg = self.trained()
