@@ -59,6 +59,7 @@ from localdev import stack
 from localdev.amlemu import Emulator, EmulatorServer
 from localdev.sample import housing_csv
 from retrain.http import worst_call
+from retrain.ports import ModelRef
 from retrain.runstate import TERMINAL
 from retrain.storage import normalize_etag
 
@@ -736,7 +737,8 @@ class Scenario:
                 res.violate("worse model promoted", f"run {r['run_id']}: {new} over {old}")
         # The target serves what the champion pointer names.
         model = _doc(states, f"models/{MODEL}.json") or {}
-        champion = (model.get("champion") or {}).get("model")
+        pointer = (model.get("champion") or {}).get("model")
+        champion = str(ModelRef.load(pointer)) if pointer else None
         served = _served(emulator)
         if served != champion:
             res.violate(

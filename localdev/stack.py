@@ -129,7 +129,8 @@ def model_spec(emulator_url: str, **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": "housing",
         "columns": ["rooms", "age", "distance", "price"],
-        "bes": {
+        "training": {
+            "kind": "bes",
             "jobs_url": f"{emulator_url}/workspaces/ws1/services/housing-train/jobs",
             "api_key_setting": "RETRAIN_BES_KEY_HOUSING",
             "model_output": "output1",

@@ -8,10 +8,10 @@ from typing import Any, Protocol
 
 import requests
 
-from retrain.bes import BlobRef
-from retrain.deploy import SUCCEEDED, Progress
-from retrain.errors import PermanentError, PermanentRemoteError, RemoteError, TransientRemoteError
+from retrain.deploy import SUCCEEDED, ModelReader, Progress, trained_model
+from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.http import call, field_of, json_of, redact, shape_error
+from retrain.ports import ModelRef
 
 ROLE_HINT = "the app's identity needs the Contributor role on the web service or its resource group"
 
@@ -47,6 +47,7 @@ class NewWebService:
         asset_name: str | None,
         api_version: str,
         credential: TokenCredential,
+        read: ModelReader,
         session: requests.Session,
         timeout: tuple[float, float],
     ) -> None:
@@ -59,6 +60,7 @@ class NewWebService:
         self._asset_name = asset_name
         self._api_version = api_version
         self._credential = credential
+        self._read = read
         self._scope = f"{self._base}/.default"
         self._session = session
         self._timeout = timeout
@@ -157,21 +159,22 @@ class NewWebService:
             f"{names}); set target.asset_name to the trained model's asset name"
         )
 
-    @staticmethod
-    def _uri(model: BlobRef) -> str:
+    def _uri(self, model: ModelRef) -> str:
         # The documented definitions carry no SAS: the service reads its own storage account.
-        return model.base_location.rstrip("/") + "/" + model.path
+        ref = self._read(model)
+        return ref.base_location.rstrip("/") + "/" + ref.path
 
-    def serves(self, model: BlobRef) -> bool:
+    def serves(self, model: ModelRef) -> bool:
+        if model.kind != "blob":
+            return False
         service = self.get()
         key, assets = self._checked(service)
         uri = self._asset_uri(assets, key)
         state = service["properties"].get("provisioningState")
         return bool(uri == self._uri(model) and state == "Succeeded")
 
-    def deploy(self, model: BlobRef) -> Progress:
-        if not model.relative_location.endswith(".ilearner"):
-            raise PermanentError("a trained model's blob must end in .ilearner")
+    def deploy(self, model: ModelRef) -> Progress:
+        trained_model(model)
         service = self.get()
         key, assets = self._checked(service)
         uri = self._uri(model)

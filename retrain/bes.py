@@ -269,18 +269,18 @@ class BesClient:
             if exc.status in (401, 403):
                 raise PermanentRemoteError(
                     f"BES refused the key in {key} (HTTP {exc.status}): set it to the API key "
-                    "of the training web service that bes.jobs_url names",
+                    "of the training web service that training.jobs_url names",
                     status=exc.status,
                 ) from exc
             got = f"HTTP {exc.status}" if exc.status else "no answer"
             kind = TransientRemoteError if isinstance(exc, TransientError) else PermanentRemoteError
             raise kind(
                 f"BES probe: a status GET of an unknown job should answer 404, got {got} "
-                f"({exc}); check bes.jobs_url (the BES 'Batch Requests' URL, as copied)",
+                f"({exc}); check training.jobs_url (the BES 'Batch Requests' URL, as copied)",
                 status=exc.status,
             ) from exc
         raise PermanentRemoteError(
             f"BES probe: a status GET of an unknown job should answer 404, got HTTP "
-            f"{response.status_code}; check bes.jobs_url (the BES 'Batch Requests' URL)",
+            f"{response.status_code}; check training.jobs_url (the BES 'Batch Requests' URL)",
             status=response.status_code,
         )

@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 import requests
 
-from retrain.bes import BlobRef
+from retrain.bes import BlobRef, relative_location
+from retrain.clock import Clock
 from retrain.errors import ConfigError, PermanentError, PermanentRemoteError
 from retrain.http import call, field_of, json_of, shape_error
+from retrain.ports import ModelRef
+from retrain.storage import DataStore
+
+DEPLOY_SAS_LIFETIME = timedelta(hours=2)
+"""How long the read SAS a target is given for a model blob stays valid."""
+
+ModelReader = Callable[[ModelRef], BlobRef]
+"""Mints a fresh read reference (SAS) to a blob model, for a target that loads it from storage."""
+
+
+def sas_reader(data: DataStore, clock: Clock) -> ModelReader:
+    """Read references to model blobs minted by `data`, valid for DEPLOY_SAS_LIFETIME."""
+
+    def read(model: ModelRef) -> BlobRef:
+        expires = clock.now() + DEPLOY_SAS_LIFETIME
+        return data.reference(model.container, model.name, write=False, expires=expires)
+
+    return read
+
+
+def trained_model(model: ModelRef) -> ModelRef:
+    """`model`, checked to be what a Classic or New web service loads: an `.ilearner` blob
+    (a bug upstream otherwise: a permanent error that no handler takes for the service's)."""
+    if model.kind != "blob" or not model.name.endswith(".ilearner"):
+        raise PermanentError(f"a trained model's blob must end in .ilearner, not {model}")
+    return model
 
 
 @dataclass(frozen=True)
@@ -27,13 +56,13 @@ SUCCEEDED = Progress("succeeded")
 
 
 class DeployTarget(Protocol):
-    """Where a promoted model goes."""
+    """Where a promoted model goes. A restore or a rollback is `deploy` of the earlier model."""
 
-    def serves(self, model: BlobRef) -> bool:
+    def serves(self, model: ModelRef) -> bool:
         """Whether the target serves `model` now (fully provisioned)."""
         ...
 
-    def deploy(self, model: BlobRef) -> Progress:
+    def deploy(self, model: ModelRef) -> Progress:
         """Point the target at `model` unless it already does; safe to call again."""
         ...
 
@@ -55,6 +84,7 @@ class ClassicEndpoint:
         api_key: str,
         resource_name: str,
         *,
+        read: ModelReader,
         session: requests.Session,
         timeout: tuple[float, float],
     ) -> None:
@@ -63,6 +93,7 @@ class ClassicEndpoint:
         self._url = endpoint_url.rstrip("/")
         self._name = self._url.rsplit("/", 1)[-1]
         self._resource = resource_name
+        self._read = read
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json; charset=utf-8",
@@ -114,22 +145,24 @@ class ClassicEndpoint:
         relative = self._location(self._resource_entry(self.get()))
         return relative.lstrip("/") if relative else None
 
-    def serves(self, model: BlobRef) -> bool:
-        return self._deployed() == model.path
+    def serves(self, model: ModelRef) -> bool:
+        # The endpoint reports the RelativeLocation it was given (percent-encoded as sent).
+        return model.kind == "blob" and self._deployed() == relative_location(
+            model.container, model.name
+        )
 
-    def deploy(self, model: BlobRef) -> Progress:
-        if not model.relative_location.endswith(".ilearner"):
-            raise PermanentError("a trained model's RelativeLocation must end in .ilearner")
-        if self.serves(model):
+    def deploy(self, model: ModelRef) -> Progress:
+        if self.serves(trained_model(model)):
             return SUCCEEDED
+        ref = self._read(model)
         body = {
             "Resources": [
                 {
                     "Name": self._resource,
                     "Location": {
-                        "BaseLocation": model.base_location,
-                        "RelativeLocation": model.relative_location,
-                        "SasBlobToken": model.sas_token,
+                        "BaseLocation": ref.base_location,
+                        "RelativeLocation": ref.relative_location,
+                        "SasBlobToken": ref.sas_token,
                     },
                 }
             ]

@@ -85,6 +85,7 @@ class _Spec(BaseModel):
 class BesSpec(_Spec):
     """Where and how to run the training web service through BES v2.0."""
 
+    kind: Literal["bes"]
     jobs_url: AnyHttpUrl
     """The `.../jobs` URL from the training service's API help page (no query string)."""
     api_key_setting: SettingName
@@ -109,6 +110,10 @@ class BesSpec(_Spec):
         if self.model_output == self.evaluation_output:
             raise ValueError("model_output and evaluation_output must name different outputs")
         return self
+
+
+Training = Annotated[BesSpec, Field(discriminator="kind")]
+"""The training backend of a model, by `kind` (each kind's adapter is picked in wiring.py)."""
 
 
 class GateSpec(_Spec):
@@ -219,7 +224,7 @@ class ModelSpec(_Spec):
     columns: list[str] | None = None
     """Header columns every training file must have (extra columns are allowed)."""
     max_bytes: int = Field(default=5 * 1024**3, gt=0)
-    bes: BesSpec
+    training: Training
     gate: GateSpec
     target: Target
     retrain_every: timedelta | None = None
@@ -235,6 +240,20 @@ class ModelSpec(_Spec):
         """The data prefix, always ending in '/'."""
         prefix = self.data_prefix if self.data_prefix is not None else self.name
         return prefix.rstrip("/") + "/"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bes_is_training(cls, data: Any) -> Any:
+        """Specs written before `training` had kinds carry a top-level `bes`: the same fields,
+        read as `training: {kind: bes, ...}`."""
+        if not isinstance(data, dict) or "bes" not in data:
+            return data
+        if "training" in data:
+            raise ValueError("set training (with kind 'bes'), not both training and bes")
+        migrated = {k: v for k, v in data.items() if k != "bes"}
+        bes = data["bes"]
+        migrated["training"] = {"kind": "bes", **bes} if isinstance(bes, dict) else bes
+        return migrated
 
     @model_validator(mode="after")
     def _windows(self) -> ModelSpec:

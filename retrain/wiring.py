@@ -5,21 +5,36 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+import requests
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
-from retrain.bes import BatchJobs, BesClient
+from retrain.backends.bes import BesTraining
+from retrain.bes import BesClient
 from retrain.clock import Clock, SystemClock
-from retrain.deploy import ClassicEndpoint, DeployTarget
+from retrain.deploy import ClassicEndpoint, DeployTarget, ModelReader, sas_reader
+from retrain.errors import ConfigError
 from retrain.http import make_session, worst_call
 from retrain.ledger import Ledger
 from retrain.notify import Webhook
 from retrain.pipeline import Places, Retrainer, Timing
-from retrain.settings import ClassicTarget, ModelSpec, Settings, get_settings, read_secret
-from retrain.storage import BlobData, BlobDocumentStore, QueueOutbox
+from retrain.ports import TrainingBackend
+from retrain.settings import (
+    BesSpec,
+    ClassicTarget,
+    ModelSpec,
+    NewTarget,
+    Settings,
+    get_settings,
+    read_secret,
+)
+from retrain.storage import BlobData, BlobDocumentStore, DataStore, QueueOutbox
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 Decorate = Callable[[str, Any], Any]
 """Wraps a port by kind ('store', 'data', 'outbox', 'jobs', 'target'); for fault injection."""
@@ -27,6 +42,76 @@ Decorate = Callable[[str, Any], Any]
 
 def _as_is(kind: str, port: Any) -> Any:
     return port
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What the adapters of every model share: one HTTP session, its timeouts, the app's data
+    store (it mints SAS tokens), a reader of model blobs for targets, and the fault hook."""
+
+    session: requests.Session
+    timeout: tuple[float, float]
+    data: DataStore
+    read: ModelReader
+    decorate: Decorate
+
+
+def _as(value: object, kind: type[_T]) -> _T:
+    """`value`, checked to be the spec its adapter is for (the kind it was looked up by)."""
+    if not isinstance(value, kind):
+        raise ConfigError(f"the {kind.__name__} adapter was given a {type(value).__name__}")
+    return value
+
+
+def _bes(spec: ModelSpec, shared: Shared) -> TrainingBackend:
+    bes = _as(spec.training, BesSpec)
+    key = read_secret(bes.api_key_setting, purpose=f"BES API key of model {spec.name}")
+    client = BesClient(
+        str(bes.jobs_url),
+        key.get_secret_value(),
+        session=shared.session,
+        timeout=shared.timeout,
+        key_setting=bes.api_key_setting,
+    )
+    return BesTraining(shared.decorate("jobs", client), shared.data, bes)
+
+
+def _classic(spec: ModelSpec, shared: Shared) -> DeployTarget:
+    target = _as(spec.target, ClassicTarget)
+    key = read_secret(target.api_key_setting, purpose=f"endpoint API key of model {spec.name}")
+    return ClassicEndpoint(
+        str(target.endpoint_url),
+        key.get_secret_value(),
+        target.resource_name,
+        read=shared.read,
+        session=shared.session,
+        timeout=shared.timeout,
+    )
+
+
+def _new(spec: ModelSpec, shared: Shared) -> DeployTarget:
+    target = _as(spec.target, NewTarget)
+    return NewWebService(
+        arm_endpoint=str(target.arm_endpoint),
+        subscription_id=target.subscription_id,
+        resource_group=target.resource_group,
+        name=target.web_service,
+        asset_name=target.asset_name,
+        api_version=target.api_version,
+        credential=arm_credential(target.token_setting, spec.name),
+        read=shared.read,
+        session=shared.session,
+        timeout=shared.timeout,
+    )
+
+
+TRAINING: dict[str, Callable[[ModelSpec, Shared], TrainingBackend]] = {"bes": _bes}
+"""The adapter of each `training.kind`: a new backend adds its kind here."""
+TARGETS: dict[str, Callable[[ModelSpec, Shared], DeployTarget]] = {
+    "classic": _classic,
+    "new": _new,
+}
+"""The adapter of each `target.kind`: a new target adds its kind here."""
 
 
 def build(
@@ -39,56 +124,29 @@ def build(
     connection = settings.storage_connection.get_secret_value()
     blobs = BlobServiceClient.from_connection_string(connection)
     queues = QueueServiceClient.from_connection_string(connection)
-    session = make_session()
-    timeout = (settings.http_connect_timeout, settings.http_read_timeout)
+    clock = clock or SystemClock()
+    data: DataStore = decorate("data", BlobData(blobs))
+    shared = Shared(
+        session=make_session(),
+        timeout=(settings.http_connect_timeout, settings.http_read_timeout),
+        data=data,
+        read=sas_reader(data, clock),
+        decorate=decorate,
+    )
 
-    def jobs_for(spec: ModelSpec) -> BatchJobs:
-        key = read_secret(spec.bes.api_key_setting, purpose=f"BES API key of model {spec.name}")
-        jobs = BesClient(
-            str(spec.bes.jobs_url),
-            key.get_secret_value(),
-            session=session,
-            timeout=timeout,
-            key_setting=spec.bes.api_key_setting,
-        )
-        wrapped: BatchJobs = decorate("jobs", jobs)
-        return wrapped
+    def training_for(spec: ModelSpec) -> TrainingBackend:
+        return TRAINING[spec.training.kind](spec, shared)
 
     def target_for(spec: ModelSpec) -> DeployTarget:
-        wrapped: DeployTarget = decorate("target", _target_for(spec))
+        wrapped: DeployTarget = decorate("target", TARGETS[spec.target.kind](spec, shared))
         return wrapped
-
-    def _target_for(spec: ModelSpec) -> DeployTarget:
-        target = spec.target
-        if isinstance(target, ClassicTarget):
-            key = read_secret(
-                target.api_key_setting, purpose=f"endpoint API key of model {spec.name}"
-            )
-            return ClassicEndpoint(
-                str(target.endpoint_url),
-                key.get_secret_value(),
-                target.resource_name,
-                session=session,
-                timeout=timeout,
-            )
-        return NewWebService(
-            arm_endpoint=str(target.arm_endpoint),
-            subscription_id=target.subscription_id,
-            resource_group=target.resource_group,
-            name=target.web_service,
-            asset_name=target.asset_name,
-            api_version=target.api_version,
-            credential=arm_credential(target.token_setting, spec.name),
-            session=session,
-            timeout=timeout,
-        )
 
     return Retrainer(
         models=settings.models,
         ledger=Ledger(decorate("store", BlobDocumentStore(blobs, settings.state_container))),
-        data=decorate("data", BlobData(blobs)),
+        data=data,
         outbox=decorate("outbox", QueueOutbox(queues)),
-        jobs_for=jobs_for,
+        training_for=training_for,
         target_for=target_for,
         places=Places(
             data_container=settings.data_container,
@@ -102,9 +160,9 @@ def build(
             settings.poll_first_delay,
             settings.poll_max_delay,
             settings.sweep_stall,
-            call_bound=timedelta(seconds=worst_call(*timeout)),
+            call_bound=timedelta(seconds=worst_call(*shared.timeout)),
         ),
-        clock=clock or SystemClock(),
+        clock=clock,
     )
 
 

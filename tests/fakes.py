@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +18,13 @@ from retrain.errors import (
     PermanentRemoteError,
     RemoteError,
     StateConflict,
+)
+from retrain.ports import (
+    ModelRef,
+    Phase,
+    TrainingRequest,
+    TrainingResult,
+    TrainingStatus,
 )
 from retrain.storage import HEAD_BYTES, BlobHead, BlobUnreadable, BlobVersion, Listed, Versioned
 
@@ -142,6 +150,14 @@ class FakeData:
         )
 
 
+ACCOUNT = "https://acct.blob.core.windows.net/"
+
+
+def blob_reader(sas: str = "?sp=r&sig=S") -> Callable[[ModelRef], BlobRef]:
+    """A target's reader of model blobs: a reference to the blob in ACCOUNT with `sas`."""
+    return lambda model: BlobRef.to_blob(ACCOUNT, model.container, model.name, sas)
+
+
 class MemoryOutbox:
     """Messages kept in order, with their delays."""
 
@@ -163,7 +179,8 @@ class MemoryOutbox:
 
 
 class FakeJobs:
-    """A BES stand-in that follows a script of states, one per status call of a started job.
+    """A BES service stand-in (the client side of `retrain.bes.BatchJobs`) that follows a
+    script of states, one per status call of a started job.
 
     As strict as the service: a job is NotStarted until started, and a second start is
     refused with 409.
@@ -190,10 +207,16 @@ class FakeJobs:
         global_parameters: dict[str, str],
     ) -> str:
         self._maybe_fail("submit")
+        job_id = f"job{len(self.submitted) + 1}"
         self.submitted.append(
-            {"inputs": inputs, "outputs": outputs, "global_parameters": global_parameters}
+            {
+                "job_id": job_id,
+                "inputs": inputs,
+                "outputs": outputs,
+                "global_parameters": global_parameters,
+            }
         )
-        return f"job{len(self.submitted)}"
+        return job_id
 
     def start(self, job_id: str) -> None:
         if job_id in self.started:
@@ -219,24 +242,78 @@ class FakeJobs:
         return "BES service answers and accepts the key"
 
 
+class FakeTraining:
+    """A training backend as the port describes it, with nothing of BES: a job per request,
+    not started until `start` (a second start is refused with 409), one scripted phase per
+    status call of a started job, and a result of the metrics set for the job.
+
+    `named=True` names a job after its request, as a backend with deterministic job names
+    does: submitting the same request again returns the job the first submit created.
+    """
+
+    what = "fake job"
+
+    def __init__(self, script: list[Phase] | None = None, *, named: bool = False) -> None:
+        self.script = list(script or [Phase.FINISHED])
+        self.named = named
+        self.jobs: dict[str, TrainingRequest] = {}
+        self.submits: list[str] = []
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.metrics: dict[str, tuple[dict[str, float], dict[str, float] | None]] = {}
+        """Per job id: the challenger's metrics and the champion's (None: not scored)."""
+
+    def submit(self, request: TrainingRequest) -> str:
+        job_id = (
+            f"{request.model}-{request.run_id}" if self.named else f"job{len(self.submits) + 1}"
+        )
+        self.submits.append(job_id)
+        self.jobs.setdefault(job_id, request)
+        return job_id
+
+    def start(self, job_id: str) -> None:
+        if job_id in self.started:
+            raise PermanentRemoteError(f"start {job_id}: HTTP 409: the job was started", status=409)
+        self.started.append(job_id)
+
+    def status(self, job_id: str) -> TrainingStatus:
+        if job_id not in self.started:
+            return TrainingStatus(Phase.NOT_STARTED, "NotStarted")
+        phase = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        return TrainingStatus(phase, phase.name.title())
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+
+    def probe(self) -> str:
+        return "fake training service answers"
+
+    def result(self, request: TrainingRequest, job_id: str) -> TrainingResult:
+        if job_id not in self.metrics:
+            raise PermanentRemoteError(f"job {job_id} reported no metrics")
+        challenger, champion = self.metrics[job_id]
+        model = ModelRef(request.output_container, f"{request.output_folder}/model.bin")
+        return TrainingResult(challenger, champion, model)
+
+
 class FakeTarget:
     """A deploy target that serves what was deployed once its scripted provisioning ends."""
 
     def __init__(self, provisioning: list[str] | None = None) -> None:
-        self.serving: str | None = None
-        self.requested: str | None = None
-        self.deploys: list[BlobRef] = []
+        self.serving: ModelRef | None = None
+        self.requested: ModelRef | None = None
+        self.deploys: list[ModelRef] = []
         self.provisioning = list(provisioning or [])
         """States reported by progress() before 'succeeded' (e.g. ['pending', 'failed'])."""
 
-    def serves(self, model: BlobRef) -> bool:
-        return self.serving == model.path
+    def serves(self, model: ModelRef) -> bool:
+        return self.serving == model
 
-    def deploy(self, model: BlobRef) -> Progress:
+    def deploy(self, model: ModelRef) -> Progress:
         if self.serves(model):
             return Progress("succeeded")
         self.deploys.append(model)
-        self.requested = model.path
+        self.requested = model
         return self.progress("op-1" if self.provisioning else None)
 
     def progress(self, operation: str | None) -> Progress:

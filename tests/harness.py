@@ -6,15 +6,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
 from localdev.sample import housing_csv
+from retrain.backends.bes import BesTraining
+from retrain.bes import BlobRef
 from retrain.deploy import Progress
 from retrain.errors import RemoteError, TransientRemoteError
 from retrain.ledger import Ledger, model_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline import Delivery, Places, Retrainer, Timing
+from retrain.ports import ModelRef, TrainingBackend
 from retrain.settings import ModelSpec
 from tests.fakes import (
     FakeData,
@@ -32,7 +36,8 @@ def spec(**overrides: Any) -> ModelSpec:
     base: dict[str, Any] = {
         "name": "housing",
         "columns": ["rooms", "price"],
-        "bes": {
+        "training": {
+            "kind": "bes",
             "jobs_url": "https://bes.example/workspaces/w/services/s/jobs",
             "api_key_setting": "K",
             "global_parameters": {"Label Column": "price"},
@@ -54,13 +59,23 @@ def spec(**overrides: Any) -> ModelSpec:
 
 
 class World:
-    def __init__(self, jobs: FakeJobs | None = None, **overrides: Any) -> None:
+    """The pipeline over fakes: by default the real BES adapter over a fake BES service
+    (`jobs`) and fake storage; with `training`, that backend instead of the BES adapter."""
+
+    def __init__(
+        self,
+        jobs: FakeJobs | None = None,
+        *,
+        training: TrainingBackend | None = None,
+        **overrides: Any,
+    ) -> None:
         self.spec = spec(**overrides)
         self.store = MemoryDocumentStore()
         self.ledger = Ledger(self.store)
         self.data = FakeData()
         self.outbox = MemoryOutbox()
         self.jobs = jobs or FakeJobs()
+        self.training = training or BesTraining(self.jobs, self.data, self.spec.training)
         self.target = FakeTarget()
         self.clock = ManualClock()
         self.retrainer = Retrainer(
@@ -68,7 +83,7 @@ class World:
             ledger=self.ledger,
             data=self.data,
             outbox=self.outbox,
-            jobs_for=lambda _: self.jobs,
+            training_for=lambda _: self.training,
             target_for=lambda _: self.target,
             places=PLACES,
             timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
@@ -99,9 +114,14 @@ class World:
         assert found is not None
         return found.doc
 
-    def evaluation(self, text: str) -> None:
-        run = self.run()
-        self.data.put("artifacts", run["outputs"]["evaluation"].split("/", 1)[1], text)
+    def evaluation(self, text: str, run: dict[str, Any] | None = None) -> None:
+        """Write the Evaluate Model output of `run`'s job (default: the one run) where the job
+        was told to write it."""
+        run = run or self.run()
+        (job,) = (j for j in self.jobs.submitted if j["job_id"] == run["job_id"])
+        ref: BlobRef = job["outputs"][self.spec.training.evaluation_output]
+        container, _, name = unquote(ref.relative_location).partition("/")
+        self.data.put(container, name, text)
 
 
 def left_as(w: World, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
@@ -150,11 +170,7 @@ def train_next(w: World, name: str, *, seed: int, rmse: float) -> dict[str, Any]
     for _ in range(3):
         w.deliver()
     run = latest_run(w)
-    w.data.put(
-        "artifacts",
-        run["outputs"]["evaluation"].split("/", 1)[1],
-        f"Root Mean Squared Error\n{rmse}\n",
-    )
+    w.evaluation(f"Root Mean Squared Error\n{rmse}\n", run)
     return run
 
 
@@ -213,7 +229,7 @@ def applied_then_failed(w: World) -> None:
     w.target.progress = progress  # type: ignore[method-assign]
 
 
-def failing_provisioning(w: World) -> tuple[str | None, EvaluateRun]:
+def failing_provisioning(w: World) -> tuple[ModelRef | None, EvaluateRun]:
     """Deploy the second run (provisioning pending, then failing after the switch); returns
     the champion's model and the provisioning poll message, not yet delivered."""
     champion_model = w.target.serving

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from retrain.bes import BatchJobs
 from retrain.clock import Clock
 from retrain.deploy import DeployTarget
 from retrain.ledger import Doc, Ledger
@@ -37,6 +36,7 @@ from retrain.pipeline.recovery import Recovery
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
 from retrain.pipeline.training import Training
+from retrain.ports import TrainingBackend
 from retrain.settings import ModelSpec
 from retrain.storage import DataStore, Outbox
 
@@ -62,7 +62,7 @@ class Retrainer:
         ledger: Ledger,
         data: DataStore,
         outbox: Outbox,
-        jobs_for: Callable[[ModelSpec], BatchJobs],
+        training_for: Callable[[ModelSpec], TrainingBackend],
         target_for: Callable[[ModelSpec], DeployTarget],
         places: Places,
         timing: Timing,
@@ -73,7 +73,7 @@ class Retrainer:
             ledger=ledger,
             data=data,
             outbox=outbox,
-            jobs_for=jobs_for,
+            training_for=training_for,
             target_for=target_for,
             places=places,
             timing=timing,
@@ -129,7 +129,7 @@ class Retrainer:
         return self._batches.on_check_batch(msg)
 
     def on_track_run(self, msg: TrackRun, *, delivery: Delivery | None = None) -> str:
-        """Submit, start or poll the run's BES job; never waits inside the invocation."""
+        """Submit, start or poll the run's training job; never waits inside the invocation."""
         return self._training.on_track_run(msg, delivery=delivery)
 
     def on_evaluate(self, msg: EvaluateRun, *, delivery: Delivery | None = None) -> str:
@@ -187,7 +187,7 @@ class Retrainer:
         return self._operations.model_state(name)
 
     def probe(self, name: str) -> str:
-        """Check a model's BES service answers and accepts its key, starting nothing."""
+        """Check a model's training service answers and takes its credentials; starts nothing."""
         return self._operations.probe(name)
 
     def preflight(self, name: str) -> list[str]:

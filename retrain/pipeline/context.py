@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from retrain.bes import BatchJobs
 from retrain.clock import Clock
 from retrain.deploy import DeployTarget
 from retrain.errors import InputRejected
@@ -16,6 +15,7 @@ from retrain.http import redact
 from retrain.ledger import Doc, Ledger
 from retrain.messages import CheckBatch, RunEvent
 from retrain.pipeline.records import check_due, iso
+from retrain.ports import TrainingBackend
 from retrain.settings import ModelSpec
 from retrain.storage import DataStore, Outbox
 
@@ -128,7 +128,7 @@ class Context:
     ledger: Ledger
     data: DataStore
     outbox: Outbox
-    jobs_for: Callable[[ModelSpec], BatchJobs]
+    training_for: Callable[[ModelSpec], TrainingBackend]
     target_for: Callable[[ModelSpec], DeployTarget]
     places: Places
     timing: Timing

@@ -7,22 +7,22 @@ from datetime import datetime
 from typing import Any
 
 from retrain.errors import EvaluationError, PermanentRemoteError
-from retrain.evaluation import Decision, decide, parse_evaluation_csv
+from retrain.evaluation import Decision, decide
 from retrain.ledger import Doc, model_key, run_key
 from retrain.pipeline.context import Context, dims
 from retrain.pipeline.records import new_model
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.training import training_request
 from retrain.runstate import RunState
 from retrain.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
-MAX_EVALUATION_BYTES = 1024 * 1024
-
 
 class Gate:
-    """Reads a run's Evaluate Model output and moves it to rejected, promoting or approval."""
+    """Judges a trained run by the metrics its backend reports; moves it to rejected,
+    promoting or approval."""
 
     def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot) -> None:
         self._ctx = ctx
@@ -90,22 +90,20 @@ class Gate:
         """The gate's decision and what the run records of it; None when the run was failed
         because its evaluation cannot be read."""
         ctx = self._ctx
-        container, _, blob = run["outputs"]["evaluation"].partition("/")
         try:
-            text = ctx.data.read_text(container, blob, max_bytes=MAX_EVALUATION_BYTES)
-            evaluation = parse_evaluation_csv(text)
+            result = ctx.training_for(spec).result(training_request(ctx, spec, run), run["job_id"])
         except (EvaluationError, PermanentRemoteError) as exc:
-            # A transient storage error escapes: the host re-delivers the message.
+            # A transient error escapes: the host re-delivers the message.
             self._runs.fail(spec, run, f"cannot read the evaluation: {exc}")
             return None
         state = ctx.ledger.get(model_key(spec.name)) or {}
-        champion = evaluation.champion
+        champion = result.champion
         source = "scored on the same hold-out data"
         if champion is None and state.get("champion"):
             champion = state["champion"].get("metrics")
             source = "recorded when it was promoted"
         try:
-            decision = decide(spec.gate, evaluation.challenger, champion)
+            decision = decide(spec.gate, result.challenger, champion)
         except EvaluationError as exc:
             self._runs.fail(spec, run, f"cannot read the evaluation: {exc}")
             return None
@@ -114,8 +112,9 @@ class Gate:
             "reason": decision.reason,
             "champion_source": source if champion is not None else None,
         }
-        metrics = {"challenger": evaluation.challenger, "champion": champion}
-        return decision, {"decision": verdict, "metrics": metrics}
+        metrics = {"challenger": result.challenger, "champion": champion}
+        outputs = {**(run.get("outputs") or {}), "model": result.model.to_doc()}
+        return decision, {"decision": verdict, "metrics": metrics, "outputs": outputs}
 
     def await_approval(self, spec: ModelSpec, run_id: str, now: datetime) -> None:
         """Park the run for approval, supersede an older parked run, free the model."""

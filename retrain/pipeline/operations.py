@@ -22,6 +22,7 @@ from retrain.pipeline.records import (
 )
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
+from retrain.ports import ModelRef
 from retrain.runstate import RunState, is_terminal
 from retrain.settings import ModelSpec
 from retrain.storage import BlobHead
@@ -97,8 +98,8 @@ class Operations:
     def rollback(self, name: str, to: str | None = None, *, by: str) -> str:
         """Re-deploy an earlier promoted run's model (default: the previous champion).
 
-        A rollback is a run of its own, promoted through the model's target with a freshly
-        minted SAS for the model blob in the app's artifacts container. Whether the target
+        A rollback is a run of its own, which deploys that run's model through the model's
+        target (as a restore does). Whether the target
         already serves that model is asked of the target itself, not of the champion pointer.
         Returns the rollback run's id.
         """
@@ -117,7 +118,7 @@ class Operations:
             raise InputRejected(
                 f"run {to} is {source['state']}; only a promoted run's model can be restored"
             )
-        if ctx.target_for(spec).serves(self._slot.model_ref(source["outputs"]["model"])):
+        if ctx.target_for(spec).serves(ModelRef.load(source["outputs"]["model"])):
             raise InputRejected(f"{name} already serves the model of run {to} (its target says so)")
         return self._slot.redeploy(spec, source, kind="rollback", by=by)
 
@@ -227,7 +228,8 @@ class Operations:
                 f"{blob} (version {etag}) was already trained by run {trained}; "
                 "training the same data again can only repeat that run's result. Upload "
                 "new data, or retrain with --force if that run failed for a reason other "
-                "than its data (e.g. BES was down); a forced retrain is recorded on the run",
+                "than its data (e.g. the training service was down); a forced retrain is "
+                "recorded on the run",
                 run_id=trained,
             )
         if holder is not None and not is_terminal(holder["state"]):
@@ -247,7 +249,7 @@ class Operations:
     def _trained_by(self, spec: ModelSpec, container: str, name: str, etag: str) -> str | None:
         """The run that trained this version of the file, if any: the last run its arrival
         record names as having trained it, else the run of its arrival batch when that run
-        submitted a BES job with this version as its training file."""
+        submitted a training job with this version as its training file."""
         ledger = self._ctx.ledger
         record = ledger.get(arrival_key(container, name, etag), remember=False)
         if record and record.get("trained_by"):
@@ -288,8 +290,8 @@ class Operations:
         return self._ctx.ledger.get(model_key(name)) or {}
 
     def probe(self, name: str) -> str:
-        """Check a model's BES service answers and accepts its key, starting nothing."""
-        return self._ctx.jobs_for(self._ctx.spec(name)).probe()
+        """Check a model's training service answers and takes its credentials; starts nothing."""
+        return self._ctx.training_for(self._ctx.spec(name)).probe()
 
     def preflight(self, name: str) -> list[str]:
         """Check a model's target is reachable and updatable as configured."""

@@ -7,7 +7,6 @@ import secrets
 from collections.abc import Callable
 from datetime import timedelta
 
-from retrain.bes import BlobRef
 from retrain.deploy import DeployTarget, Progress
 from retrain.errors import PermanentRemoteError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
@@ -25,6 +24,7 @@ from retrain.pipeline.gate import Gate
 from retrain.pipeline.records import iso, parse
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
+from retrain.ports import ModelRef
 from retrain.runstate import RunState, is_terminal
 from retrain.settings import ModelSpec
 
@@ -109,9 +109,8 @@ class Deployment:
     ) -> str:
         """Deploy once (or poll the deploy in progress), then verify and crown."""
         target = self._ctx.target_for(spec)
-        path = run["outputs"]["model"]
         key = run_key(spec.name, run["run_id"])
-        ref = self._slot.model_ref(path)
+        ref = ModelRef.load(run["outputs"]["model"])
         pending = run.get("deployment")
         if pending is None or not pending.get("deployed"):
             outcome = self._deploy(spec, target, run, ref, msg, delivery)
@@ -133,7 +132,7 @@ class Deployment:
                 f"promotion of run {run['run_id']}: the target still serves another model "
                 "after the update"
             )
-        return self._crown(spec, run, path)
+        return self._crown(spec, run, ref)
 
     def _provisioning(self, spec: ModelSpec, run: Doc, msg: EvaluateRun) -> str:
         """The target is still provisioning: look again later, or fail past its timeout."""
@@ -162,7 +161,7 @@ class Deployment:
         spec: ModelSpec,
         target: DeployTarget,
         run: Doc,
-        ref: BlobRef,
+        ref: ModelRef,
         msg: EvaluateRun,
         delivery: Delivery | None,
     ) -> tuple[Doc, Progress] | str:
@@ -263,7 +262,7 @@ class Deployment:
         self,
         spec: ModelSpec,
         target: DeployTarget,
-        ref: BlobRef,
+        ref: ModelRef,
         msg: EvaluateRun,
         key: str,
         token: str,
@@ -289,7 +288,7 @@ class Deployment:
             ctx.ledger.update(key, _fenced(token, _give_back))
             raise
 
-    def _crown(self, spec: ModelSpec, run: Doc, path: str) -> str:
+    def _crown(self, spec: ModelSpec, run: Doc, model: ModelRef) -> str:
         """End the verified run `promoted`, then make it the champion.
 
         The run's own move comes first and is conditional on it still being `promoting`, so a
@@ -299,7 +298,7 @@ class Deployment:
         now = self._ctx.clock.now()
         run_id = run["run_id"]
         doc, moved = self._runs.move(
-            spec, run_id, RunState.PROMOTING, RunState.PROMOTED, now, note=f"deployed {path}"
+            spec, run_id, RunState.PROMOTING, RunState.PROMOTED, now, note=f"deployed {model}"
         )
         if not moved and doc["state"] != RunState.PROMOTED:
             log.error(
@@ -326,7 +325,7 @@ class Deployment:
             "run %s of %s promoted: the target serves %s",
             run_id,
             spec.name,
-            path,
+            model,
             extra=dims(spec.name, run_id, run.get("job_id")),
         )
         self._slot.release(spec, run_id)

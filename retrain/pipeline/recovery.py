@@ -267,9 +267,10 @@ class Recovery:
             )
             queue = ctx.places.evaluations_queue
         # "Stalled" is judged on this instance's clock against times others wrote: a chain
-        # that is alive may have just polled, or a start may be on its way to BES. The re-sent
-        # message keeps the chain's pace (its status call comes at least a second after any
-        # other) and, for a job that may be starting, waits until that start must have landed.
+        # that is alive may have just polled, or a start may be on its way to the service. The
+        # re-sent message keeps the chain's pace (its status call comes at least a second after
+        # any other) and, for a job that may be starting, waits until that start must have
+        # landed.
         delay = max(ctx.timing.first_delay, 2 * MIN_POLL_GAP)
         if run["state"] == RunState.SUBMITTED:
             delay = max(delay, ctx.timing.call_bound)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import timedelta
 
-from retrain.bes import BlobRef
 from retrain.deploy import DeployTarget
 from retrain.errors import InputRejected, RemoteError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
@@ -26,12 +24,11 @@ from retrain.pipeline.records import (
     redeploy_run,
     sweep_key,
 )
+from retrain.ports import ModelRef
 from retrain.runstate import RunState
 from retrain.settings import ModelSpec
 
 log = logging.getLogger(__name__)
-
-DEPLOY_SAS_LIFETIME = timedelta(hours=2)
 
 
 class ModelSlot:
@@ -105,7 +102,7 @@ class ModelSlot:
         run_id = run["run_id"]
         champion = {
             "run_id": run_id,
-            "model": run["outputs"]["model"],
+            "model": ModelRef.load(run["outputs"]["model"]).to_doc(),
             "promoted_at": run.get("updated_at") or iso(self._ctx.clock.now()),
             "metrics": (run.get("metrics") or {}).get("challenger"),
         }
@@ -129,13 +126,6 @@ class ModelSlot:
             lambda d: (
                 {**d, "awaiting_approval": None} if d.get("awaiting_approval") == run_id else None
             ),
-        )
-
-    def model_ref(self, path: str) -> BlobRef:
-        """A fresh read reference to a model blob (`container/blob`) for a target to deploy."""
-        container, _, blob = path.partition("/")
-        return self._ctx.data.reference(
-            container, blob, write=False, expires=self._ctx.clock.now() + DEPLOY_SAS_LIFETIME
         )
 
     def redeploy(
@@ -215,13 +205,13 @@ class ModelSlot:
         """Ask the target what it serves; start the champion's restore run when it may serve
         failed run `run`'s model. Returns what was found (and done), for the record."""
         if champion is None or run.get("kind") == "restore":
-            if target.serves(self.model_ref(run["outputs"]["model"])):
+            if target.serves(ModelRef.load(run["outputs"]["model"])):
                 return (
                     "the target serves this run's model and there is no champion to restore; "
                     "roll back or retrain"
                 )
             return "the target does not serve this run's model"
-        if target.serves(self.model_ref(champion["model"])):
+        if target.serves(ModelRef.load(champion["model"])):
             return f"the target still serves the champion (run {champion['run_id']})"
         found = self._ctx.ledger.get(run_key(spec.name, champion["run_id"]))
         source = champion_run(champion, found)
@@ -247,7 +237,7 @@ class ModelSlot:
         its own call landed late (`by="holder"`) is not held to that."""
         ctx = self._ctx
         try:
-            if ctx.target_for(spec).serves(self.model_ref(champion["model"])):
+            if ctx.target_for(spec).serves(ModelRef.load(champion["model"])):
                 return 0
             if by == "sweep" and not self._claim_restore(spec):
                 return 0

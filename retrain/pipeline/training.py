@@ -1,4 +1,4 @@
-"""Training: submit the run's BES job, start it once, and poll it by delayed messages."""
+"""Training: submit the run's job to its backend, start it once, and poll it by delayed messages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import functools
 import logging
 from datetime import datetime, timedelta
 
-from retrain.bes import BatchJobs, BlobRef, JobState
 from retrain.errors import (
     InputRejected,
     PermanentRemoteError,
@@ -26,17 +25,32 @@ from retrain.pipeline.context import (
 from retrain.pipeline.records import iso, note_trained, parse
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
+from retrain.ports import Phase, TrainingBackend, TrainingRequest
 from retrain.runstate import TRAINING, RunState, is_terminal
 from retrain.settings import ModelSpec
 from retrain.storage import BlobVersion
 
 log = logging.getLogger(__name__)
 
-MODEL_BLOB = "model.ilearner"
-EVALUATION_BLOB = "evaluation.csv"
 INPUT_BLOB = "input"
 """The run's copy of its training file (plus the file's own extension), what the job reads."""
-SAS_MARGIN = timedelta(hours=1)
+
+
+def training_request(ctx: Context, spec: ModelSpec, run: Doc) -> TrainingRequest:
+    """What the run's backend is asked to train: the run's frozen input, its own folder in the
+    artifacts container for the outputs, its deadline. The same for every delivery."""
+    folder = f"{spec.name}/{run['run_id']}"
+    suffix = ".tsv" if run["training_file"]["name"].lower().endswith(".tsv") else ".csv"
+    art = ctx.places.artifacts_container
+    return TrainingRequest(
+        model=spec.name,
+        run_id=run["run_id"],
+        input_container=art,
+        input_name=f"{folder}/{INPUT_BLOB}{suffix}",
+        output_container=art,
+        output_folder=folder,
+        deadline=parse(run["deadline_at"]),
+    )
 
 
 class Training:
@@ -48,7 +62,7 @@ class Training:
         self._slot = slot
 
     def on_track_run(self, msg: TrackRun, *, delivery: Delivery | None = None) -> str:
-        """Submit, start or poll the run's BES job; never waits inside the invocation.
+        """Submit, start or poll the run's training job; never waits inside the invocation.
 
         One poll chain per run: poll number `n` is made by exactly one message (the first to
         claim it); a redelivery of that same message after a failure may make it again, any
@@ -66,7 +80,7 @@ class Training:
             return str(run["state"])
         if run["state"] not in TRAINING:
             return str(run["state"])
-        jobs = ctx.jobs_for(spec)
+        jobs = ctx.training_for(spec)
         step = Step()
         try:
             return self._step(spec, jobs, run, msg, delivery, step)
@@ -84,7 +98,7 @@ class Training:
     def _step(
         self,
         spec: ModelSpec,
-        jobs: BatchJobs,
+        jobs: TrainingBackend,
         run: Doc,
         msg: TrackRun,
         delivery: Delivery | None,
@@ -103,7 +117,7 @@ class Training:
             step.polled = True  # the job id's write took the chain's poll for this delivery
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
         if run["state"] == RunState.SUBMITTED:
-            # Starting is part of the one chain: of several copies, one asks BES and starts.
+            # Starting is part of the one chain: of several copies, one asks and starts.
             if not self._runs.claim_poll(key, None, msg.poll, delivery):
                 return "duplicate"
             step.polled = True
@@ -130,7 +144,7 @@ class Training:
         delay = max(
             timedelta(seconds=exc.retry_after or 0),
             self._ctx.timing.delay(poll) if claimed else MIN_POLL_GAP,
-            # A start that got no answer may reach BES late: look (status first) only once
+            # A start that got no answer may reach the service late: look (status first) only once
             # the service must have acted on it, so it is not started twice.
             self._ctx.timing.call_bound if step.starting and exc.status is None else MIN_POLL_GAP,
             MIN_POLL_GAP,
@@ -153,7 +167,7 @@ class Training:
     def _start(
         self,
         spec: ModelSpec,
-        jobs: BatchJobs,
+        jobs: TrainingBackend,
         run: Doc,
         now: datetime,
         delivery: Delivery | None,
@@ -164,13 +178,13 @@ class Training:
         """Start the persisted job once, then begin the run's one poll chain.
 
         A job id found persisted by an earlier delivery may have been started already (its
-        answer lost): ask BES first and start only a NotStarted job; a 409 on start means
-        another delivery started it.
+        answer lost): ask the backend first and start only a job not started yet; a 409 on start
+        means another delivery started it.
         """
         job_id = run["job_id"]
         already = False
         if not known_unstarted:
-            already = jobs.status(job_id).state is not JobState.NOT_STARTED
+            already = jobs.status(job_id).phase is not Phase.NOT_STARTED
         if not already:
             step.starting = True
             try:
@@ -198,19 +212,16 @@ class Training:
     def _submit(
         self,
         spec: ModelSpec,
-        jobs: BatchJobs,
+        jobs: TrainingBackend,
         run: Doc,
         msg: TrackRun,
         delivery: Delivery | None,
         now: datetime,
     ) -> tuple[Doc, bool]:
         """Submit, then persist the job id; only a persisted job is ever started."""
-        folder = f"{spec.name}/{run['run_id']}"
-        art = self._ctx.places.artifacts_container
-        frozen, inputs, outputs = self._references(spec, run, folder)
-        job_id = jobs.submit(
-            inputs=inputs, outputs=outputs, global_parameters=spec.bes.global_parameters
-        )
+        request = training_request(self._ctx, spec, run)
+        self._freeze(run, request)
+        job_id = jobs.submit(request)
         run, persisted = self._runs.move(
             spec,
             run["run_id"],
@@ -222,11 +233,7 @@ class Training:
             polls=msg.poll,
             poll_by=delivery_doc(delivery),
             polled_at=iso(now),
-            outputs={
-                "input": f"{art}/{frozen}",
-                "model": f"{art}/{folder}/{MODEL_BLOB}",
-                "evaluation": f"{art}/{folder}/{EVALUATION_BLOB}",
-            },
+            outputs={"input": f"{request.input_container}/{request.input_name}"},
         )
         if persisted:
             # The version's own record says which run trained it, whichever batch it was in
@@ -236,6 +243,9 @@ class Training:
                 arrival_key(self._ctx.places.data_container, training["name"], training["etag"]),
                 functools.partial(note_trained, run["run_id"]),
             )
+        elif run.get("job_id") == job_id:
+            # The backend names jobs after the request: this submit found the job that won.
+            log.info("run %s: job %s was already submitted", run["run_id"], job_id)
         else:
             # Another delivery submitted first; ours was never started, so it never runs.
             log.warning(
@@ -247,59 +257,47 @@ class Training:
             self._cancel_quietly(jobs, job_id)
         return run, persisted
 
-    def _references(
-        self, spec: ModelSpec, run: Doc, folder: str
-    ) -> tuple[str, dict[str, BlobRef], dict[str, BlobRef]]:
-        """The job's frozen input (its blob name) and the references to its inputs and outputs.
+    def _freeze(self, run: Doc, request: TrainingRequest) -> None:
+        """Copy exactly the validated version of the training file to the request's input.
 
-        The job reads a copy of exactly the validated version of the training file, made in the
-        artifacts container first: an overwrite of the data blob after validation cannot reach
-        the job.
-        """
-        data, art = self._ctx.data, self._ctx.places.artifacts_container
-        expires = parse(run["deadline_at"]) + SAS_MARGIN
+        The job reads that copy: an overwrite of the data blob after validation cannot reach
+        the job."""
         training = run["training_file"]
-        suffix = ".tsv" if training["name"].lower().endswith(".tsv") else ".csv"
-        frozen = f"{folder}/{INPUT_BLOB}{suffix}"
         source = BlobVersion(self._ctx.places.data_container, training["name"], training["etag"])
+        frozen = f"{request.input_container}/{request.input_name}"
         try:
-            copied = data.freeze(source, art, frozen)
+            copied = self._ctx.data.freeze(source, request.input_container, request.input_name)
         except InputRejected as exc:
             raise PermanentRemoteError(f"the validated training file is gone: {exc}") from exc
         if not copied:
             raise TransientRemoteError(
-                f"the copy of {training['name']} into {art}/{frozen} is still in progress",
+                f"the copy of {training['name']} into {frozen} is still in progress",
                 retry_after=5,
             )
-        inputs = {spec.bes.input_name: data.reference(art, frozen, write=False, expires=expires)}
-        outputs = {
-            spec.bes.model_output: data.reference(
-                art, f"{folder}/{MODEL_BLOB}", write=True, expires=expires
-            ),
-            spec.bes.evaluation_output: data.reference(
-                art, f"{folder}/{EVALUATION_BLOB}", write=True, expires=expires
-            ),
-        }
-        return frozen, inputs, outputs
 
     def _poll(
-        self, spec: ModelSpec, jobs: BatchJobs, run: Doc, msg: TrackRun, now: datetime
+        self, spec: ModelSpec, jobs: TrainingBackend, run: Doc, msg: TrackRun, now: datetime
     ) -> str:
-        """Ask BES how the job is doing; hand a finished run to the gate."""
+        """Ask the backend how the job is doing; hand a finished run to the gate."""
         status = jobs.status(run["job_id"])
-        if status.state is JobState.FINISHED:
+        if status.phase is Phase.FINISHED:
             self._runs.move(
-                spec, msg.run_id, RunState.RUNNING, RunState.TRAINED, now, note="BES job finished"
+                spec,
+                msg.run_id,
+                RunState.RUNNING,
+                RunState.TRAINED,
+                now,
+                note=f"{jobs.what} finished",
             )
             self._ctx.outbox.send(
                 self._ctx.places.evaluations_queue, EvaluateRun(model=spec.name, run_id=msg.run_id)
             )
             return RunState.TRAINED.value
-        if status.state in (JobState.FAILED, JobState.CANCELLED):
+        if status.phase in (Phase.FAILED, Phase.CANCELLED):
             return self._runs.fail(
                 spec,
                 run,
-                f"BES job {status.state.value.lower()}: {status.details or 'no details given'}",
+                f"{jobs.what} {status.phase.value}: {status.details or 'no details given'}",
             )
         if now >= parse(run["deadline_at"]):
             jobs.cancel(run["job_id"])
@@ -307,7 +305,7 @@ class Training:
                 spec,
                 run,
                 f"the job outlived its deadline of {spec.job_deadline} "
-                f"and was cancelled (last state {status.state.value})",
+                f"and was cancelled (last state {status.state})",
             )
         self._poll_later(spec, msg.run_id, msg.poll + 1)
         return RunState.RUNNING.value
@@ -320,7 +318,7 @@ class Training:
         )
 
     @staticmethod
-    def _cancel_quietly(jobs: BatchJobs, job_id: str) -> None:
+    def _cancel_quietly(jobs: TrainingBackend, job_id: str) -> None:
         try:
             jobs.cancel(job_id)
         except RemoteError as exc:

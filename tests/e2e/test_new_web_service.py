@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from localdev.sample import housing_csv
+from retrain.ports import ModelRef
 from tests.e2e.conftest import MakeStack
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +29,7 @@ def test_better_model_is_promoted_and_only_its_asset_changes(make_stack: MakeSta
     assert after["asset1"] == before["asset1"]
     assert after["asset2"]["outputPorts"] == before["asset2"]["outputPorts"]
     uri = after["asset2"]["locationInfo"]["uri"]
-    assert uri.endswith(f"/{run['outputs']['model']}")
+    assert uri.endswith(f"/{ModelRef.load(run['outputs']['model'])}")
     assert "sig=" not in uri
     assert s.emulator.count("PATCH", r"/webServices/housing-new$", 200) == 1
     assert s.emulator.count("PUT", r"/webServices/") == 0

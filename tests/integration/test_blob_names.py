@@ -13,7 +13,7 @@ from azure.storage.blob import BlobServiceClient
 from retrain.ledger import Ledger
 from retrain.pipeline import Places, Retrainer, Timing
 from retrain.storage import BlobData, BlobDocumentStore
-from tests.fakes import FakeJobs, FakeTarget, ManualClock, MemoryOutbox
+from tests.fakes import FakeTarget, FakeTraining, ManualClock, MemoryOutbox
 from tests.harness import spec
 
 pytestmark = pytest.mark.integration
@@ -75,7 +75,7 @@ def test_a_backslash_name_is_recorded_as_rejected_and_quarantined_once(
         ledger=ledger,
         data=BlobData(blobs),
         outbox=MemoryOutbox(),
-        jobs_for=lambda _: FakeJobs(),
+        training_for=lambda _: FakeTraining(),
         target_for=lambda _: FakeTarget(),
         places=Places(container, container + "-a", container + "-q", "jobs", "evals"),
         timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),

@@ -206,7 +206,7 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
     from retrain.clock import SystemClock
     from retrain.pipeline import Places, Retrainer, Timing
     from retrain.settings import ModelSpec
-    from tests.fakes import FakeJobs, FakeTarget, MemoryOutbox
+    from tests.fakes import FakeTarget, FakeTraining, MemoryOutbox
 
     requests_made: list[str] = []
 
@@ -221,7 +221,8 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
         {
             "name": "housing",
             "columns": ["rooms", "price"],
-            "bes": {
+            "training": {
+                "kind": "bes",
                 "jobs_url": "https://bes.example/workspaces/w/services/s/jobs",
                 "api_key_setting": "K",
             },
@@ -240,7 +241,7 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
         ledger=Ledger(BlobDocumentStore(service, name + "-state")),
         data=BlobData(service),
         outbox=MemoryOutbox(),
-        jobs_for=lambda _: FakeJobs(),
+        training_for=lambda _: FakeTraining(),
         target_for=lambda _: FakeTarget(),
         places=Places(name, name + "-artifacts", name + "-q", "jobs", "evals"),
         timing=Timing(timedelta(seconds=30), timedelta(minutes=10), stall=timedelta(0)),

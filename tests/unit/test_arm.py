@@ -12,13 +12,14 @@ import responses
 from responses import matchers
 
 from retrain.arm import NewWebService, StaticToken
-from retrain.bes import BlobRef
 from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.http import make_session
+from retrain.ports import ModelRef
+from tests.fakes import blob_reader
 
 ARM = "https://management.azure.com"
 URL = f"{ARM}/subscriptions/s/resourceGroups/rg/providers/Microsoft.MachineLearning/webServices/ws"
-MODEL = BlobRef("https://acct.blob.core.windows.net/", "art/m/r/model.ilearner", "?sp=r&sig=S")
+MODEL = ModelRef("art", "m/r/model.ilearner")
 NEW_URI = "https://acct.blob.core.windows.net/art/m/r/model.ilearner"
 
 
@@ -62,6 +63,7 @@ def client(asset_name: str | None = None) -> NewWebService:
         asset_name=asset_name,
         api_version="2017-01-01",
         credential=StaticToken("tok"),
+        read=blob_reader(),
         session=make_session(backoff=0),
         timeout=(1, 1),
     )

@@ -6,7 +6,6 @@ import pytest
 import responses
 
 from retrain.arm import NewWebService, StaticToken
-from retrain.bes import BlobRef
 from retrain.deploy import ClassicEndpoint
 from retrain.errors import (
     ConfigError,
@@ -24,10 +23,12 @@ from retrain.errors import (
     UsageError,
 )
 from retrain.http import call, make_session
+from retrain.ports import ModelRef
 from retrain.storage import BlobUnreadable
+from tests.fakes import blob_reader
 
 URL = "https://svc.example/op"
-NOT_A_MODEL = BlobRef("https://acct.blob.core.windows.net/", "artifacts/run/model.bin", "sv=x")
+NOT_A_MODEL = ModelRef("artifacts", "run/model.bin")
 
 
 class TestTheTree:
@@ -92,6 +93,7 @@ class TestTargetsRefuseWhatIsNotAModel:
             "https://management.azureml.net/workspaces/w/webservices/p/endpoints/prod",
             "k",
             "M",
+            read=blob_reader(),
             session=make_session(),
             timeout=(1, 1),
         )
@@ -108,6 +110,7 @@ class TestTargetsRefuseWhatIsNotAModel:
             asset_name=None,
             api_version="2017-01-01",
             credential=StaticToken("t"),
+            read=blob_reader(),
             session=make_session(),
             timeout=(1, 1),
         )
@@ -121,6 +124,7 @@ class TestTargetsRefuseWhatIsNotAModel:
                 "https://management.azureml.net/workspaces/w/webservices/p/endpoints/default",
                 "k",
                 "M",
+                read=blob_reader(),
                 session=make_session(),
                 timeout=(1, 1),
             )

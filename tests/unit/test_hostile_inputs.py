@@ -71,8 +71,8 @@ def models(**overrides: Any) -> Callable[[], Any]:
     return lambda: load_models(json.dumps([raw_spec(**overrides)]), None)
 
 
-def bes(**overrides: Any) -> dict[str, Any]:
-    return raw_spec()["bes"] | overrides
+def training(**overrides: Any) -> dict[str, Any]:
+    return raw_spec()["training"] | overrides
 
 
 CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
@@ -346,25 +346,25 @@ CORPUS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     # configuration
     (
         "plain http off loopback",
-        models(bes=bes(jobs_url="http://bes.example/w/services/s/jobs")),
+        models(training=training(jobs_url="http://bes.example/w/services/s/jobs")),
         ConfigError,
         "uses plain http",
     ),
     (
         "not a URL",
-        models(bes=bes(jobs_url="bes.example/jobs")),
+        models(training=training(jobs_url="bes.example/jobs")),
         ConfigError,
-        "bes.jobs_url: Input should be a valid URL",
+        "training.bes.jobs_url: Input should be a valid URL",
     ),
     (
         "BES URL that is not .../jobs",
-        models(bes=bes(jobs_url="https://bes.example/workspaces/w/services/s/execute")),
+        models(training=training(jobs_url="https://bes.example/workspaces/w/services/s/execute")),
         ConfigError,
         "must be the BES '.../jobs' URL",
     ),
     (
         "same output twice",
-        models(bes=bes(evaluation_output="output1")),
+        models(training=training(evaluation_output="output1")),
         ConfigError,
         "model_output and evaluation_output must name different outputs",
     ),

@@ -17,6 +17,8 @@ from retrain.bes import BesClient, BlobRef, JobState, parse_state
 from retrain.deploy import ClassicEndpoint
 from retrain.errors import ConfigError, PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.http import MAX_RETRY_AFTER, make_session, redact
+from retrain.ports import ModelRef
+from tests.fakes import blob_reader
 
 JOBS = "https://ussouthcentral.services.azureml.net/workspaces/w/services/s/jobs"
 EP = "https://management.azureml.net/workspaces/w/webservices/p/endpoints/prod"
@@ -143,7 +145,12 @@ def test_status_codes_are_normalised(value: object, state: JobState) -> None:
 
 def classic() -> ClassicEndpoint:
     return ClassicEndpoint(
-        EP, "ep-key", "M [trained model]", session=make_session(backoff=0), timeout=(1, 1)
+        EP,
+        "ep-key",
+        "M [trained model]",
+        read=blob_reader(),
+        session=make_session(backoff=0),
+        timeout=(1, 1),
     )
 
 
@@ -166,7 +173,7 @@ def test_patch_sends_resources_then_verifies_with_get() -> None:
     responses.patch(
         EP, status=200, body="", match=[matchers.header_matcher({"Authorization": "Bearer ep-key"})]
     )
-    model = BlobRef("https://acct.blob.core.windows.net/", "c/m.ilearner", "?sp=r&sig=S")
+    model = ModelRef("c", "m.ilearner")
     endpoint = classic()
     assert endpoint.deploy(model).state == "succeeded"
     assert [c.request.method for c in responses.calls] == ["GET", "PATCH"]
@@ -195,7 +202,12 @@ def test_wrong_resource_name_suggests_close_matches() -> None:
 def test_default_endpoint_is_refused() -> None:
     with pytest.raises(ConfigError, match="default endpoint"):
         ClassicEndpoint(
-            EP.replace("prod", "default"), "k", "M", session=make_session(), timeout=(1, 1)
+            EP.replace("prod", "default"),
+            "k",
+            "M",
+            read=blob_reader(),
+            session=make_session(),
+            timeout=(1, 1),
         )
 
 

@@ -14,6 +14,7 @@ from retrain.errors import InputRejected, PermanentRemoteError, RemoteError, Tra
 from retrain.ledger import arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline import DEPLOY_CALLS, Delivery, Timing
+from retrain.ports import ModelRef
 from tests.fakes import (
     FakeJobs,
     FakeTarget,
@@ -365,8 +366,11 @@ class TestEvaluate:
         state = w.ledger.get("models/housing.json")
         assert state is not None
         assert state["champion"]["metrics"] == {"Root Mean Squared Error": 2.5}
-        assert w.target.serving == w.run()["outputs"]["model"]
-        assert "sp=r&" in w.target.deploys[0].sas_token
+        model = ModelRef.load(w.run()["outputs"]["model"])
+        assert model == ModelRef("artifacts", f"housing/{w.run()['run_id']}/model.ilearner")
+        assert w.target.serving == model
+        assert w.target.deploys == [model]
+        assert state["champion"]["model"] == model.to_doc()
 
     def test_redelivered_promotion_does_not_patch_twice(self) -> None:
         w = self.trained()
@@ -562,11 +566,7 @@ class TestSweep:
         w.drop("housing/a.csv", housing_csv(10, seed=1))
         for _ in range(3):
             w.deliver()
-        w.data.put(
-            "artifacts",
-            w.run()["outputs"]["evaluation"].split("/", 1)[1],
-            "Root Mean Squared Error\n2.5\n",
-        )
+        w.evaluation("Root Mean Squared Error\n2.5\n")
         assert w.deliver() == ["promoted"]
         w.clock.advance(hours=25)
         assert w.retrainer.sweep()["scheduled"] == 0  # nothing the champion has not seen
@@ -760,7 +760,8 @@ class TestFailedPromotionRestoresTheTarget:
         assert w.target.serving == champion_model
         state = w.ledger.get(model_key("housing"))
         assert state is not None
-        assert state["champion"]["model"] == champion_model
+        assert champion_model is not None
+        assert state["champion"]["model"] == champion_model.to_doc()
         assert state["previous_champion"] is None  # a restore does not shift the history
         restore = self.latest(w)
         assert (restore["kind"], restore["restores"]) == ("restore", champion)
@@ -770,10 +771,10 @@ class TestFailedPromotionRestoresTheTarget:
         w, champion = self.champion_then_trained()
         w.deliver()  # the second run is promoted
         first_model = w.ledger.get(run_key("housing", champion))["outputs"]["model"]  # type: ignore[index]
-        w.target.serving = first_model  # e.g. someone re-deployed it by hand
+        w.target.serving = ModelRef.load(first_model)  # e.g. someone re-deployed it by hand
         with pytest.raises(InputRejected, match="already serves"):
             w.retrainer.rollback("housing", champion, by="me")
-        w.target.serving = "artifacts/elsewhere/model.ilearner"
+        w.target.serving = ModelRef("artifacts", "elsewhere/model.ilearner")
         second = self.latest(w)["run_id"]
         # The pointer says run 2 is served; the target says otherwise: rolling "forward" to
         # run 2 is allowed, because the target does not serve it.
@@ -893,7 +894,8 @@ class TestFailedWhileAHolderDeploys:
 
     def test_a_holder_restores_even_when_the_sweep_restored_moments_before(self) -> None:
         def sweep_restores(w: World) -> None:
-            w.target.serving = "artifacts/elsewhere/model.ilearner"  # changed outside the app
+            # changed outside the app
+            w.target.serving = ModelRef("artifacts", "elsewhere/model.ilearner")
             assert w.retrainer.sweep()["restores"] == 1
             assert w.deliver() == ["promoted"]  # the sweep's restore; its limit is spent
 
@@ -910,7 +912,8 @@ class TestFailedWhileAHolderDeploys:
     ) -> None:
         w, _ = champion_then_second_trained()
         w.deliver()  # the second run is promoted
-        w.target.serving = "artifacts/elsewhere/model.ilearner"  # changed outside the app
+        # changed outside the app
+        w.target.serving = ModelRef("artifacts", "elsewhere/model.ilearner")
         w.target.provisioning = ["failed"] * 10
         assert w.retrainer.sweep()["restores"] == 1
         w.deliver()  # the restore fails: the target refuses

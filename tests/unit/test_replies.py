@@ -12,8 +12,8 @@ from retrain.bes import JobState
 from retrain.deploy import ClassicEndpoint
 from retrain.errors import PermanentRemoteError, RemoteError
 from retrain.http import make_session, redact
-from tests.fakes import FakeJobs
-from tests.unit.test_arm import URL, client, definition
+from tests.fakes import FakeJobs, blob_reader
+from tests.unit.test_arm import MODEL, URL, client, definition
 from tests.unit.test_http_clients import EP, JOBS, REF, bes
 
 SAS = (
@@ -25,7 +25,12 @@ URL_WITH_SAS = "https://acct.blob.core.windows.net/data/housing/a.csv" + SAS
 
 def classic() -> ClassicEndpoint:
     return ClassicEndpoint(
-        EP, "ep-key", "M [trained model]", session=make_session(backoff=0), timeout=(1, 1)
+        EP,
+        "ep-key",
+        "M [trained model]",
+        read=blob_reader(),
+        session=make_session(backoff=0),
+        timeout=(1, 1),
     )
 
 
@@ -92,7 +97,7 @@ def test_classic_endpoint_reply_of_the_wrong_shape_names_the_field(
 ) -> None:
     responses.get(EP, json=endpoint)
     with pytest.raises(RemoteError) as info:
-        classic().serves(REF)
+        classic().serves(MODEL)
     assert named in str(info.value)
 
 
@@ -117,7 +122,7 @@ def test_arm_reply_of_the_wrong_shape_names_the_field(change: Any, named: str) -
     change(service)
     responses.get(URL, json=service)
     with pytest.raises(RemoteError) as info:
-        client().serves(REF)
+        client().serves(MODEL)
     assert named in str(info.value)
 
 
@@ -156,7 +161,7 @@ def test_an_error_body_echoing_a_sas_or_a_key_is_redacted_in_the_error() -> None
         EP, status=400, json={"message": f"cannot read {URL_WITH_SAS}; AccountKey=Zm9vYmFy=="}
     )
     with pytest.raises(RemoteError) as info:
-        classic().serves(REF)
+        classic().serves(MODEL)
     assert "Zm9vYmFy" not in str(info.value)
 
 

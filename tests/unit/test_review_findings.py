@@ -13,6 +13,7 @@ from retrain.errors import InputRejected, PermanentRemoteError, RemoteError, Tra
 from retrain.ledger import model_key, run_key
 from retrain.messages import EvaluateRun, TrackRun
 from retrain.pipeline import AlreadyTrained, Delivery
+from retrain.ports import ModelRef
 from tests.fakes import FakeJobs
 from tests.harness import (
     World,
@@ -84,11 +85,7 @@ class TestRetrainNowTrainsAVersionOnce:
         assert w.retrainer.sweep()["scheduled"] == 1  # b.csv was never trained: train it
         rejected = run_until_trained(w)
         assert rejected["training_file"]["name"] == "housing/b.csv"
-        w.data.put(
-            "artifacts",
-            rejected["outputs"]["evaluation"].split("/", 1)[1],
-            "Root Mean Squared Error\n9.5\n",
-        )
+        w.evaluation("Root Mean Squared Error\n9.5\n", rejected)
         assert w.deliver() == ["rejected"]
         w.clock.advance(hours=1)
         assert w.retrainer.sweep()["scheduled"] == 0  # b.csv was trained by that run
@@ -118,7 +115,9 @@ class TestAStaleRestoreCheck:
             w.clock.advance(minutes=1)
             third = train_next(w, "housing/c.csv", seed=3, rmse=0.5)
             assert w.deliver() == ["promoted"]
-            newer.update(run_id=third["run_id"], model=third["outputs"]["model"])
+            promoted = w.ledger.get(run_key("housing", third["run_id"]))
+            assert promoted is not None
+            newer.update(run_id=third["run_id"], model=promoted["outputs"]["model"])
             return serves(model)
 
         w.target.serves = slow_answer  # type: ignore[method-assign]
@@ -127,7 +126,7 @@ class TestAStaleRestoreCheck:
         state = w.ledger.get(model_key("housing"))
         assert state is not None
         assert state["champion"]["run_id"] == newer["run_id"]
-        assert w.target.serving == newer["model"]
+        assert w.target.serving == ModelRef.load(newer["model"])
         assert first != newer["run_id"]
 
 

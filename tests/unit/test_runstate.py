@@ -131,6 +131,8 @@ NOT_RUN_STATES = {
     ): "on_evaluate's answer when another run's hold keeps a promoted run from the crown",
     ("retrain/deploy.py", "failed"): "a target's Progress.state",
     ("retrain/arm.py", "failed"): "an ARM provisioning state, and the Progress it maps to",
+    ("retrain/ports.py", "running"): "a training job's Phase",
+    ("retrain/ports.py", "failed"): "a training job's Phase",
 }
 
 

@@ -28,7 +28,8 @@ def models_error(items: Any) -> str:
 def test_a_valid_spec_loads_with_defaults() -> None:
     (model,) = load_models(json.dumps([raw_spec()]), None).values()
     assert model.prefix == "housing/"
-    assert model.bes.input_name == "input1"
+    assert model.training.kind == "bes"
+    assert model.training.input_name == "input1"
     assert model.promotion == "auto"
 
 
@@ -43,13 +44,68 @@ def test_default_endpoint_is_refused_with_the_fix() -> None:
 
 
 def test_plain_http_is_refused_off_loopback() -> None:
-    bes = raw_spec()["bes"] | {"jobs_url": "http://bes.example.com/workspaces/w/services/s/jobs"}
-    assert "uses plain http" in models_error([raw_spec(bes=bes)])
+    bes = raw_spec()["training"] | {
+        "jobs_url": "http://bes.example.com/workspaces/w/services/s/jobs"
+    }
+    assert "uses plain http" in models_error([raw_spec(training=bes)])
 
 
 def test_jobs_url_must_be_the_jobs_url() -> None:
-    bes = raw_spec()["bes"] | {"jobs_url": "https://bes.example/workspaces/w/services/s/execute"}
-    assert "'.../jobs' URL" in models_error([raw_spec(bes=bes)])
+    bes = raw_spec()["training"] | {
+        "jobs_url": "https://bes.example/workspaces/w/services/s/execute"
+    }
+    assert "'.../jobs' URL" in models_error([raw_spec(training=bes)])
+
+
+OLD_SPEC = {
+    "name": "housing",
+    "bes": {
+        "jobs_url": "https://bes.example/workspaces/w/services/s/jobs",
+        "api_key_setting": "K",
+        "model_output": "model",
+        "evaluation_output": "scores",
+        "global_parameters": {"Label Column": "price"},
+    },
+    "gate": {"metric": "AUC"},
+    "target": {
+        "kind": "classic",
+        "endpoint_url": "https://management.azureml.net/workspaces/w/webservices/p/endpoints/prod",
+        "api_key_setting": "E",
+        "resource_name": "M [trained model]",
+    },
+}
+"""A model spec as written before `training` had kinds: the BES fields under `bes`."""
+
+
+def test_a_spec_with_the_older_bes_key_loads_as_bes_training() -> None:
+    (model,) = load_models(json.dumps([OLD_SPEC]), None).values()
+    assert model.training.kind == "bes"
+    assert str(model.training.jobs_url) == "https://bes.example/workspaces/w/services/s/jobs"
+    assert (model.training.model_output, model.training.evaluation_output) == ("model", "scores")
+    assert model.training.global_parameters == {"Label Column": "price"}
+    # The same spec written the new way is the same model.
+    new = {k: v for k, v in OLD_SPEC.items() if k != "bes"}
+    new["training"] = {"kind": "bes", **OLD_SPEC["bes"]}  # type: ignore[dict-item]
+    assert load_models(json.dumps([new]), None)["housing"] == model
+
+
+def test_the_older_bes_key_is_still_checked() -> None:
+    old = OLD_SPEC | {"bes": OLD_SPEC["bes"] | {"jobs_url": "http://bes.example/w/s/jobs"}}  # type: ignore[operator]
+    message = models_error([old])
+    assert "model 'housing'" in message
+    assert "uses plain http" in message
+
+
+def test_a_spec_with_both_training_and_bes_is_refused() -> None:
+    both = raw_spec(bes=OLD_SPEC["bes"])
+    assert "not both training and bes" in models_error([both])
+
+
+def test_a_training_kind_this_app_does_not_know_is_named() -> None:
+    unknown = raw_spec(training=raw_spec()["training"] | {"kind": "sagemaker"})
+    message = models_error([unknown])
+    assert "training" in message
+    assert "'sagemaker'" in message
 
 
 def test_overlapping_prefixes_are_refused() -> None:

@@ -30,8 +30,7 @@ def promoted(w: World, name: str = "housing/a.csv") -> dict[str, Any]:
     w.drop(name, housing_csv(10, seed=1))
     for _ in range(3):
         w.deliver()
-    run = runs(w)[-1]
-    w.data.put("artifacts", run["outputs"]["evaluation"].split("/", 1)[1], GOOD)
+    w.evaluation(GOOD, runs(w)[-1])
     assert w.deliver() == ["promoted"]
     return runs(w)[-1]
 
@@ -43,7 +42,7 @@ def with_events(w: World) -> World:
         ledger=w.ledger,
         data=w.data,
         outbox=w.outbox,
-        jobs_for=lambda _: w.jobs,
+        training_for=lambda _: w.training,
         target_for=lambda _: w.target,
         places=Places("data", "artifacts", "quarantine", "jobs", "evals", "events"),
         timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),

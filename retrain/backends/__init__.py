@@ -1,0 +1,1 @@
+"""Training backends: one adapter per service, each implementing `retrain.ports.TrainingBackend`."""

@@ -1,0 +1,131 @@
+"""The backend-neutral ports of the pipeline: the training backend, and the model reference it
+hands to a deploy target. The pipeline speaks only these; adapters (retrain/backends/, deploy.py,
+arm.py) translate them to one service each."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from retrain.errors import PermanentError
+from retrain.evaluation import Metrics
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A trained model, as a deploy target is told to serve it.
+
+    `kind="blob"`: the model file `name` in storage `container` (what BES writes and Classic and
+    New web services load). Another backend adds its kind (e.g. a registered model's name and
+    version) here and in `load`.
+    """
+
+    container: str
+    name: str
+    kind: Literal["blob"] = "blob"
+
+    def __post_init__(self) -> None:
+        if not self.container or not self.name:
+            raise PermanentError(f"a blob model reference needs a container and a name: {self}")
+
+    def __str__(self) -> str:
+        return f"{self.container}/{self.name}"
+
+    def to_doc(self) -> dict[str, str]:
+        """The reference as run and model documents store it."""
+        return {"kind": self.kind, "container": self.container, "name": self.name}
+
+    @classmethod
+    def load(cls, value: Any) -> ModelRef:
+        """A stored reference read back: the document form, or the 'container/blob' string
+        that runs and champions recorded before references had a kind."""
+        if isinstance(value, str):
+            container, _, name = value.partition("/")
+            return cls(container, name)
+        if isinstance(value, Mapping) and value.get("kind") == "blob":
+            where, blob = value.get("container"), value.get("name")
+            if isinstance(where, str) and isinstance(blob, str):
+                return cls(where, blob)
+        raise PermanentError(f"not a model reference this app knows: {value!r}")
+
+
+class Phase(enum.Enum):
+    """Where a training job stands, whatever the backend calls it."""
+
+    NOT_STARTED = "not started"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class TrainingStatus:
+    """What the backend said about a job: its phase, its own word for the state (for the
+    record), and the failure text it gave, if any (already free of secrets)."""
+
+    phase: Phase
+    state: str
+    details: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What any backend needs to train one run's model.
+
+    The input is the run's frozen copy of its training file (the pipeline made it: a blob
+    overwritten after validation cannot reach the job); the job writes what it produces under
+    `output_folder` in `output_container`; past `deadline` the job is cancelled.
+    """
+
+    model: str
+    run_id: str
+    input_container: str
+    input_name: str
+    output_container: str
+    output_folder: str
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """A finished job's outcome: the new model's metrics, the champion's when the job scored it
+    on the same hold-out data (None otherwise), and the model to deploy."""
+
+    challenger: Metrics
+    champion: Metrics | None
+    model: ModelRef
+
+
+class TrainingBackend(Protocol):
+    """Submits, starts, watches and cancels one run's training job, and reports its result.
+
+    `submit` of the same request may return the id of the job an earlier call created (a
+    backend that names jobs after the request); the pipeline never cancels the job it
+    persisted.
+    """
+
+    what: str
+    """How messages name a job of this backend, e.g. 'BES job'."""
+
+    def submit(self, request: TrainingRequest) -> str: ...
+
+    def start(self, job_id: str) -> None:
+        """Start a submitted job (a no-op for a backend whose submit starts it)."""
+        ...
+
+    def status(self, job_id: str) -> TrainingStatus: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def probe(self) -> str:
+        """Check the service answers and accepts the credentials, starting nothing."""
+        ...
+
+    def result(self, request: TrainingRequest, job_id: str) -> TrainingResult:
+        """A finished job's metrics and model; EvaluationError or PermanentRemoteError when
+        they cannot be read (the run fails with the reason)."""
+        ...
