@@ -70,11 +70,24 @@ class Batch(Record):
     force: bool | None = None
 
 
+class StoredModel(Record):
+    """A model reference as documents store it (retrain.ports.ModelRef.to_doc)."""
+
+    kind: str
+    container: str | None = None
+    name: str | None = None
+
+
+Model = str | StoredModel
+"""A stored model reference: the document form, or the 'container/blob' string of runs and
+champions recorded before references had a kind."""
+
+
 class Champion(Record):
     """The run whose model the target serves, as the model document remembers it."""
 
     run_id: str
-    model: str
+    model: Model
     promoted_at: Moment | None = None
     metrics: dict[str, float] | None = None
 
@@ -128,7 +141,7 @@ class Run(Record):
     forced: bool | None = None
     job_id: str | None = None
     polls: int = Field(default=0, ge=0)
-    outputs: dict[str, str] | None = None
+    outputs: dict[str, Model] | None = None
     metrics: dict[str, dict[str, float] | None] | None = None
     decision: dict[str, Any] | None = None
     error: str | None = None

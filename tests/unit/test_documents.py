@@ -12,6 +12,7 @@ import pytest
 from retrain.documents import FileVersion, Run, load, schema_of
 from retrain.errors import DocumentInvalid, IllegalTransition, PermanentError
 from retrain.ledger import Ledger, model_key, run_key
+from retrain.ports import ModelRef
 from tests.fakes import MemoryDocumentStore
 from tests.harness import World, latest_run
 
@@ -58,7 +59,7 @@ def test_a_run_parked_by_the_old_release_is_approved_and_promoted() -> None:
     state = w.ledger.get(model_key("housing"))
     assert state is not None
     assert state["champion"]["run_id"] == run_id
-    assert w.target.serving == latest_run(w)["outputs"]["model"]
+    assert w.target.serving == ModelRef.load(latest_run(w)["outputs"]["model"])
 
 
 @pytest.mark.parametrize("situation", SITUATIONS)
