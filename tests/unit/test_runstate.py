@@ -131,6 +131,7 @@ NOT_RUN_STATES = {
     ): "on_evaluate's answer when another run's hold keeps a promoted run from the crown",
     ("retrain/deploy.py", "failed"): "a target's Progress.state",
     ("retrain/arm.py", "failed"): "an ARM provisioning state, and the Progress it maps to",
+    ("retrain/azureml/lro.py", "failed"): "an operation's Progress.state",
 }
 
 
