@@ -66,111 +66,112 @@ def _control(emu: Emulator, method: str, path: str, body: Any) -> Reply:
     raise ArmError(404, "NotFound", path)
 
 
+class Handler(BaseHTTPRequestHandler):
+    """One request: faults, routing, access checks, the reply; `emu` is set per server."""
+
+    emu: Emulator
+    protocol_version = "HTTP/1.1"
+    _after: dict[str, Any] | None = None
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.command, urlsplit(self.path).path)
+
+    def _send(self, reply: Reply) -> None:
+        path = urlsplit(self.path).path
+        after = self._after or {}
+        if after.get("lose_response"):
+            self.emu.calls.append((self.command, path, reply.status))
+            self.close_connection = True
+            self.connection.close()
+            return
+        if "delay_answer" in after:
+            threading.Event().wait(float(after["delay_answer"]))
+        data = b"" if reply.body is None else json.dumps(reply.body).encode()
+        self.send_response(reply.status)
+        for key, value in reply.headers.items():
+            self.send_header(key, value)
+        if reply.body is not None:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(data)
+        self.emu.calls.append((self.command, path, reply.status))
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ArmError(400, "InvalidRequestContent", f"body is not JSON: {exc}") from exc
+
+    def _fault(self, path: str) -> bool:
+        """Apply a one-shot fault; True when it answered (or dropped) the request."""
+        fault = self.emu.take_fault(self.command, path)
+        if fault and ("lose_response" in fault or "delay_answer" in fault):
+            self._after = fault
+            return False
+        if fault and fault.get("drop"):
+            self.emu.calls.append((self.command, path, 0))
+            self.close_connection = True
+            self.connection.close()
+            return True
+        if fault and "delay" in fault:
+            threading.Event().wait(float(fault["delay"]))
+            return False
+        if fault:
+            headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
+            error = {"error": {"code": "Injected", "message": "injected fault"}}
+            self._send(Reply(int(fault["status"]), error, headers))
+            return True
+        return False
+
+    def _handle(self) -> None:
+        parts = urlsplit(self.path)
+        path = parts.path
+        body = self._body()
+        if path.startswith("/_emulator/"):
+            self._send(_control(self.emu, self.command, path, body))
+            return
+        if self._fault(path):
+            return
+        found = find(self.command, path)
+        if found is None:
+            raise ArmError(404, "NotFound", f"no route for {self.command} {path}")
+        handler, kind, match = found
+        request = Request(
+            self.emu,
+            self.command,
+            match,
+            parse_qs(parts.query),
+            body,
+            {k.casefold(): v for k, v in self.headers.items()},
+            f"http://{self.headers.get('Host')}",
+        )
+        _check_access(self.emu, kind, request)
+        self._send(handler(request))
+
+    def _dispatch(self) -> None:
+        self._after = None
+        try:
+            self._handle()
+        except ArmError as exc:
+            body: dict[str, Any]
+            if "/api/2.0/mlflow/" in self.path:
+                body = {"error_code": exc.code, "message": str(exc)}
+            else:
+                body = {"error": {"code": exc.code, "message": str(exc)}}
+            self._send(Reply(exc.status, body))
+
+    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
+
+
 def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
     """The request handler class bound to one emulator."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        _after: dict[str, Any] | None = None
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s %s", self.command, urlsplit(self.path).path)
-
-        def _send(self, reply: Reply) -> None:
-            path = urlsplit(self.path).path
-            after = self._after or {}
-            if after.get("lose_response"):
-                emu.calls.append((self.command, path, reply.status))
-                self.close_connection = True
-                self.connection.close()
-                return
-            if "delay_answer" in after:
-                threading.Event().wait(float(after["delay_answer"]))
-            data = b"" if reply.body is None else json.dumps(reply.body).encode()
-            self.send_response(reply.status)
-            for key, value in reply.headers.items():
-                self.send_header(key, value)
-            if reply.body is not None:
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.wfile.write(data)
-            emu.calls.append((self.command, path, reply.status))
-
-        def _body(self) -> Any:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            if not raw:
-                return None
-            try:
-                return json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ArmError(400, "InvalidRequestContent", f"body is not JSON: {exc}") from exc
-
-        def _fault(self, path: str) -> bool:
-            """Apply a one-shot fault; True when it answered (or dropped) the request."""
-            fault = emu.take_fault(self.command, path)
-            if fault and ("lose_response" in fault or "delay_answer" in fault):
-                self._after = fault
-                return False
-            if fault and fault.get("drop"):
-                emu.calls.append((self.command, path, 0))
-                self.close_connection = True
-                self.connection.close()
-                return True
-            if fault and "delay" in fault:
-                threading.Event().wait(float(fault["delay"]))
-                return False
-            if fault:
-                headers = (
-                    {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
-                )
-                error = {"error": {"code": "Injected", "message": "injected fault"}}
-                self._send(Reply(int(fault["status"]), error, headers))
-                return True
-            return False
-
-        def _handle(self) -> None:
-            parts = urlsplit(self.path)
-            path = parts.path
-            body = self._body()
-            if path.startswith("/_emulator/"):
-                self._send(_control(emu, self.command, path, body))
-                return
-            if self._fault(path):
-                return
-            found = find(self.command, path)
-            if found is None:
-                raise ArmError(404, "NotFound", f"no route for {self.command} {path}")
-            handler, kind, match = found
-            request = Request(
-                emu,
-                self.command,
-                match,
-                parse_qs(parts.query),
-                body,
-                {k.casefold(): v for k, v in self.headers.items()},
-                f"http://{self.headers.get('Host')}",
-            )
-            _check_access(emu, kind, request)
-            self._send(handler(request))
-
-        def _dispatch(self) -> None:
-            self._after = None
-            try:
-                self._handle()
-            except ArmError as exc:
-                body: dict[str, Any]
-                if "/api/2.0/mlflow/" in self.path:
-                    body = {"error_code": exc.code, "message": str(exc)}
-                else:
-                    body = {"error": {"code": exc.code, "message": str(exc)}}
-                self._send(Reply(exc.status, body))
-
-        do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
-
-    return Handler
+    return type("BoundHandler", (Handler,), {"emu": emu})
 
 
 class _Server(ThreadingHTTPServer):
