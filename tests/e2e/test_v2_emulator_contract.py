@@ -179,6 +179,23 @@ class TestJobs:
         assert runs.run(name)["info"]["status"] == "FINISHED"
         assert v2.emu.violations == []
 
+    def test_the_last_value_is_found_across_history_pages(self, v2: World) -> None:
+        v2.emu.faults.mlflow_page_size = 1
+        name = v2.train("20261203T100000-a1a1a1")
+        v2.finish(name)
+        runs = MlflowRuns(v2.arm, v2.arm.workspace_info().mlflow_tracking_uri)
+        assert len(runs.history(name, "rmse")) == 2  # step 0 (baseline) and step 1 (the fit)
+        fitted = max(runs.history(name, "rmse"), key=lambda e: e["step"])["value"]
+        assert runs.last(name, "rmse") == fitted < 5
+
+    def test_a_503_on_a_status_get_is_retried_inside_the_call(self, v2: World) -> None:
+        name = v2.train("20261203T100000-b2b2b2")
+        v2.emu.faults.http.append(
+            {"method": "GET", "path": "/jobs/", "status": 503, "retry_after": 0}
+        )
+        assert v2.jobs.status(name).state is JobState.RUNNING
+        assert v2.emu.count("GET", r"/jobs/", 503) == 1
+
     def test_a_redelivered_put_is_the_same_job_and_a_changed_one_is_refused(
         self, v2: World
     ) -> None:
