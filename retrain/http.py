@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -153,12 +154,14 @@ def call(
     send_body: bool = False,
     data: bytes | None = None,
     follow_redirects: bool = True,
+    describe: Callable[[requests.Response], str] | None = None,
 ) -> requests.Response:
     """Send one request and turn every failure into a remote error that names the operation:
     transient (timeouts, connection failures, 429 and 5xx) or permanent (everything else).
 
     With `follow_redirects=False` a 3xx answer is an error: the request (and its headers) is
-    not re-sent to wherever the answer points.
+    not re-sent to wherever the answer points. `describe` turns an error answer's body into
+    the text the error carries (a service's own error shape); by default, a redacted snippet.
     """
     try:
         response = session.request(
@@ -200,7 +203,7 @@ def call(
             403: "the key is not allowed to do this",
             404: "the URL does not exist (check the configured URL and names)",
         }.get(status, "")
-        body = _snippet(response)
+        body = redact(describe(response)) if describe else _snippet(response)
         raise kind(
             f"{what}: HTTP {status}{' - ' + hint if hint else ''}{': ' + body if body else ''}",
             status=status,

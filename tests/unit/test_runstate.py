@@ -133,6 +133,7 @@ NOT_RUN_STATES = {
     ("retrain/arm.py", "failed"): "an ARM provisioning state, and the Progress it maps to",
     ("retrain/ports.py", "running"): "a training job's Phase",
     ("retrain/ports.py", "failed"): "a training job's Phase",
+    ("retrain/azureml/lro.py", "failed"): "an operation's Progress.state",
 }
 
 
