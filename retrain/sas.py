@@ -109,9 +109,11 @@ class DelegationSigner:
         with self._lock:
             now = self._now()
             if expires > now + KEY_MAX_LIFETIME - KEY_RENEW_BEFORE:
-                raise ConfigError(
+                # A run fails with this (the pipeline fails a run on a PermanentRemoteError).
+                raise PermanentRemoteError(
                     f"a SAS valid until {expires:%Y-%m-%d %H:%M} UTC cannot be signed with a user "
-                    "delegation key (they last at most 7 days): shorten the model's job_deadline"
+                    "delegation key (storage gives them for at most 7 days): shorten the model's "
+                    "job_deadline"
                 )
             cached, until = self._key, self._key_expires
             if (

@@ -106,7 +106,7 @@ def test_a_token_outliving_the_cached_key_gets_a_key_that_covers_it() -> None:
 
 def test_a_token_past_the_longest_key_names_the_setting_to_shorten() -> None:
     sign = signer(FakeBlobService(), Clock())
-    with pytest.raises(ConfigError, match="job_deadline"):
+    with pytest.raises(PermanentRemoteError, match="job_deadline"):
         sign.sign("c", "a.csv", READ, T0 + KEY_MAX_LIFETIME)
 
 
