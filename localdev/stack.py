@@ -48,45 +48,53 @@ def azurite() -> Iterator[str]:
     if not AZURITE.exists():
         raise RuntimeError(f"{AZURITE} is missing: run 'npm ci' first")
     ports = [_free_port() for _ in range(3)]
-    proc = subprocess.Popen(
-        [
-            str(AZURITE),
-            "--silent",
-            "--inMemoryPersistence",
-            "--skipApiVersionCheck",
-            "--disableTelemetry",
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            str(ports[0]),
-            "--queueHost",
-            "127.0.0.1",
-            "--queuePort",
-            str(ports[1]),
-            "--tableHost",
-            "127.0.0.1",
-            "--tablePort",
-            str(ports[2]),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with serve([str(AZURITE), *azurite_args(ports)], ports[:2]):
+        yield connection_string(ports[0], ports[1])
+
+
+def azurite_args(ports: list[int]) -> list[str]:
+    """Azurite's options: in memory, loopback only, blob, queue and table on `ports`."""
+    return [
+        "--silent",
+        "--inMemoryPersistence",
+        "--skipApiVersionCheck",
+        "--disableTelemetry",
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(ports[0]),
+        "--queueHost",
+        "127.0.0.1",
+        "--queuePort",
+        str(ports[1]),
+        "--tableHost",
+        "127.0.0.1",
+        "--tablePort",
+        str(ports[2]),
+    ]
+
+
+@contextlib.contextmanager
+def serve(argv: list[str], ports: list[int], env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run a server until the block ends; enter the block once every one of `ports` answers."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 30
-        while not (_answers(ports[0]) and _answers(ports[1])):
+        while not all(_answers(port) for port in ports):
             if proc.poll() is not None:
                 err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"Azurite exited with {proc.returncode}: {err[-500:]}")
+                raise RuntimeError(f"{argv[0]} exited with {proc.returncode}: {err[-500:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError("Azurite did not answer within 30 s")
+                raise RuntimeError(f"{argv[0]} did not answer within 30 s")
             time.sleep(0.05)
-        yield connection_string(ports[0], ports[1])
+        yield
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 def emulator_config(*, champion_endpoint: bool = False) -> dict[str, Any]:

@@ -198,17 +198,19 @@ def cmd_preflight(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
     from retrain.settings import get_settings
+    from retrain.wiring import check_storage
 
     settings = get_settings()
     app = _app()
     checks: list[Doc] = [
         {"check": "configuration", "ok": True, "detail": f"{len(settings.models)} model(s)"}
     ]
+    checks += [vars(c) for c in check_storage(settings)]
     try:
         states = {name: app.model_state(name) for name in settings.models}
-        checks.append({"check": "storage", "ok": True, "detail": "state container readable"})
+        checks.append({"check": "model states", "ok": True, "detail": "readable"})
     except RetrainError as exc:
-        checks.append({"check": "storage", "ok": False, "detail": str(exc)})
+        checks.append({"check": "model states", "ok": False, "detail": str(exc)})
         states = {}
     for name in settings.models:
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import json
 import os
@@ -22,8 +21,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from retrain.connection import StorageSettings, is_loopback
 from retrain.errors import ConfigError
 
 ModelName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
@@ -58,16 +58,6 @@ def metric_key(name: str) -> str:
 def known_direction(metric: str) -> bool | None:
     """True when higher is better for a known Evaluate Model metric, False when lower is."""
     return _HIGHER_IS_BETTER.get(metric_key(metric))
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a URL host is this machine (plain http is allowed only there)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _require_https(url: AnyHttpUrl) -> AnyHttpUrl:
@@ -264,12 +254,12 @@ class ModelSpec(_Spec):
         return self
 
 
-class Settings(BaseSettings):
-    """Every app setting the functions read, validated once."""
+class Settings(StorageSettings):
+    """Every app setting the functions read, validated once (the storage connection's own
+    settings, `AzureWebJobsStorage` and `AzureWebJobsStorage__*`, are in StorageSettings)."""
 
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
 
-    storage_connection: SecretStr = Field(validation_alias="AzureWebJobsStorage")
     data_container: str = Field(validation_alias="RETRAIN_DATA_CONTAINER")
     jobs_queue: str = Field(validation_alias="RETRAIN_JOBS_QUEUE")
     evaluations_queue: str = Field(validation_alias="RETRAIN_EVALUATIONS_QUEUE")
@@ -355,7 +345,7 @@ def _describe(exc: ValidationError, *, source: str) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or source
-        lines.append(f"{where}: {err['msg']}")
+        lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 
@@ -418,10 +408,14 @@ def get_settings() -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
+        problems = [_describe(exc, source="settings")]
+        if all(err["loc"] for err in exc.errors()):  # the connection check did not run yet
+            try:
+                StorageSettings()
+            except ValidationError as storage:
+                problems.append(_describe(storage, source="storage connection"))
         raise ConfigError(
-            "invalid app settings: "
-            + _describe(exc, source="settings")
-            + " (see local.settings.example.json)"
+            f"invalid app settings: {'; '.join(problems)} (see local.settings.example.json)"
         ) from exc
     _ = settings.models
     return settings

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
-from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
     AzureError,
@@ -18,20 +17,19 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+from azure.storage.blob import BlobSasPermissions, BlobServiceClient
 from azure.storage.queue import QueueServiceClient, TextBase64EncodePolicy
 from pydantic import BaseModel
 
 from retrain.bes import BlobRef
 from retrain.errors import (
-    ConfigError,
     InputRejected,
     PermanentRemoteError,
     StateConflict,
     TransientRemoteError,
 )
 from retrain.http import RETRY_STATUSES, redact
-from retrain.settings import is_loopback
+from retrain.sas import signer_for
 
 log = logging.getLogger(__name__)
 
@@ -233,19 +231,12 @@ def _dump(doc: dict[str, Any]) -> bytes:
 
 
 class BlobData:
-    """Training data, quarantine and artifacts in the app's storage account (account-key SAS)."""
+    """Training data, quarantine and artifacts in the app's storage account. SAS tokens are
+    signed with the account key, or with user delegation keys on an identity connection."""
 
     def __init__(self, service: BlobServiceClient) -> None:
         self._service = service
-        credential = service.credential
-        name = getattr(credential, "account_name", None)
-        key = getattr(credential, "account_key", None)
-        if not name or not key:
-            raise ConfigError(
-                "AzureWebJobsStorage must be a connection string with AccountKey: the app mints "
-                "blob-scoped SAS tokens for BES inputs and outputs"
-            )
-        self._account, self._key = str(name), str(key)
+        self._signer = signer_for(service)
         self._created: set[str] = set()
 
     def head(self, container: str, name: str) -> BlobHead | None:
@@ -299,20 +290,7 @@ class BlobData:
         start: datetime | None = None,
     ) -> str:
         """A blob-scoped SAS; HTTPS only (`spr=https`) unless storage is a loopback emulator."""
-        return generate_blob_sas(
-            self._account,
-            container,
-            name,
-            account_key=self._key,
-            permission=permission,
-            expiry=expires,
-            start=start,
-            protocol=None if self._loopback else "https",
-        )
-
-    @property
-    def _loopback(self) -> bool:
-        return is_loopback(urlsplit(self._service.url).hostname or "")
+        return self._signer.sign(container, name, permission, expires, start)
 
     def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
         self._ensure(target)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 
@@ -32,6 +32,11 @@ from retrain.settings import (
     read_secret,
 )
 from retrain.storage import BlobData, BlobDocumentStore, DataStore, QueueOutbox
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential as StorageCredential
+
+    from retrain.storage_check import StorageCheck, StoragePlaces
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -115,15 +120,16 @@ TARGETS: dict[str, Callable[[ModelSpec, Shared], DeployTarget]] = {
 
 
 def build(
-    settings: Settings, *, decorate: Decorate = _as_is, clock: Clock | None = None
+    settings: Settings,
+    *,
+    decorate: Decorate = _as_is,
+    clock: Clock | None = None,
+    credential: StorageCredential | None = None,
 ) -> Retrainer:
-    """Assemble the pipeline from settings; nothing here talks to the network yet."""
-    from azure.storage.blob import BlobServiceClient
-    from azure.storage.queue import QueueServiceClient
+    """Assemble the pipeline from settings; nothing here talks to the network yet.
 
-    connection = settings.storage_connection.get_secret_value()
-    blobs = BlobServiceClient.from_connection_string(connection)
-    queues = QueueServiceClient.from_connection_string(connection)
+    `credential` replaces the identity an identity-based storage connection names (tests)."""
+    blobs, queues = settings.storage.clients(credential)
     clock = clock or SystemClock()
     data: DataStore = decorate("data", BlobData(blobs))
     shared = Shared(
@@ -187,6 +193,27 @@ def arm_credential(token_setting: str | None, model: str) -> TokenCredential:
 def retrainer() -> Retrainer:
     """The app's Retrainer, built once per worker process."""
     return build(get_settings())
+
+
+def check_storage(settings: Settings) -> list[StorageCheck]:
+    """Which storage mode is in use and whether the app can do its work there."""
+    from retrain.storage_check import check
+
+    blobs, queues = settings.storage.clients()
+    return check(settings.storage, blobs, queues, storage_places(settings))
+
+
+def storage_places(settings: Settings) -> StoragePlaces:
+    """The containers and queues the app uses, as the storage check needs them."""
+    from retrain.storage_check import StoragePlaces
+
+    return StoragePlaces(
+        data=settings.data_container,
+        state=settings.state_container,
+        artifacts=settings.artifacts_container,
+        quarantine=settings.quarantine_container,
+        queues=(settings.jobs_queue, settings.evaluations_queue, settings.events_queue),
+    )
 
 
 @functools.cache

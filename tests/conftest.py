@@ -1,13 +1,16 @@
-"""Shared fixtures: one Azurite for the session, started from node_modules."""
+"""Shared fixtures: one Azurite for the session (and one OAuth Azurite for the identity
+tests), started from node_modules."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from localdev import stack
+from tests.identity_support import OAuthAzurite, oauth_azurite
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +22,11 @@ def azurite_connection() -> Iterator[str]:
         return
     with stack.azurite() as connection:
         yield connection
+
+
+@pytest.fixture(scope="session")
+def oauth_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthAzurite]:
+    """A private Azurite 3.37 that takes OAuth tokens over HTTPS (see tests/identity_support)."""
+    workdir: Path = tmp_path_factory.mktemp("oauth-azurite")
+    with oauth_azurite(workdir) as storage:
+        yield storage

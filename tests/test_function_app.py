@@ -40,6 +40,23 @@ def test_functions_and_their_triggers(functions: dict[str, Any]) -> None:
     assert functions["evaluate"].get_trigger().queue_name == "%RETRAIN_EVALUATIONS_QUEUE%"
 
 
+def test_every_storage_trigger_connects_through_the_settings_the_app_reads(
+    functions: dict[str, Any],
+) -> None:
+    """The host resolves a trigger's `connection` as a connection string or as the
+    `<connection>__*` identity settings; the app's own clients read the same prefix, so one set
+    of settings (key or identity) serves both."""
+    from retrain.connection import PREFIX
+
+    connections = {
+        fn.get_function_name(): getattr(fn.get_trigger(), "connection", None)
+        for fn in functions.values()
+    }
+    with_storage = {name: c for name, c in connections.items() if c is not None}
+    assert set(with_storage) >= {"ingest", "train", "evaluate", "notify"}
+    assert set(with_storage.values()) == {PREFIX}
+
+
 def test_parameter_names_match_binding_names(functions: dict[str, Any]) -> None:
     """The worker rejects a mismatch silently and the host then shows zero functions."""
     for fn in functions.values():

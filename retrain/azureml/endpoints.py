@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 
 from retrain.azureml.lro import from_mutation, pending, poll
 from retrain.azureml.workspace import ArmClient, object_of
+from retrain.connection import is_loopback
 from retrain.deploy import SUCCEEDED, Progress
 from retrain.errors import PermanentRemoteError, TransientRemoteError, UsageError
 from retrain.http import call, field_of, json_of
-from retrain.settings import is_loopback
 
 DEPLOYMENT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{2,31}")
 """Lower case (the SDK lower-cases traffic keys) and 3-32 characters (azd's rule; the service's

@@ -7,10 +7,10 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from retrain.azureml.workspace import ArmClient, object_of
+from retrain.connection import is_loopback
 from retrain.errors import EvaluationError, PermanentRemoteError
 from retrain.evaluation import Evaluation, check_metrics
 from retrain.http import field_of, shape_error
-from retrain.settings import is_loopback
 
 MAX_PAGES = 50
 """Pages of one metric's history read at most; a longer history is an error, not a hang."""

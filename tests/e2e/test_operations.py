@@ -342,8 +342,13 @@ class TestCli:
 
         code, checks = cli(capsys, "check")
         assert code == 0
-        assert {c["check"] for c in checks} >= {"configuration", "storage", "target of housing"}
-        assert all(c["ok"] for c in checks)
+        names = {c["check"] for c in checks}
+        assert names >= {"configuration", "storage mode", "model states", "target of housing"}
+        assert any(n.startswith("write to retrain-artifacts") for n in names), names
+        assert any(n.startswith("send to retrain-jobs") for n in names), names
+        assert all(c["ok"] for c in checks), checks
+        (mode,) = [c["detail"] for c in checks if c["check"] == "storage mode"]
+        assert mode.startswith("connection string (AzureWebJobsStorage)")
 
     def test_errors_say_what_to_do_with_nonzero_exit_codes(
         self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]

@@ -36,6 +36,9 @@ AZUREML_DATA_SCIENTIST = "f6c7c914-8db3-469d-8ca1-694a8f32e121"
 # Settings the code reads that the template leaves unset on purpose, and why.
 NOT_SET = {
     "RETRAIN_MODELS_FILE": "a path in the app's file system; the template writes RETRAIN_MODELS",
+    "AzureWebJobsStorage__accountName": "an alternative to the __blobServiceUri and "
+    "__queueServiceUri the template sets",
+    "AzureWebJobsStorage__serviceUri": "an alternative (blob only) to __blobServiceUri",
 }
 
 
