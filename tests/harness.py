@@ -53,6 +53,13 @@ def spec(**overrides: Any) -> ModelSpec:
     return ModelSpec.model_validate(base)
 
 
+def raw_spec(**overrides: Any) -> dict[str, Any]:
+    """The JSON of `spec()` with top-level fields replaced, as a settings file would hold it."""
+    data = spec().model_dump(mode="json")
+    data.update(overrides)
+    return data
+
+
 class World:
     def __init__(self, jobs: FakeJobs | None = None, **overrides: Any) -> None:
         self.spec = spec(**overrides)

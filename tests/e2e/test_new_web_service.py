@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from localdev.sample import housing_csv
-from tests.e2e.conftest import MakeStack
+from tests.stack_support import MakeStack
 
 pytestmark = pytest.mark.e2e
 
