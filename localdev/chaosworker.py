@@ -7,7 +7,8 @@ SIGKILL right after a side effect (`--crash-rate`), before the message is acked:
 dies at the worst moment. It serves until SIGTERM (or a SIGKILL from the harness).
 
 What it saw goes to `--report` as JSON lines: every exception a function raised (its type and
-whether it was a retryable remote error) and every crash it injected into itself.
+its kind: what the caller must do about it, see `error_kind`) and every crash it injected into
+itself.
 
     python -m localdev.chaosworker --settings settings.json --report worker.jsonl --skew -90
 """
@@ -25,10 +26,26 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from localdev.runner import LocalRunner, log_handler
 from retrain.clock import SystemClock
+from retrain.errors import PermanentError, TransientError, UsageError
+
+ErrorKind = Literal["transient", "permanent", "usage", "unexpected"]
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    """What the caller must do about an error, by its class (retrain.errors): try again later
+    (transient), fail the run (permanent), go back to the operator (usage); anything that is
+    none of the app's own kinds is unexpected."""
+    if isinstance(exc, TransientError):
+        return "transient"
+    if isinstance(exc, PermanentError):
+        return "permanent"
+    if isinstance(exc, UsageError):
+        return "usage"
+    return "unexpected"
 
 
 class SkewedClock:
@@ -141,7 +158,7 @@ class _FunctionErrors(logging.Handler):
             event="exception",
             function=str(args[0]) if args else "?",
             type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            retryable=bool(getattr(exc, "retryable", False)),
+            kind=error_kind(exc),
             message=str(exc)[:300],
         )
 
