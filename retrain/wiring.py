@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TypeVar
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
 from retrain.bes import BatchJobs, BesClient
@@ -17,25 +18,44 @@ from retrain.ledger import Ledger
 from retrain.notify import Webhook
 from retrain.pipeline import Places, Retrainer, Timing
 from retrain.settings import ClassicTarget, ModelSpec, Settings, get_settings, read_secret
-from retrain.storage import BlobData, BlobDocumentStore, QueueOutbox
+from retrain.storage import (
+    BlobData,
+    BlobDocumentStore,
+    DataStore,
+    DocumentStore,
+    Outbox,
+    QueueOutbox,
+)
 
 log = logging.getLogger(__name__)
 
-Decorate = Callable[[str, Any], Any]
-"""Wraps a port by kind ('store', 'data', 'outbox', 'jobs', 'target'); for fault injection."""
+P = TypeVar("P")
 
 
-def _as_is(kind: str, port: Any) -> Any:
+def _as_is(port: P) -> P:
     return port
 
 
+@dataclass(frozen=True)
+class PortWrappers:
+    """How each port is wrapped as it is built, one typed hook per port; unchanged by default.
+    Fault injection (localdev/chaosworker.py) wraps ports to crash right after a side effect."""
+
+    store: Callable[[DocumentStore], DocumentStore] = _as_is
+    data: Callable[[DataStore], DataStore] = _as_is
+    outbox: Callable[[Outbox], Outbox] = _as_is
+    jobs: Callable[[BatchJobs], BatchJobs] = _as_is
+    target: Callable[[DeployTarget], DeployTarget] = _as_is
+
+
 def build(
-    settings: Settings, *, decorate: Decorate = _as_is, clock: Clock | None = None
+    settings: Settings, *, decorate: PortWrappers | None = None, clock: Clock | None = None
 ) -> Retrainer:
     """Assemble the pipeline from settings; nothing here talks to the network yet."""
     from azure.storage.blob import BlobServiceClient
     from azure.storage.queue import QueueServiceClient
 
+    decorate = decorate or PortWrappers()
     connection = settings.storage_connection.get_secret_value()
     blobs = BlobServiceClient.from_connection_string(connection)
     queues = QueueServiceClient.from_connection_string(connection)
@@ -51,12 +71,10 @@ def build(
             timeout=timeout,
             key_setting=spec.bes.api_key_setting,
         )
-        wrapped: BatchJobs = decorate("jobs", jobs)
-        return wrapped
+        return decorate.jobs(jobs)
 
     def target_for(spec: ModelSpec) -> DeployTarget:
-        wrapped: DeployTarget = decorate("target", _target_for(spec))
-        return wrapped
+        return decorate.target(_target_for(spec))
 
     def _target_for(spec: ModelSpec) -> DeployTarget:
         target = spec.target
@@ -85,9 +103,9 @@ def build(
 
     return Retrainer(
         models=settings.models,
-        ledger=Ledger(decorate("store", BlobDocumentStore(blobs, settings.state_container))),
-        data=decorate("data", BlobData(blobs)),
-        outbox=decorate("outbox", QueueOutbox(queues)),
+        ledger=Ledger(decorate.store(BlobDocumentStore(blobs, settings.state_container))),
+        data=decorate.data(BlobData(blobs)),
+        outbox=decorate.outbox(QueueOutbox(queues)),
         jobs_for=jobs_for,
         target_for=target_for,
         places=Places(
