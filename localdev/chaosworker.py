@@ -201,7 +201,7 @@ def crashing(crasher: Crasher) -> PortWrappers:
     )
 
 
-class _FunctionErrors(logging.Handler):
+class FunctionErrors(logging.Handler):
     """Reports each exception a function raised (the runner logs them with exc_info)."""
 
     def __init__(self, report: Report) -> None:
@@ -245,7 +245,7 @@ def main() -> int:
     report = Report(args.report)
     logging.basicConfig(level=logging.INFO, handlers=[log_handler(sys.stderr)])
     logging.getLogger("azure").setLevel(logging.WARNING)
-    logging.getLogger("runner").addHandler(_FunctionErrors(report))
+    logging.getLogger("runner").addHandler(FunctionErrors(report))
 
     from retrain import wiring
     from retrain.settings import get_settings

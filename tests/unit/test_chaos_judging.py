@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import pytest
 
 from localdev.chaos import Result, judge_exception
-from localdev.chaosworker import error_kind
+from localdev.chaosworker import FunctionErrors, Report, error_kind
 from retrain.errors import (
     ConfigError,
     IllegalTransition,
@@ -33,6 +37,29 @@ from retrain.storage import BlobUnreadable
 )
 def test_the_worker_records_what_the_caller_must_do(error: Exception, kind: str) -> None:
     assert error_kind(error) == kind
+
+
+def test_the_worker_reports_a_function_error_with_its_kind(tmp_path: Path) -> None:
+    path = tmp_path / "worker.jsonl"
+    error = StateConflict("runs/a changed since it was read")
+    record = logging.LogRecord(
+        "runner",
+        logging.ERROR,
+        __file__,
+        1,
+        "function %s failed on %s",
+        ("on_track_run", "a message"),
+        (StateConflict, error, None),
+    )
+    FunctionErrors(Report(path)).emit(record)
+    (line,) = path.read_text(encoding="utf-8").splitlines()
+    assert json.loads(line) == {
+        "event": "exception",
+        "function": "on_track_run",
+        "type": "retrain.errors.StateConflict",
+        "kind": "transient",
+        "message": "runs/a changed since it was read",
+    }
 
 
 def event(kind: str, type_: str) -> dict[str, str]:
