@@ -274,6 +274,10 @@ class _Timeline:
         self.seq += 1
         heapq.heappush(self.heap, (self.clock.now() + delay, self.seq, queue, message))
 
+    def instead_of(self, queues: object) -> _Timeline:
+        """As the outbox's wrapper: the app sends to this timeline, not to the queues."""
+        return self
+
     def send_raw(self, queue: str, body: str) -> None:
         from retrain.messages import parse_evaluation, parse_jobs
 
@@ -303,10 +307,6 @@ def _drive(app: Any, timeline: _Timeline, run_over: Callable[[], bool]) -> tuple
         inside += time.perf_counter() - start
         invocations += 1
     return inside, invocations
-
-
-def _outbox_to(timeline: _Timeline, kind: str, port: Any) -> Any:
-    return timeline if kind == "outbox" else port
 
 
 def tracking(connection: str) -> dict[str, Any]:
@@ -340,7 +340,7 @@ def tracking(connection: str) -> dict[str, Any]:
             app = wiring.build(
                 get_settings(),
                 clock=clock,
-                decorate=partial(_outbox_to, timeline),
+                decorate=wiring.PortWrappers(outbox=timeline.instead_of),
             )
             _upload(
                 connection,

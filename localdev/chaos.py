@@ -19,7 +19,8 @@ progress) it checks, by blob version (name + ETag): at most one started job per 
 version, the bytes each job read equal the version its run validated, every version uploaded is
 in a run or rejected (or was overwritten before any delivery), every run ended, no worse model
 promoted, the target serves the champion the pointer names, the emulator recorded no contract
-violation, no secret in any captured output, and no unexpected exception in any function.
+violation, no secret in any captured output, and no error but a transient one escaping a
+function.
 
     python -m localdev.chaos --scenarios 12 --seed 1          # make chaos
     python -m localdev.chaos --scenarios 3 --seed 7 --json out.json
@@ -109,9 +110,10 @@ ODDS = {
     "overwrite": 0.5,
     "lost response": 0.5,
 }
-EXPECTED_EXCEPTIONS = {"retrain.errors.StateConflict"}
-"""Exception types a function may raise as a transient, besides a retryable RemoteError: the
-host retries the message."""
+EXPECTED_KINDS = {"transient"}
+"""Kinds of error (localdev.chaosworker.error_kind) a function may let escape: a transient one
+is the host's to retry. A permanent error should have failed its run, a usage error should
+never reach a function, and any other exception is a bug."""
 SECRETS = (
     "local-bes-key",
     "local-endpoint-key",
@@ -760,17 +762,7 @@ class Scenario:
                 elif event["event"] == "host error":
                     res.figures["host polling errors"] += 1
                 elif event["event"] == "exception":
-                    kind = event["type"]
-                    if event["retryable"] and kind.endswith("RemoteError"):
-                        res.exceptions["retryable RemoteError"] += 1
-                    elif kind in EXPECTED_EXCEPTIONS:
-                        res.exceptions[kind.rsplit(".", 1)[-1]] += 1
-                    else:
-                        res.exceptions[kind] += 1
-                        res.violate(
-                            "unexpected exception",
-                            f"{event['function']}: {kind}: {event['message'][:160]}",
-                        )
+                    judge_exception(res, event)
         outputs = sorted(self.dir.glob("worker-*.log")) + [c.out for c in self.cli]
         for path in outputs:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -790,6 +782,18 @@ class Scenario:
                 res.figures["cli refusals"] += 1
             elif c.proc.returncode not in (0, None):
                 res.violate("CLI exit", f"{' '.join(c.command)}: exit {c.proc.returncode}")
+
+
+def judge_exception(res: Result, event: dict[str, Any]) -> None:
+    """Count an exception a function raised by its kind and class; a kind that may not escape
+    a function is a violation."""
+    kind, name = event["kind"], event["type"].rsplit(".", 1)[-1]
+    res.exceptions[f"{kind} {name}"] += 1
+    if kind not in EXPECTED_KINDS:
+        res.violate(
+            f"{kind} exception escaped",
+            f"{event['function']}: {event['type']}: {event['message'][:160]}",
+        )
 
 
 def _fault_kind(fault: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ SIGKILL right after a side effect (`--crash-rate`), before the message is acked:
 dies at the worst moment. It serves until SIGTERM (or a SIGKILL from the harness).
 
 What it saw goes to `--report` as JSON lines: every exception a function raised (its type and
-whether it was a retryable remote error) and every crash it injected into itself.
+its kind: what the caller must do about it, see `error_kind`) and every crash it injected into
+itself.
 
     python -m localdev.chaosworker --settings settings.json --report worker.jsonl --skew -90
 """
@@ -25,10 +26,33 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from localdev.runner import LocalRunner, log_handler
+from retrain.bes import BatchJobs, BlobRef, JobStatus
 from retrain.clock import SystemClock
+from retrain.deploy import DeployTarget, Progress
+from retrain.errors import PermanentError, TransientError, UsageError
+from retrain.ports import ModelRef
+from retrain.storage import DocumentStore, Outbox, Versioned
+from retrain.wiring import PortWrappers
+
+ErrorKind = Literal["transient", "permanent", "usage", "unexpected"]
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    """What the caller must do about an error, by its class (retrain.errors): try again later
+    (transient), fail the run (permanent), go back to the operator (usage); anything that is
+    none of the app's own kinds is unexpected."""
+    if isinstance(exc, TransientError):
+        return "transient"
+    if isinstance(exc, PermanentError):
+        return "permanent"
+    if isinstance(exc, UsageError):
+        return "usage"
+    return "unexpected"
 
 
 class SkewedClock:
@@ -72,30 +96,47 @@ class Crasher:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _Wrapper:
-    def __init__(self, inner: Any, crasher: Crasher) -> None:
+class CrashingStore:
+    """The ledger's document store, crashing after each write."""
+
+    def __init__(self, inner: DocumentStore, crasher: Crasher) -> None:
         self._inner = inner
         self._crasher = crasher
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    def read(self, key: str) -> Versioned | None:
+        return self._inner.read(key)
 
-
-class CrashingStore(_Wrapper):
     def create(self, key: str, doc: dict[str, Any]) -> str:
-        etag: str = self._inner.create(key, doc)
+        etag = self._inner.create(key, doc)
         self._crasher.after("ledger write")
         return etag
 
     def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
-        new: str = self._inner.replace(key, doc, etag)
+        new = self._inner.replace(key, doc, etag)
         self._crasher.after("ledger write")
         return new
 
+    def keys(self, prefix: str) -> list[str]:
+        return self._inner.keys(prefix)
 
-class CrashingJobs(_Wrapper):
-    def submit(self, **kwargs: Any) -> str:
-        job: str = self._inner.submit(**kwargs)
+
+class CrashingJobs:
+    """BES, crashing after a submit or a start."""
+
+    def __init__(self, inner: BatchJobs, crasher: Crasher) -> None:
+        self._inner = inner
+        self._crasher = crasher
+
+    def submit(
+        self,
+        *,
+        inputs: dict[str, BlobRef],
+        outputs: dict[str, BlobRef],
+        global_parameters: dict[str, str],
+    ) -> str:
+        job = self._inner.submit(
+            inputs=inputs, outputs=outputs, global_parameters=global_parameters
+        )
         self._crasher.after("BES submit")
         return job
 
@@ -103,29 +144,65 @@ class CrashingJobs(_Wrapper):
         self._inner.start(job_id)
         self._crasher.after("BES start")
 
+    def status(self, job_id: str) -> JobStatus:
+        return self._inner.status(job_id)
 
-class CrashingTarget(_Wrapper):
-    def deploy(self, model: Any) -> Any:
+    def cancel(self, job_id: str) -> None:
+        self._inner.cancel(job_id)
+
+    def probe(self) -> str:
+        return self._inner.probe()
+
+
+class CrashingTarget:
+    """A deploy target, crashing after a deploy call (the PATCH)."""
+
+    def __init__(self, inner: DeployTarget, crasher: Crasher) -> None:
+        self._inner = inner
+        self._crasher = crasher
+
+    def serves(self, model: ModelRef) -> bool:
+        return self._inner.serves(model)
+
+    def deploy(self, model: ModelRef) -> Progress:
         progress = self._inner.deploy(model)
         self._crasher.after("PATCH")
         return progress
 
+    def progress(self, operation: str | None) -> Progress:
+        return self._inner.progress(operation)
 
-class CrashingOutbox(_Wrapper):
-    def send(self, queue: str, message: Any, **kwargs: Any) -> None:
-        self._inner.send(queue, message, **kwargs)
+    def preflight(self) -> list[str]:
+        return self._inner.preflight()
+
+
+class CrashingOutbox:
+    """The queues, crashing after each message sent (not after a kept message is replayed)."""
+
+    def __init__(self, inner: Outbox, crasher: Crasher) -> None:
+        self._inner = inner
+        self._crasher = crasher
+
+    def send(self, queue: str, message: BaseModel, *, delay: timedelta = timedelta(0)) -> None:
+        self._inner.send(queue, message, delay=delay)
         self._crasher.after("enqueue")
 
-
-WRAPPERS = {
-    "store": CrashingStore,
-    "jobs": CrashingJobs,
-    "target": CrashingTarget,
-    "outbox": CrashingOutbox,
-}
+    def send_raw(self, queue: str, body: str) -> None:
+        self._inner.send_raw(queue, body)
 
 
-class _FunctionErrors(logging.Handler):
+def crashing(crasher: Crasher) -> PortWrappers:
+    """Ports that may crash right after a ledger write, a BES submit or start, a deploy call or
+    an enqueue."""
+    return PortWrappers(
+        store=lambda port: CrashingStore(port, crasher),
+        jobs=lambda port: CrashingJobs(port, crasher),
+        target=lambda port: CrashingTarget(port, crasher),
+        outbox=lambda port: CrashingOutbox(port, crasher),
+    )
+
+
+class FunctionErrors(logging.Handler):
     """Reports each exception a function raised (the runner logs them with exc_info)."""
 
     def __init__(self, report: Report) -> None:
@@ -141,7 +218,7 @@ class _FunctionErrors(logging.Handler):
             event="exception",
             function=str(args[0]) if args else "?",
             type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            retryable=bool(getattr(exc, "retryable", False)),
+            kind=error_kind(exc),
             message=str(exc)[:300],
         )
 
@@ -169,7 +246,7 @@ def main() -> int:
     report = Report(args.report)
     logging.basicConfig(level=logging.INFO, handlers=[log_handler(sys.stderr)])
     logging.getLogger("azure").setLevel(logging.WARNING)
-    logging.getLogger("runner").addHandler(_FunctionErrors(report))
+    logging.getLogger("runner").addHandler(FunctionErrors(report))
 
     from retrain import wiring
     from retrain.settings import get_settings
@@ -177,12 +254,10 @@ def main() -> int:
     rng = random.Random(args.seed)
     crasher = Crasher(random.Random(args.seed + 1), args.crash_rate, report)
 
-    def decorate(kind: str, port: Any) -> Any:
-        wrapper = WRAPPERS.get(kind)
-        return wrapper(port, crasher) if wrapper and args.crash_rate else port
-
     built = wiring.build(
-        get_settings(), decorate=decorate, clock=SkewedClock(timedelta(seconds=args.skew))
+        get_settings(),
+        decorate=crashing(crasher) if args.crash_rate else None,
+        clock=SkewedClock(timedelta(seconds=args.skew)),
     )
     wiring.retrainer = lambda: built  # type: ignore[assignment]
     import function_app

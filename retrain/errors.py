@@ -93,12 +93,6 @@ class RemoteError(RetrainError):
         self.status = status
         self.retry_after = retry_after
 
-    @property
-    def retryable(self) -> bool:
-        """Whether sending the same request later can succeed. Code decides by class; this is
-        for records that name it (the chaos harness reports it for each escaped error)."""
-        return isinstance(self, TransientError)
-
 
 class TransientRemoteError(RemoteError, TransientError):
     """The service did not answer, was busy or failed in passing (timeouts, 429, 5xx, a copy

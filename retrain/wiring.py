@@ -7,13 +7,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import requests
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
 from retrain.backends.bes import BesTraining
-from retrain.bes import BesClient
+from retrain.bes import BatchJobs, BesClient
 from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget, ModelReader, sas_reader
 from retrain.errors import ConfigError
@@ -31,7 +31,14 @@ from retrain.settings import (
     get_settings,
     read_secret,
 )
-from retrain.storage import BlobData, BlobDocumentStore, DataStore, QueueOutbox
+from retrain.storage import (
+    BlobData,
+    BlobDocumentStore,
+    DataStore,
+    DocumentStore,
+    Outbox,
+    QueueOutbox,
+)
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential as StorageCredential
@@ -40,13 +47,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-Decorate = Callable[[str, Any], Any]
-"""Wraps a port by kind ('store', 'data', 'outbox', 'jobs', 'target'); for fault injection."""
+P = TypeVar("P")
 
 
-def _as_is(kind: str, port: Any) -> Any:
+def _as_is(port: P) -> P:
     return port
+
+
+@dataclass(frozen=True)
+class PortWrappers:
+    """How each port is wrapped as it is built, one typed hook per port; unchanged by default.
+    Fault injection (localdev/chaosworker.py) wraps ports to crash right after a side effect.
+    `jobs` wraps the BES service client inside the BES training adapter."""
+
+    store: Callable[[DocumentStore], DocumentStore] = _as_is
+    data: Callable[[DataStore], DataStore] = _as_is
+    outbox: Callable[[Outbox], Outbox] = _as_is
+    jobs: Callable[[BatchJobs], BatchJobs] = _as_is
+    target: Callable[[DeployTarget], DeployTarget] = _as_is
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,7 @@ class Shared:
     timeout: tuple[float, float]
     data: DataStore
     read: ModelReader
-    decorate: Decorate
+    decorate: PortWrappers
 
 
 def _as(value: object, kind: type[_T]) -> _T:
@@ -78,7 +96,7 @@ def _bes(spec: ModelSpec, shared: Shared) -> TrainingBackend:
         timeout=shared.timeout,
         key_setting=bes.api_key_setting,
     )
-    return BesTraining(shared.decorate("jobs", client), shared.data, bes)
+    return BesTraining(shared.decorate.jobs(client), shared.data, bes)
 
 
 def _classic(spec: ModelSpec, shared: Shared) -> DeployTarget:
@@ -122,7 +140,7 @@ TARGETS: dict[str, Callable[[ModelSpec, Shared], DeployTarget]] = {
 def build(
     settings: Settings,
     *,
-    decorate: Decorate = _as_is,
+    decorate: PortWrappers | None = None,
     clock: Clock | None = None,
     credential: StorageCredential | None = None,
 ) -> Retrainer:
@@ -131,7 +149,8 @@ def build(
     `credential` replaces the identity an identity-based storage connection names (tests)."""
     blobs, queues = settings.storage.clients(credential)
     clock = clock or SystemClock()
-    data: DataStore = decorate("data", BlobData(blobs))
+    decorate = decorate or PortWrappers()
+    data = decorate.data(BlobData(blobs))
     shared = Shared(
         session=make_session(),
         timeout=(settings.http_connect_timeout, settings.http_read_timeout),
@@ -144,14 +163,13 @@ def build(
         return TRAINING[spec.training.kind](spec, shared)
 
     def target_for(spec: ModelSpec) -> DeployTarget:
-        wrapped: DeployTarget = decorate("target", TARGETS[spec.target.kind](spec, shared))
-        return wrapped
+        return decorate.target(TARGETS[spec.target.kind](spec, shared))
 
     return Retrainer(
         models=settings.models,
-        ledger=Ledger(decorate("store", BlobDocumentStore(blobs, settings.state_container))),
+        ledger=Ledger(decorate.store(BlobDocumentStore(blobs, settings.state_container))),
         data=data,
-        outbox=decorate("outbox", QueueOutbox(queues)),
+        outbox=decorate.outbox(QueueOutbox(queues)),
         training_for=training_for,
         target_for=target_for,
         places=Places(

@@ -58,6 +58,13 @@ def spec(**overrides: Any) -> ModelSpec:
     return ModelSpec.model_validate(base)
 
 
+def raw_spec(**overrides: Any) -> dict[str, Any]:
+    """The JSON of `spec()` with top-level fields replaced, as a settings file would hold it."""
+    data = spec().model_dump(mode="json")
+    data.update(overrides)
+    return data
+
+
 class World:
     """The pipeline over fakes: by default the real BES adapter over a fake BES service
     (`jobs`) and fake storage; with `training`, that backend instead of the BES adapter."""

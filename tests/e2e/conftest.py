@@ -2,105 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
+import threading
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
 from localdev import stack
 from localdev.amlemu import Emulator, EmulatorServer
 from localdev.runner import LocalRunner
+from tests.stack_support import MakeStack, Stack
 
 pytestmark = pytest.mark.e2e
 
-
-@dataclass
-class Stack:
-    """A running stack for one test, isolated by container and queue names."""
-
-    runner: LocalRunner
-    emulator: Emulator
-    emulator_url: str
-    settings: dict[str, str]
-    blobs: BlobServiceClient
-
-    def upload(self, name: str, data: str | bytes) -> None:
-        """Drop a file into the data container (created if no blob trigger made it)."""
-        container = self.blobs.get_container_client(self.settings["RETRAIN_DATA_CONTAINER"])
-        if not container.exists():
-            container.create_container()
-        container.upload_blob(name, data, overwrite=True)
-
-    def _doc(self, key: str) -> dict[str, Any] | None:
-        client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)
-        if not client.exists():
-            return None
-        result: dict[str, Any] = json.loads(client.download_blob().readall())
-        return result
-
-    def runs(self, model: str = "housing") -> list[dict[str, Any]]:
-        """Every run record of the model, oldest first."""
-        return [self._doc(n) or {} for n in sorted(self._keys(f"runs/{model}/"))]
-
-    def _keys(self, prefix: str) -> list[str]:
-        container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
-        try:
-            return [b.name for b in container.list_blobs(name_starts_with=prefix)]
-        except ResourceNotFoundError:
-            return []
-
-    def step_until_running(self) -> None:
-        """Poll like the host until the first run's BES job is running."""
-        for _ in range(200):
-            if self.runs() and self.runs()[0]["state"] == "running":
-                return
-            self.runner.step()
-        raise AssertionError(f"no running run: {[r['state'] for r in self.runs()]}")
-
-    def model_state(self, model: str = "housing") -> dict[str, Any]:
-        """The model's document: batch, active run, champion."""
-        return self._doc(f"models/{model}.json") or {}
-
-    def arrivals(self) -> list[dict[str, Any]]:
-        """Every arrival record."""
-        return [self._doc(n) or {} for n in self._keys("arrivals/")]
-
-    def jobs_submitted(self) -> int:
-        """BES submits the emulator accepted."""
-        return self.emulator.count("POST", r"/jobs$", 200)
-
-    def predict(self, rows: list[list[float]], *, new: bool = False) -> list[float]:
-        """Score rows through RRS on the Classic endpoint (or the New web service)."""
-        import requests
-
-        path = (
-            "/subscriptions/sub1/services/housing-new"
-            if new
-            else "/workspaces/ws1/services/housing-predict-prod"
-        )
-        key = "local-new-key" if new else "local-endpoint-key"
-        response = requests.post(
-            f"{self.emulator_url}{path}/execute?api-version=2.0",
-            json={
-                "Inputs": {"input1": {"ColumnNames": ["rooms", "age", "distance"], "Values": rows}},
-                "GlobalParameters": {},
-            },
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=10,
-        )
-        response.raise_for_status()
-        return [r[-1] for r in response.json()["Results"]["output1"]["value"]["Values"]]
-
-
-MakeStack = Callable[..., Stack]
 
 SECRETS = (
     "local-bes-key",
@@ -189,3 +109,28 @@ def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
     yield make
     for server in servers:
         server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]], list[int]]]:
+    """A webhook receiver: its URL, the (headers, body) it received, and statuses to answer
+    with (in order; 204 once they run out)."""
+    received: list[tuple[dict[str, str], bytes]] = []
+    statuses: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            status = statuses.pop(0) if statuses else 204
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received, statuses
+    server.shutdown()

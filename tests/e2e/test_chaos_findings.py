@@ -15,7 +15,7 @@ from localdev.sample import housing_csv
 from retrain import wiring
 from retrain.messages import TrackRun
 from retrain.pipeline import Delivery
-from tests.e2e.conftest import MakeStack
+from tests.stack_support import MakeStack
 
 pytestmark = pytest.mark.e2e
 

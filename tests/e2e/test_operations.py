@@ -7,9 +7,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -19,7 +17,7 @@ from azure.storage.queue import QueueClient
 from localdev.sample import housing_csv
 from retrain.cli import main
 from retrain.wiring import retrainer
-from tests.e2e.conftest import MakeStack, Stack
+from tests.stack_support import MakeStack, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -115,29 +113,6 @@ class TestRollback:
         code, err = cli(capsys, "rollback", "housing", "--to", first["run_id"])
         assert code == 2
         assert "already serves the model of run" in err
-
-
-@pytest.fixture
-def webhook() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]], list[int]]]:
-    received: list[tuple[dict[str, str], bytes]] = []
-    statuses: list[int] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((dict(self.headers), body))
-            status = statuses.pop(0) if statuses else 204
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received, statuses
-    server.shutdown()
 
 
 class TestEvents:

@@ -11,7 +11,7 @@ import pytest
 
 from localdev.sample import housing_csv
 from localdev.stack import DEV_KEY
-from tests.e2e.conftest import MakeStack
+from tests.stack_support import MakeStack
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ import pytest
 
 from localdev.sample import housing_csv
 from retrain.cli import main
-from tests.e2e.conftest import MakeStack
+from tests.stack_support import MakeStack
 
 pytestmark = pytest.mark.e2e
 

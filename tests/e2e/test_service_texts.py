@@ -13,11 +13,9 @@ from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 from localdev.sample import housing_csv
 from localdev.stack import DEV_KEY
 from retrain.cli import main
-from tests.e2e.conftest import MakeStack
-from tests.e2e.test_operations import webhook
+from tests.stack_support import MakeStack
 
 pytestmark = pytest.mark.e2e
-__all__ = ["webhook"]
 
 
 def test_failed_job_whose_details_echo_the_input_sas_leaks_it_nowhere(

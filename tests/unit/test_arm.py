@@ -11,62 +11,10 @@ import pytest
 import responses
 from responses import matchers
 
-from retrain.arm import NewWebService, StaticToken
 from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.http import make_session
-from retrain.ports import ModelRef
-from tests.fakes import blob_reader
-
-ARM = "https://management.azure.com"
-URL = f"{ARM}/subscriptions/s/resourceGroups/rg/providers/Microsoft.MachineLearning/webServices/ws"
-MODEL = ModelRef("art", "m/r/model.ilearner")
-NEW_URI = "https://acct.blob.core.windows.net/art/m/r/model.ilearner"
-
-
-def definition(
-    uri: str = "https://acct.blob.core.windows.net/old.ilearner",
-    state: str = "Succeeded",
-    **props: Any,
-) -> dict[str, Any]:
-    return {
-        "id": "x",
-        "name": "ws",
-        "location": "South Central US",
-        "properties": {
-            "packageType": "Graph",
-            "provisioningState": state,
-            "readOnly": False,
-            "assets": {
-                "mod": {
-                    "name": "Score Model",
-                    "type": "Module",
-                    "locationInfo": {"uri": "aml://m"},
-                },
-                "tm": {
-                    "name": "Census Model [trained model]",
-                    "type": "Resource",
-                    "locationInfo": {"uri": uri},
-                    "outputPorts": {"Results dataset": {}},
-                },
-            },
-            **props,
-        },
-    }
-
-
-def client(asset_name: str | None = None) -> NewWebService:
-    return NewWebService(
-        arm_endpoint=ARM,
-        subscription_id="s",
-        resource_group="rg",
-        name="ws",
-        asset_name=asset_name,
-        api_version="2017-01-01",
-        credential=StaticToken("tok"),
-        read=blob_reader(),
-        session=make_session(backoff=0),
-        timeout=(1, 1),
-    )
+from tests.client_support import ARM, MODEL, NEW_URI, definition
+from tests.client_support import ARM_URL as URL
+from tests.client_support import new_web_service as client
 
 
 @responses.activate

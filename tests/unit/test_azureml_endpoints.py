@@ -11,7 +11,7 @@ from responses import matchers
 
 from retrain.azureml.endpoints import OnlineEndpoints, check_traffic, deployment_body, writable
 from retrain.errors import PermanentRemoteError, TransientRemoteError, UsageError
-from tests.unit.azureml_common import API, ARM, TOKEN, WS, WS_PATH, arm
+from tests.azureml_support import API, ARM, TOKEN, WS, WS_PATH, arm
 
 EP = WS + "/onlineEndpoints/housing"
 GREEN = EP + "/deployments/green"

@@ -13,7 +13,7 @@ from retrain.azureml.jobs import JOB_STATES, NAME_PATTERN, Jobs, job_name
 from retrain.azureml.template import build_job, check_template
 from retrain.errors import PermanentRemoteError, UsageError
 from retrain.ports import Phase
-from tests.unit.azureml_common import API, ARM, TOKEN, WS, arm
+from tests.azureml_support import API, ARM, TOKEN, WS, arm
 
 TEMPLATE: dict[str, Any] = {
     "properties": {

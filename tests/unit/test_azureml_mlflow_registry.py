@@ -11,7 +11,7 @@ from responses import matchers
 from retrain.azureml.mlflow import MetricName, MlflowRuns, rest_base
 from retrain.azureml.registry import ModelRegistry, model_version
 from retrain.errors import EvaluationError, PermanentRemoteError, UsageError
-from tests.unit.azureml_common import API, TOKEN, WS, WS_PATH, arm
+from tests.azureml_support import API, TOKEN, WS, WS_PATH, arm
 
 TRACKING = "azureml://westeurope.api.azureml.ms/mlflow/v1.0" + WS_PATH
 BASE = "https://westeurope.api.azureml.ms/mlflow/v1.0" + WS_PATH + "/api/2.0/mlflow"

@@ -8,7 +8,7 @@ from responses import matchers
 
 from retrain.azureml.workspace import ROLE_HINT, WorkspaceRef
 from retrain.errors import PermanentRemoteError, TransientRemoteError
-from tests.unit.azureml_common import API, TOKEN, WS, arm
+from tests.azureml_support import API, TOKEN, WS, arm
 
 
 @responses.activate

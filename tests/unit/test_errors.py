@@ -63,11 +63,6 @@ class TestTheTree:
         assert (exc.status, exc.retry_after) == (429, 7)
         assert StateConflict("k changed").retry_after is None
 
-    def test_retryable_still_names_the_kind_for_the_chaos_report(self) -> None:
-        """localdev/chaosworker.py records `retryable` for every error that escapes."""
-        assert TransientRemoteError("x").retryable
-        assert not PermanentRemoteError("x").retryable
-
 
 class TestHttpCallsAreSortedByWhatToDo:
     @responses.activate

@@ -21,10 +21,9 @@ from retrain.evaluation import decide, parse_evaluation_csv
 from retrain.ingest import route, validate
 from retrain.messages import parse_evaluation, parse_jobs
 from retrain.settings import GateSpec, load_models
-from tests.harness import spec
-from tests.unit.test_http_clients import JOBS
-from tests.unit.test_http_clients import bes as client
-from tests.unit.test_settings import raw_spec
+from tests.client_support import JOBS
+from tests.client_support import bes as client
+from tests.harness import raw_spec, spec
 
 SPEC = spec(columns=["rooms", "price"], max_bytes=10_000)
 GOOD = b"rooms,price\n1,2\n"

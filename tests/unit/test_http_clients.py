@@ -13,20 +13,13 @@ import responses
 import urllib3.util.retry
 from responses import matchers
 
-from retrain.bes import BesClient, BlobRef, JobState, parse_state
+from retrain.bes import BesClient, JobState, parse_state
 from retrain.deploy import ClassicEndpoint
 from retrain.errors import ConfigError, PermanentRemoteError, RemoteError, TransientRemoteError
 from retrain.http import MAX_RETRY_AFTER, make_session, redact
 from retrain.ports import ModelRef
+from tests.client_support import EP, JOBS, REF, bes, classic
 from tests.fakes import blob_reader
-
-JOBS = "https://ussouthcentral.services.azureml.net/workspaces/w/services/s/jobs"
-EP = "https://management.azureml.net/workspaces/w/webservices/p/endpoints/prod"
-REF = BlobRef("https://acct.blob.core.windows.net/", "c/in.csv", "?sv=1&sp=r&sig=SECRETSIG")
-
-
-def bes() -> BesClient:
-    return BesClient(JOBS, "the-key", session=make_session(backoff=0), timeout=(1, 1))
 
 
 @responses.activate
@@ -141,17 +134,6 @@ def test_429_carries_retry_after() -> None:
 )
 def test_status_codes_are_normalised(value: object, state: JobState) -> None:
     assert parse_state(value) is state
-
-
-def classic() -> ClassicEndpoint:
-    return ClassicEndpoint(
-        EP,
-        "ep-key",
-        "M [trained model]",
-        read=blob_reader(),
-        session=make_session(backoff=0),
-        timeout=(1, 1),
-    )
 
 
 @responses.activate

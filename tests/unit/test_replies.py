@@ -9,29 +9,18 @@ import pytest
 import responses
 
 from retrain.bes import JobState
-from retrain.deploy import ClassicEndpoint
 from retrain.errors import PermanentRemoteError, RemoteError
-from retrain.http import make_session, redact
-from tests.fakes import FakeJobs, blob_reader
-from tests.unit.test_arm import MODEL, URL, client, definition
-from tests.unit.test_http_clients import EP, JOBS, REF, bes
+from retrain.http import redact
+from tests.client_support import ARM_URL as URL
+from tests.client_support import EP, JOBS, MODEL, REF, bes, classic, definition
+from tests.client_support import new_web_service as client
+from tests.fakes import FakeJobs
 
 SAS = (
     "?sv=2021-08-06&st=2026-01-01T00%3A00%3A00Z&se=2026-01-02T00%3A00%3A00Z&sr=b&sp=r"
     "&sig=Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA%3D%3D"
 )
 URL_WITH_SAS = "https://acct.blob.core.windows.net/data/housing/a.csv" + SAS
-
-
-def classic() -> ClassicEndpoint:
-    return ClassicEndpoint(
-        EP,
-        "ep-key",
-        "M [trained model]",
-        read=blob_reader(),
-        session=make_session(backoff=0),
-        timeout=(1, 1),
-    )
 
 
 @pytest.mark.parametrize(

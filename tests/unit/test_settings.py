@@ -10,13 +10,7 @@ import pytest
 
 from retrain.errors import ConfigError
 from retrain.settings import get_settings, load_models, read_secret
-from tests.harness import spec
-
-
-def raw_spec(**overrides: Any) -> dict[str, Any]:
-    data = spec().model_dump(mode="json")
-    data.update(overrides)
-    return data
+from tests.harness import raw_spec
 
 
 def models_error(items: Any) -> str:
