@@ -38,6 +38,27 @@ class AlreadyTrained(InputRejected):
         self.run_id = run_id
 
 
+def in_flight(state: Doc, blob: str, etag: str, waiting_in: str | None) -> None:
+    """Refuse to put a version in a new batch while a sealed batch's run trains it: the batch
+    it waited in (`waiting_in`) was sealed since the request looked, or the model's sealed
+    batch holds it and its run still holds the model."""
+    version = {"name": blob, "etag": etag}
+    open_batch = state.get("batch") or {}
+    if holds(open_batch.get("files") or [], version):
+        return
+    sealed = state.get("sealed") or {}
+    if waiting_in is not None and open_batch.get("id") != waiting_in:
+        raise InputRejected(
+            f"{blob} (version {etag}) was in batch {waiting_in}, which was sealed while this "
+            "request was made: that batch's run trains it"
+        )
+    if sealed.get("id") == state.get("active_run") and holds(sealed.get("files") or [], version):
+        raise InputRejected(
+            f"{blob} (version {etag}) is in batch {sealed['id']}, whose run is training it; "
+            "wait for it to end"
+        )
+
+
 class Operations:
     """The operator's commands, each checked against the ledger before it changes anything."""
 
@@ -144,12 +165,16 @@ class Operations:
         record = ctx.ledger.get(arrival_key(container, blob, head.etag), remember=False) or {}
         if record.get("status") != Arrival.ACCEPTED:
             raise InputRejected(f"{blob}: {record.get('reason') or 'its arrival was not accepted'}")
-        mark, trained = self._marks(spec, blob, head.etag, record, reason=reason, force=force)
+        mark, trained, waiting_in = self._marks(
+            spec, blob, head.etag, record, reason=reason, force=force
+        )
         version = {"name": blob, "etag": head.etag}
         now = ctx.clock.now()
         file = file_entry(blob, head.etag, head.size, now, head.last_modified, **mark)
 
         def add(d: Doc) -> Doc | None:
+            # Decided on a read of the model; a batch sealed since then may hold the version.
+            in_flight(d, blob, head.etag, waiting_in)
             changed = add_to_batch(d, file, now, batch_id(now)) or d
             for entry in changed["batch"]["files"]:
                 if holds([entry], version):
@@ -202,9 +227,10 @@ class Operations:
 
     def _marks(
         self, spec: ModelSpec, blob: str, etag: str, record: Doc, *, reason: str, force: bool
-    ) -> tuple[Doc, str | None]:
-        """What the version's batch entry records of the request, and the run that trained it
-        before (if any); raises when the version cannot be retrained now."""
+    ) -> tuple[Doc, str | None, str | None]:
+        """What the version's batch entry records of the request, the run that trained it
+        before (if any), and the open batch it waits in (if it does); raises when the version
+        cannot be retrained now."""
         ctx = self._ctx
         state = ctx.ledger.get(model_key(spec.name)) or {}
         open_batch = state.get("batch") or {}
@@ -212,7 +238,8 @@ class Operations:
         if open_batch.get("id") == record.get("batch_id") and holds(
             open_batch.get("files") or [], version
         ):
-            return {"requested": reason}, None  # it waits in the open batch: seal that now
+            # It waits in the open batch: seal that now.
+            return {"requested": reason}, None, str(open_batch["id"])
         taken = str(record.get("batch_id") or "?")
         trained = self._trained_by(spec, ctx.places.data_container, blob, etag)
         holder = ctx.ledger.get(run_key(spec.name, taken), remember=False)
@@ -244,7 +271,7 @@ class Operations:
             mark.update(forced=True)
             if trained:
                 mark.update(trained_before_by=trained)
-        return mark, trained
+        return mark, trained, None
 
     def _trained_by(self, spec: ModelSpec, container: str, name: str, etag: str) -> str | None:
         """The run that trained this version of the file, if any: the last run its arrival

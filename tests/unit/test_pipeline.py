@@ -14,6 +14,7 @@ from retrain.errors import InputRejected, PermanentRemoteError, RemoteError, Tra
 from retrain.ledger import arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline import DEPLOY_CALLS, Delivery, Timing
+from retrain.pipeline.operations import in_flight
 from retrain.ports import ModelRef
 from tests.fakes import (
     FakeJobs,
@@ -1020,6 +1021,45 @@ class TestRetrainNowRefusesVersionsInFlight:
         assert w.run()["state"] == "running"
         with pytest.raises(InputRejected, match="running; wait"):
             w.retrainer.request("housing", "housing/a.csv", reason="now", force=True)
+
+    def test_a_version_whose_batch_is_sealed_while_the_request_looks_is_not_batched_again(
+        self,
+    ) -> None:
+        """Found by the long chaos run: the request saw the version waiting in the open batch,
+        a worker sealed that batch, and the request's write opened a second batch with it: two
+        runs trained one version."""
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        ((_, check, _),) = w.outbox.take()
+        operations = w.retrainer._operations
+        marks = operations._marks
+
+        def marks_then_sealed(*args: Any, **kwargs: Any) -> Any:
+            decided = marks(*args, **kwargs)
+            w.clock.advance(seconds=61)
+            assert w.retrainer.on_check_batch(check) == "sealed"  # type: ignore[arg-type]
+            return decided
+
+        operations._marks = marks_then_sealed  # type: ignore[method-assign]
+        with pytest.raises(InputRejected, match="sealed while this request was made"):
+            w.retrainer.request("housing", "housing/a.csv", reason="now")
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        assert state["batch"] is None  # no second batch holds the version
+        assert len(w.store.keys("runs/")) == 1
+
+    def test_a_version_sealed_into_a_running_batch_is_not_batched_again_even_forced(
+        self,
+    ) -> None:
+        """The same race when the request decided the version may be retrained (forced, its
+        earlier run over): the model's sealed batch, whose run holds the model, has it."""
+        w = World()
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        w.deliver()
+        state = w.ledger.get(model_key("housing"))
+        assert state is not None
+        with pytest.raises(InputRejected, match="whose run is training it"):
+            in_flight(state, "housing/a.csv", state["sealed"]["files"][0]["etag"], None)
 
 
 class TestRehydratedBlob:
