@@ -119,9 +119,14 @@ class Deployment:
             run, progress = outcome
             step.polled = True  # the claim took the chain's poll: a retry must use the next
         else:
-            if not self._runs.claim_poll(key, "deployment", msg.poll, delivery):
+            claim = self._runs.claim_poll(key, "deployment", msg.poll, delivery)
+            if not claim:
                 return "duplicate"
             step.polled = True
+            if claim == "again" and pending.get("operation"):
+                # The failed attempt may have just asked how the operation is doing: ask in
+                # the chain's next poll, not at once.
+                return self._provisioning(spec, run, msg)
             progress = target.progress(pending["operation"])
         if progress.state == "failed":
             return self._runs.fail(spec, run, f"the target refused the model: {progress.detail}")

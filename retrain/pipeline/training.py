@@ -118,9 +118,16 @@ class Training:
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
         if run["state"] == RunState.SUBMITTED:
             # Starting is part of the one chain: of several copies, one asks and starts.
-            if not self._runs.claim_poll(key, None, msg.poll, delivery):
+            claim = self._runs.claim_poll(key, None, msg.poll, delivery)
+            if not claim:
                 return "duplicate"
             step.polled = True
+            if claim == "again":
+                # The failed attempt may have asked for the job's status, or started it with
+                # the answer still on its way: look (and maybe start) in the chain's next poll,
+                # once a start it made must have reached the service.
+                self._poll_later(spec, msg.run_id, msg.poll + 1, self._ctx.timing.call_bound)
+                return "resent"
             return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
         poll_claim = self._runs.claim_poll(key, None, msg.poll, delivery)
         if not poll_claim:
@@ -310,11 +317,13 @@ class Training:
         self._poll_later(spec, msg.run_id, msg.poll + 1)
         return RunState.RUNNING.value
 
-    def _poll_later(self, spec: ModelSpec, run_id: str, poll: int) -> None:
+    def _poll_later(
+        self, spec: ModelSpec, run_id: str, poll: int, at_least: timedelta = MIN_POLL_GAP
+    ) -> None:
         self._ctx.outbox.send(
             self._ctx.places.jobs_queue,
             TrackRun(model=spec.name, run_id=run_id, poll=poll),
-            delay=self._ctx.timing.delay(poll),
+            delay=max(self._ctx.timing.delay(poll), at_least),
         )
 
     @staticmethod

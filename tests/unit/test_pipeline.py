@@ -238,6 +238,28 @@ class TestTraining:
         w.deliver()
         assert w.run()["state"] == "trained"
 
+    def test_a_redelivery_after_a_start_does_not_look_at_the_job_at_once(self) -> None:
+        """Found by the long chaos run: two status GETs of one job 0.675 s apart. An attempt
+        that started the job and then died is redelivered; it asked BES at once, within a
+        second of the start (and of any status call the first attempt made), where a start
+        still on its way could also be missed."""
+        w = self.sealed(FakeJobs([JobState.RUNNING]))
+        ((_, msg, _),) = w.outbox.take()
+        assert isinstance(msg, TrackRun)
+        w.jobs.errors["start"] = RuntimeError("the worker died")  # type: ignore[assignment]
+        with pytest.raises(RuntimeError):
+            w.retrainer.on_track_run(msg, delivery=Delivery("m-1"))
+        assert w.run()["state"] == "submitted"
+        assert w.retrainer.on_track_run(msg, delivery=Delivery("m-1", 2)) == "resent"
+        assert w.jobs.polls == []  # no status call from the redelivery
+        ((_, later, delay),) = w.outbox.take()
+        assert isinstance(later, TrackRun)
+        assert later.poll == msg.poll + 1
+        assert delay >= w.retrainer._timing.call_bound  # a start in flight has landed by then
+        assert w.retrainer.on_track_run(later) == "started"
+        assert w.jobs.started == ["job1"]
+        assert w.run()["state"] == "running"
+
     def test_a_409_on_start_means_already_started(self) -> None:
         w = self.sealed(FakeJobs([JobState.FINISHED]))
         ((_, msg, _),) = w.outbox.take()
@@ -246,7 +268,11 @@ class TestTraining:
         left_as(w, run_key("housing", msg.run_id), lambda d: {**d, "state": "submitted"})
         w.jobs.status = lambda job_id: JobStatus(JobState.NOT_STARTED, None, {})  # type: ignore[method-assign]
         w.outbox.take()
-        assert w.retrainer.on_track_run(msg, delivery=Delivery("m-1", 2)) == "started"
+        assert w.retrainer.on_track_run(msg, delivery=Delivery("m-1", 2)) == "resent"
+        ((_, later, _),) = w.outbox.take()
+        assert isinstance(later, TrackRun)
+        # The service says NotStarted (stale), the start is refused with 409: already started.
+        assert w.retrainer.on_track_run(later, delivery=Delivery("m-2")) == "started"
         assert w.jobs.cancelled == []
         assert w.run()["state"] == "running"
 
@@ -550,6 +576,33 @@ class TestAsyncPromotion:
         assert isinstance(poll1, EvaluateRun)
         assert w.retrainer.on_evaluate(poll1) == "duplicate"
         assert w.run()["deployment"]["polls"] == 2
+
+    def test_a_redelivered_provisioning_poll_asks_in_the_next_poll_not_at_once(self) -> None:
+        """The same class as a redelivered job poll: the attempt that died may have just asked
+        how the operation is doing."""
+        w = self.trained(["pending", "pending"])
+        w.deliver()  # deploy -> pending, poll 1 scheduled
+        ((_, poll1, _),) = w.outbox.take()
+        assert isinstance(poll1, EvaluateRun)
+        asked: list[str | None] = []
+        progress = w.target.progress
+
+        def dies_after_asking(operation: str | None) -> Progress:
+            asked.append(operation)
+            progress(operation)
+            raise RuntimeError("the worker died")
+
+        w.target.progress = dies_after_asking  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            w.retrainer.on_evaluate(poll1, delivery=Delivery("p-1"))
+        assert w.retrainer.on_evaluate(poll1, delivery=Delivery("p-1", 2)) == "provisioning"
+        assert asked == ["op-1"]  # the redelivery did not ask again
+        ((_, poll2, delay),) = w.outbox.take()
+        assert isinstance(poll2, EvaluateRun)
+        assert poll2.poll == poll1.poll + 1
+        assert delay >= timedelta(seconds=1)
+        del w.target.progress
+        assert w.retrainer.on_evaluate(poll2) == "promoted"
 
 
 class TestSweep:
