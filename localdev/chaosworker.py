@@ -223,6 +223,12 @@ class FunctionErrors(logging.Handler):
         )
 
 
+POLL_MIN = 0.1
+POLL_MAX = 1.0
+"""The emulated host's polling interval: 0.1 s after a round that found work, doubling up to
+1 s while there is none (the real host backs off the same way, up to a minute by default)."""
+
+
 def main() -> int:
     """Serve one worker until SIGTERM."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -281,18 +287,22 @@ def main() -> int:
     report.write(event="ready", pid=os.getpid())
     next_sweep = time.monotonic() + args.sweep_every * rng.random()
     log = logging.getLogger("chaosworker")
+    interval = POLL_MIN
     while not stop:
+        handled = 0
         try:
             if time.monotonic() >= next_sweep:
                 runner.fire("sweep")
                 next_sweep = time.monotonic() + args.sweep_every
-            runner.step()
+            handled = runner.step()
         except Exception as exc:  # noqa: BLE001 - the emulated host's own hiccup, not the app's
             # E.g. a message another worker re-received after its visibility ran out: the pop
             # receipt no longer matches. The host logs such errors and keeps polling.
             log.warning("polling round failed: %s: %s", type(exc).__name__, exc)
             report.write(event="host error", type=type(exc).__name__)
-        time.sleep(0.1)  # the emulated host's polling interval
+        # The host's polling: at once again after work, backing off while there is none.
+        interval = POLL_MIN if handled else min(interval * 2, POLL_MAX)
+        time.sleep(interval)
     return 0
 
 
