@@ -12,24 +12,21 @@ from typing import Any, NamedTuple, Protocol
 
 from azure.core.exceptions import (
     AzureError,
-    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.storage.blob import BlobSasPermissions, BlobServiceClient
+from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient, TextBase64EncodePolicy
 from pydantic import BaseModel
 
 from retrain.bes import BlobRef
 from retrain.errors import (
-    InputRejected,
     PermanentRemoteError,
     StateConflict,
     TransientRemoteError,
 )
-from retrain.http import RETRY_STATUSES, redact
-from retrain.sas import signer_for
+from retrain.http import redact
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +70,7 @@ def normalize_etag(etag: object) -> str:
     return text
 
 
-def _wire(etag: str) -> str:
+def wire_etag(etag: str) -> str:
     """An ETag as an If-Match header carries it (quoted)."""
     return f'"{normalize_etag(etag)}"'
 
@@ -165,7 +162,7 @@ class Outbox(Protocol):
         ...
 
 
-def _wrap(what: str, exc: AzureError) -> TransientRemoteError:
+def storage_error(what: str, exc: AzureError) -> TransientRemoteError:
     # Storage errors can quote a request URL, a copy source's SAS among them.
     text = redact(f"storage {what}: {type(exc).__name__}: {exc.message or ''}")
     return TransientRemoteError(text[:400])
@@ -190,7 +187,7 @@ class BlobDocumentStore:
         except ResourceNotFoundError:
             return None
         except AzureError as exc:
-            raise _wrap(f"read {key}", exc) from exc
+            raise storage_error(f"read {key}", exc) from exc
         return Versioned(json.loads(stream.readall()), normalize_etag(stream.properties.etag))
 
     def create(self, key: str, doc: dict[str, Any]) -> str:
@@ -200,7 +197,7 @@ class BlobDocumentStore:
         except ResourceExistsError as exc:
             raise StateConflict(f"{key} already exists") from exc
         except AzureError as exc:
-            raise _wrap(f"create {key}", exc) from exc
+            raise storage_error(f"create {key}", exc) from exc
         return normalize_etag(result["etag"])
 
     def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
@@ -210,13 +207,13 @@ class BlobDocumentStore:
             result = self._container.get_blob_client(key).upload_blob(
                 _dump(doc),
                 overwrite=True,
-                etag=_wire(etag),
+                etag=wire_etag(etag),
                 match_condition=MatchConditions.IfNotModified,
             )
         except (ResourceModifiedError, ResourceNotFoundError) as exc:
             raise StateConflict(f"{key} changed since it was read") from exc
         except AzureError as exc:
-            raise _wrap(f"replace {key}", exc) from exc
+            raise storage_error(f"replace {key}", exc) from exc
         return normalize_etag(result["etag"])
 
     def keys(self, prefix: str) -> list[str]:
@@ -228,217 +225,6 @@ class BlobDocumentStore:
 
 def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-class BlobData:
-    """Training data, quarantine and artifacts in the app's storage account. SAS tokens are
-    signed with the account key, or with user delegation keys on an identity connection."""
-
-    def __init__(self, service: BlobServiceClient) -> None:
-        self._service = service
-        self._signer = signer_for(service)
-        self._created: set[str] = set()
-
-    def head(self, container: str, name: str) -> BlobHead | None:
-        blob = self._service.get_blob_client(container, name)
-        try:
-            stream = blob.download_blob(offset=0, length=HEAD_BYTES)
-            return BlobHead(
-                normalize_etag(stream.properties.etag),
-                _total_size(stream.properties),
-                stream.readall(),
-                stream.properties.last_modified,
-            )
-        except ResourceNotFoundError:
-            return None
-        except HttpResponseError as exc:
-            archived = getattr(exc, "error_code", None) == "BlobArchived"
-            if exc.status_code != 416 and not archived:  # 416: a range read of an empty blob
-                raise _wrap(f"read {container}/{name}", exc) from exc
-            if archived:
-                return self._archived(blob, container, name)
-        except AzureError as exc:
-            raise _wrap(f"read {container}/{name}", exc) from exc
-        try:
-            props = blob.get_blob_properties()
-        except ResourceNotFoundError:
-            return None
-        except AzureError as exc:
-            raise _wrap(f"read {container}/{name}", exc) from exc
-        return BlobHead(normalize_etag(props.etag), int(props.size), b"", props.last_modified)
-
-    def _archived(self, blob: Any, container: str, name: str) -> BlobHead | None:
-        try:
-            props = blob.get_blob_properties()  # properties stay readable in the archive tier
-        except ResourceNotFoundError:
-            return None
-        except AzureError as exc:
-            raise _wrap(f"read {container}/{name}", exc) from exc
-        raise BlobUnreadable(
-            f"{container}/{name} is in the archive tier and cannot be read; rehydrate it to the "
-            "hot or cool tier (a new version arrives as a new file)",
-            etag=normalize_etag(props.etag),
-            size=int(props.size),
-        )
-
-    def _sas(
-        self,
-        container: str,
-        name: str,
-        permission: BlobSasPermissions,
-        expires: datetime,
-        start: datetime | None = None,
-    ) -> str:
-        """A blob-scoped SAS; HTTPS only (`spr=https`) unless storage is a loopback emulator."""
-        return self._signer.sign(container, name, permission, expires, start)
-
-    def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
-        self._ensure(target)
-        # Azure Storage (and Azurite) store a '\' in a name as '/': copy what is stored.
-        stored = name.replace("\\", "/")
-        source = BlobRef.to_blob(
-            self._service.url,
-            container,
-            stored,
-            "?"
-            + self._sas(container, stored, BlobSasPermissions(read=True), _in(timedelta(hours=1))),
-        )
-        copy = self._service.get_blob_client(target, f"{container}/{stored}")
-        try:
-            copy.start_copy_from_url(
-                source.base_location + source.relative_location + source.sas_token,
-                metadata={"reason": _ascii(reason)[:1000], "source": _ascii(f"{container}/{name}")},
-            )
-        except ResourceNotFoundError:
-            log.warning("quarantine: %s/%r vanished before it could be copied", container, name)
-        except HttpResponseError as exc:
-            if exc.status_code in RETRY_STATUSES:
-                raise _wrap(f"quarantine {container}/{name!r}", exc) from exc
-            # Retrying cannot help (a name the service refuses, a copy it forbids): the arrival
-            # record already holds the rejection and its reason.
-            log.warning(
-                "quarantine: %s/%r cannot be copied (HTTP %s); its rejection is recorded",
-                container,
-                name,
-                exc.status_code,
-            )
-        except AzureError as exc:
-            raise _wrap(f"quarantine {container}/{name!r}", exc) from exc
-
-    def read_text(self, container: str, name: str, *, max_bytes: int) -> str:
-        blob = self._service.get_blob_client(container, name)
-        try:
-            stream = blob.download_blob(offset=0, length=max_bytes + 1)
-            data = stream.readall()
-        except ResourceNotFoundError as exc:
-            raise PermanentRemoteError(
-                f"{container}/{name} does not exist (the job wrote no output "
-                "there; check the output names in the model spec)"
-            ) from exc
-        except AzureError as exc:
-            raise _wrap(f"read {container}/{name}", exc) from exc
-        if len(data) > max_bytes:
-            raise PermanentRemoteError(f"{container}/{name} is larger than {max_bytes} bytes")
-        return data.decode("utf-8-sig", errors="replace")
-
-    def listing(self, container: str, prefix: str) -> list[Listed]:
-        return [
-            Listed(str(b.name), normalize_etag(b.etag), b.last_modified)
-            for b in self._list(container, prefix)
-        ]
-
-    def newest(self, container: str, prefix: str) -> str | None:
-        blobs = self._list(container, prefix)
-        if not blobs:
-            return None
-        return str(max(blobs, key=lambda b: (b.last_modified, b.name)).name)
-
-    def _list(self, container: str, prefix: str) -> list[Any]:
-        client = self._service.get_container_client(container)
-        try:
-            return list(client.list_blobs(name_starts_with=prefix))
-        except ResourceNotFoundError:
-            return []
-        except AzureError as exc:
-            raise _wrap(f"list {container}/{prefix}", exc) from exc
-
-    def reference(self, container: str, name: str, *, write: bool, expires: datetime) -> BlobRef:
-        if write:
-            self._ensure(container)
-        permission = (
-            BlobSasPermissions(create=True, write=True) if write else BlobSasPermissions(read=True)
-        )
-        sas = self._sas(container, name, permission, expires, _in(timedelta(minutes=-5)))
-        return BlobRef.to_blob(self._service.url, container, name, "?" + sas)
-
-    def freeze(self, source: BlobVersion, container: str, name: str) -> bool:
-        from azure.core import MatchConditions
-
-        target = self._service.get_blob_client(container, name)
-        origin = f"{source.container}/{source.name}"
-        try:
-            props = target.get_blob_properties()
-        except ResourceNotFoundError:
-            props = None
-        except AzureError as exc:
-            raise _wrap(f"read {container}/{name}", exc) from exc
-        version = normalize_etag(source.etag)
-        if props is not None and (props.metadata or {}).get(FROZEN_ETAG) == version:
-            status = props.copy.status if props.copy else "success"
-            if status == "pending":
-                return False
-            if status == "success":
-                return True  # made by an earlier delivery; a failed or aborted copy is redone
-        self._ensure(container)
-        sas = self._sas(
-            source.container,
-            source.name,
-            permission=BlobSasPermissions(read=True),
-            expires=_in(timedelta(hours=1)),
-        )
-        url = self._service.get_blob_client(source.container, source.name).url
-        try:
-            result = target.start_copy_from_url(
-                f"{url}?{sas}",
-                metadata={FROZEN_FROM: _ascii(origin)[:1000], FROZEN_ETAG: version},
-                source_etag=_wire(source.etag),
-                source_match_condition=MatchConditions.IfNotModified,
-            )
-        except (ResourceModifiedError, ResourceNotFoundError) as exc:
-            raise InputRejected(
-                f"{origin} changed after it was validated: version {source.etag} no longer "
-                "exists, so it cannot be trained (a new version is an arrival of its own)"
-            ) from exc
-        except AzureError as exc:
-            raise _wrap(f"copy {origin} to {container}/{name}", exc) from exc
-        return str(result.get("copy_status")) == "success"
-
-    def _ensure(self, container: str) -> None:
-        if container in self._created:
-            return
-        with contextlib.suppress(ResourceExistsError):
-            self._service.create_container(container)
-        self._created.add(container)
-
-
-def _total_size(props: Any) -> int:
-    # A ranged read reports the range's size; the blob's size is after the '/' in Content-Range.
-    content_range = getattr(props, "content_range", None)
-    if content_range and "/" in content_range:
-        total = content_range.rsplit("/", 1)[1]
-        if total.isdigit():
-            return int(total)
-    return int(props.size)
-
-
-def _in(delta: timedelta) -> datetime:
-    from datetime import UTC
-
-    return datetime.now(UTC) + delta
-
-
-def _ascii(text: str) -> str:
-    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 class QueueOutbox:
@@ -466,4 +252,4 @@ class QueueOutbox:
                 client.create_queue()
             client.send_message(body, visibility_timeout=seconds or None)
         except AzureError as exc:
-            raise _wrap(f"enqueue to {queue}", exc) from exc
+            raise storage_error(f"enqueue to {queue}", exc) from exc

@@ -14,6 +14,7 @@ import requests
 from retrain.arm import NewWebService, StaticToken, TokenCredential
 from retrain.backends.bes import BesTraining
 from retrain.bes import BatchJobs, BesClient
+from retrain.blobdata import BlobData
 from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget, ModelReader, sas_reader
 from retrain.errors import ConfigError
@@ -32,7 +33,6 @@ from retrain.settings import (
     read_secret,
 )
 from retrain.storage import (
-    BlobData,
     BlobDocumentStore,
     DataStore,
     DocumentStore,

@@ -10,9 +10,10 @@ import pytest
 import requests
 from azure.storage.blob import BlobServiceClient
 
+from retrain.blobdata import BlobData
 from retrain.ledger import Ledger
 from retrain.pipeline import Places, Retrainer, Timing
-from retrain.storage import BlobData, BlobDocumentStore
+from retrain.storage import BlobDocumentStore
 from tests.fakes import FakeTarget, FakeTraining, ManualClock, MemoryOutbox
 from tests.harness import spec
 

@@ -19,11 +19,12 @@ from azure.storage.queue import QueueServiceClient, TextBase64DecodePolicy
 
 from localdev import stack
 from retrain.bes import BlobRef
+from retrain.blobdata import BlobData
 from retrain.connection import StorageConnection
 from retrain.ledger import Ledger
 from retrain.messages import TrackRun, parse_jobs
 from retrain.settings import Settings
-from retrain.storage import BlobData, BlobVersion
+from retrain.storage import BlobVersion
 from retrain.storage_check import StoragePlaces, check
 from retrain.wiring import build
 from tests.identity_support import FakeTokenCredential, OAuthAzurite

@@ -12,10 +12,11 @@ import requests
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 
+from retrain.blobdata import BlobData
 from retrain.errors import InputRejected, StateConflict
 from retrain.ledger import Ledger
 from retrain.messages import TrackRun, parse_jobs
-from retrain.storage import HEAD_BYTES, BlobData, BlobDocumentStore, BlobVersion, QueueOutbox
+from retrain.storage import HEAD_BYTES, BlobDocumentStore, BlobVersion, QueueOutbox
 
 pytestmark = pytest.mark.integration
 

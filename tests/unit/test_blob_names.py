@@ -10,9 +10,9 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from retrain.bes import BlobRef, relative_location
+from retrain.blobdata import BlobData
 from retrain.errors import InputRejected, RemoteError, TransientRemoteError
 from retrain.ingest import check_name
-from retrain.storage import BlobData
 from tests.harness import World
 
 KEY = "a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5"

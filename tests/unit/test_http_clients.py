@@ -351,12 +351,12 @@ def test_a_storage_error_quoting_a_signed_url_is_redacted() -> None:
     """A copy whose source answers with an error can quote the source URL, SAS and all."""
     from azure.core.exceptions import HttpResponseError
 
-    from retrain.storage import _wrap
+    from retrain.storage import storage_error
 
     exc = HttpResponseError(
         message="CannotVerifyCopySource: https://acct.blob.core.windows.net/data/a.csv"
         "?sv=2024-11-04&sp=r&sig=c2VjcmV0c2lnbmF0dXJl%3D"
     )
-    text = str(_wrap("freeze data/a.csv", exc))
+    text = str(storage_error("freeze data/a.csv", exc))
     assert "c2VjcmV0c2lnbmF0dXJl" not in text
     assert "freeze data/a.csv" in text

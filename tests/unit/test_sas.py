@@ -10,6 +10,7 @@ import pytest
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, UserDelegationKey
 
+from retrain.blobdata import BlobData
 from retrain.errors import ConfigError, PermanentRemoteError, TransientRemoteError
 from retrain.sas import (
     KEY_MAX_LIFETIME,
@@ -17,7 +18,6 @@ from retrain.sas import (
     access_problem,
     signer_for,
 )
-from retrain.storage import BlobData
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 READ = BlobSasPermissions(read=True)
