@@ -34,9 +34,11 @@ class ModelRef:
     def __str__(self) -> str:
         return f"{self.container}/{self.name}"
 
-    def to_doc(self) -> dict[str, str]:
-        """The reference as run and model documents store it."""
-        return {"kind": self.kind, "container": self.container, "name": self.name}
+    def to_doc(self) -> str:
+        """The reference as run and model documents store it: a blob as 'container/blob', the
+        form every release reads (an instance of the previous release may still read documents
+        this one writes, during a rolling upgrade or after a rollback of the release)."""
+        return str(self)
 
     @classmethod
     def load(cls, value: Any) -> ModelRef:
@@ -112,6 +114,11 @@ class TrainingBackend(Protocol):
     """How messages name a job of this backend, e.g. 'BES job'."""
 
     def submit(self, request: TrainingRequest) -> str: ...
+
+    def outputs(self, request: TrainingRequest) -> dict[str, str]:
+        """Where the job's outputs will be, as the run records them when the job is submitted
+        ('container/blob' by output name); may be empty."""
+        ...
 
     def start(self, job_id: str) -> None:
         """Start a submitted job (a no-op for a backend whose submit starts it)."""

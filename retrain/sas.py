@@ -36,6 +36,10 @@ KEY_RENEW_BEFORE = timedelta(minutes=10)
 """A cached key is replaced this long before it expires."""
 CLOCK_SKEW = timedelta(minutes=15)
 """Keys start this far in the past, so a token starting a few minutes back is inside the key."""
+SAS_MARGIN = timedelta(hours=1)
+"""A job's SAS tokens outlive its deadline by this much."""
+LONGEST_JOB_DEADLINE = KEY_MAX_LIFETIME - KEY_RENEW_BEFORE - SAS_MARGIN
+"""The longest job_deadline a user delegation key can cover (its tokens end an hour later)."""
 
 DELEGATION_ROLES = (
     "assign the app's identity 'Storage Blob Data Contributor' or 'Storage Blob Data Owner' on "

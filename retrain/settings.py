@@ -418,4 +418,20 @@ def get_settings() -> Settings:
             f"invalid app settings: {'; '.join(problems)} (see local.settings.example.json)"
         ) from exc
     _ = settings.models
+    if settings.storage.uses_identity:
+        _check_deadlines(settings)
     return settings
+
+
+def _check_deadlines(settings: Settings) -> None:
+    """Without an account key, job SAS tokens are signed with user delegation keys, which
+    storage gives for 7 days at most: a longer job deadline could never be signed for."""
+    from retrain.sas import LONGEST_JOB_DEADLINE
+
+    for spec in settings.models.values():
+        if spec.job_deadline > LONGEST_JOB_DEADLINE:
+            raise ConfigError(
+                f"model {spec.name}: job_deadline {spec.job_deadline} is longer than storage "
+                f"without keys can sign a job's SAS for ({LONGEST_JOB_DEADLINE} at most: user "
+                "delegation keys last 7 days): shorten job_deadline"
+            )

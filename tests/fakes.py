@@ -271,6 +271,9 @@ class FakeTraining:
         self.jobs.setdefault(job_id, request)
         return job_id
 
+    def outputs(self, request: TrainingRequest) -> dict[str, str]:
+        return {}
+
     def start(self, job_id: str) -> None:
         if job_id in self.started:
             raise PermanentRemoteError(f"start {job_id}: HTTP 409: the job was started", status=409)

@@ -6,18 +6,15 @@ Owns what is BES-shaped: the SAS references the job reads and writes, the names 
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from retrain.bes import BatchJobs, JobState
 from retrain.evaluation import parse_evaluation_csv
 from retrain.ports import ModelRef, Phase, TrainingRequest, TrainingResult, TrainingStatus
+from retrain.sas import SAS_MARGIN
 from retrain.settings import BesSpec
 from retrain.storage import DataStore
 
 MODEL_BLOB = "model.ilearner"
 EVALUATION_BLOB = "evaluation.csv"
-SAS_MARGIN = timedelta(hours=1)
-"""The job's SAS tokens outlive its deadline by this much."""
 MAX_EVALUATION_BYTES = 1024 * 1024
 
 _PHASES = {
@@ -61,6 +58,15 @@ class BesTraining:
         return self._jobs.submit(
             inputs=inputs, outputs=outputs, global_parameters=spec.global_parameters
         )
+
+    def outputs(self, request: TrainingRequest) -> dict[str, str]:
+        """The model and the evaluation, recorded on the run at submit as earlier releases
+        did (an instance of the previous release gates and deploys the run by them)."""
+        out = request.output_container
+        return {
+            "model": f"{out}/{self._model(request).name}",
+            "evaluation": f"{out}/{_evaluation(request)}",
+        }
 
     def start(self, job_id: str) -> None:
         self._jobs.start(job_id)

@@ -240,7 +240,10 @@ class Training:
             polls=msg.poll,
             poll_by=delivery_doc(delivery),
             polled_at=iso(now),
-            outputs={"input": f"{request.input_container}/{request.input_name}"},
+            outputs={
+                **jobs.outputs(request),
+                "input": f"{request.input_container}/{request.input_name}",
+            },
         )
         if persisted:
             # The version's own record says which run trained it, whichever batch it was in

@@ -1,5 +1,6 @@
 """Review findings on the typed records, backend-neutral ports and identity storage: each test
-fails on main at 881afac and is marked xfail (strict) until the product is fixed."""
+failed on main at 881afac. Documents this release writes must stay readable by the previous
+release (an older instance during a rolling upgrade, or after the release is rolled back)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,6 @@ def old_release_blob(value: object) -> tuple[str, str]:
     return container, blob
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="mixed release: a run submitted by this release records only outputs.input; an "
-    "instance still on 488157d gates it with run['outputs']['evaluation'] (gate.py:93): "
-    "KeyError on every delivery, then poison fails a good trained run",
-)
 def test_a_run_this_release_submits_can_be_gated_by_the_previous_release() -> None:
     w = trained()
     run = w.run()
@@ -47,13 +41,6 @@ def test_a_run_this_release_submits_can_be_gated_by_the_previous_release() -> No
     assert (container, blob) == ("artifacts", f"housing/{run['run_id']}/evaluation.csv")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="mixed release: the gate now stores outputs.model as a dict; an instance on "
-    "488157d deploys it with model_ref(run['outputs']['model']) (promotion.py:112-114), "
-    "'dict' has no partition: the promoting run is poisoned and failed, never deployed",
-)
 def test_a_run_this_release_gates_can_be_promoted_by_the_previous_release() -> None:
     w = trained()
     w.evaluation("Root Mean Squared Error\n2.5\n")
@@ -64,14 +51,6 @@ def test_a_run_this_release_gates_can_be_promoted_by_the_previous_release() -> N
     assert blob.endswith("model.ilearner")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="mixed release / release rollback: champions now store model as a dict; 488157d "
-    "reads champion['model'] as 'container/blob' in the sweep's reconcile (slot.py:250, "
-    "which stops that model's sweep before retrain_every), the restore check (slot.py:224) "
-    "and rollback (operations.py:120): AttributeError on every call",
-)
 def test_a_champion_this_release_crowns_is_readable_by_the_previous_release() -> None:
     w = trained()
     w.evaluation("Root Mean Squared Error\n2.5\n")
@@ -97,12 +76,6 @@ def identity_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.Monkey
     get_settings.cache_clear()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="identity storage: job SAS tokens expire at deadline + 1 h and a user delegation "
-    "key lasts at most 7 days, yet a job_deadline of 7 days loads; every sealed batch of the "
-    "model then fails at submit (sas.py:113) instead of the setting being refused at load",
-)
 def test_identity_storage_refuses_a_job_deadline_no_delegation_key_can_cover(
     identity_settings: pytest.MonkeyPatch,
 ) -> None:
