@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from retrain.deploy import DeployTarget, Progress
-from retrain.errors import PermanentRemoteError, TransientRemoteError
+from retrain.errors import PermanentError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
 from retrain.pipeline.context import (
@@ -80,7 +80,7 @@ class Deployment:
         step = Step()
         try:
             return self._promote(spec, run, msg, delivery, step)
-        except PermanentRemoteError as exc:
+        except PermanentError as exc:  # a refused call, an unusable answer or reference
             return self._runs.fail(spec, run, f"promotion failed: {exc}")
         except TransientRemoteError as exc:
             if exc.retry_after is None or msg.retries >= MAX_RETRY_AFTER:

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from retrain.errors import (
     InputRejected,
+    PermanentError,
     PermanentRemoteError,
     RemoteError,
     TransientRemoteError,
@@ -86,7 +87,7 @@ class Training:
             return self._step(spec, jobs, run, msg, delivery, step)
         except TransientRemoteError as exc:
             return self._retry(spec, step.run or run, msg, exc, step)
-        except PermanentRemoteError as exc:
+        except PermanentError as exc:  # a refused call, an unusable answer or reference
             current = ctx.ledger.get(key) or step.run or run
             if current.get("job_id") and current["state"] in (
                 RunState.SUBMITTED,

@@ -82,3 +82,34 @@ def test_identity_storage_refuses_a_job_deadline_no_delegation_key_can_cover(
     identity_settings.setenv("RETRAIN_MODELS", json.dumps([raw_spec(job_deadline="P7D")]))
     with pytest.raises(ConfigError, match="job_deadline"):
         get_settings()
+
+
+def test_a_permanent_error_that_is_not_a_remote_one_fails_the_promotion_with_its_reason() -> None:
+    """E.g. a target refusing a model reference it cannot deploy: the run fails, naming why,
+    instead of the message being retried until it is poison."""
+    from retrain.errors import PermanentError
+
+    w = trained()
+    w.evaluation("Root Mean Squared Error\n2.5\n")
+
+    def refuses(model: object) -> object:
+        raise PermanentError("a trained model's blob must end in .ilearner")
+
+    w.target.deploy = refuses  # type: ignore[method-assign,assignment]
+    assert w.deliver() == ["failed"]
+    assert "must end in .ilearner" in w.run()["error"]
+
+
+def test_a_permanent_error_that_is_not_a_remote_one_fails_the_training_with_its_reason() -> None:
+    from retrain.errors import PermanentError
+
+    w = World()
+    w.drop("housing/a.csv", housing_csv(10, seed=1))
+    w.deliver()  # sealed
+
+    def refuses(**kwargs: object) -> str:
+        raise PermanentError("the job's input cannot be named")
+
+    w.jobs.submit = refuses  # type: ignore[method-assign,assignment]
+    assert w.deliver() == ["failed"]
+    assert "cannot be named" in w.run()["error"]
