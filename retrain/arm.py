@@ -10,7 +10,7 @@ import requests
 
 from retrain.deploy import SUCCEEDED, ModelReader, Progress, trained_model
 from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.http import call, field_of, json_of, redact, shape_error
+from retrain.http import call, field_of, json_headers, json_of, redact, shape_error
 from retrain.ports import ModelRef
 
 ROLE_HINT = "the app's identity needs the Contributor role on the web service or its resource group"
@@ -66,12 +66,7 @@ class NewWebService:
         self._timeout = timeout
 
     def _headers(self) -> dict[str, str]:
-        token = self._credential.get_token(self._scope).token
-        return {
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
+        return json_headers(self._credential.get_token(self._scope).token)
 
     def _call(self, method: str, url: str, what: str, body: Any = None) -> requests.Response:
         try:

@@ -18,7 +18,7 @@ from retrain.errors import (
     TransientError,
     TransientRemoteError,
 )
-from retrain.http import call, field_of, json_of, redact, shape_error
+from retrain.http import call, field_of, json_headers, json_of, redact, shape_error
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,7 @@ class BesClient:
         self._key_setting = key_setting
         """The app setting holding the key, to name in errors."""
         self._jobs_url = jobs_url.rstrip("/")
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
+        self._headers = json_headers(api_key)
         self._session = session
         self._timeout = timeout
 

@@ -66,38 +66,21 @@ class BlobData:
                 return self._archived(blob, container, name)
         except AzureError as exc:
             raise storage_error(f"read {container}/{name}", exc) from exc
-        try:
-            props = blob.get_blob_properties()
-        except ResourceNotFoundError:
+        props = _properties(blob, container, name)
+        if props is None:
             return None
-        except AzureError as exc:
-            raise storage_error(f"read {container}/{name}", exc) from exc
         return BlobHead(normalize_etag(props.etag), int(props.size), b"", props.last_modified)
 
     def _archived(self, blob: Any, container: str, name: str) -> BlobHead | None:
-        try:
-            props = blob.get_blob_properties()  # properties stay readable in the archive tier
-        except ResourceNotFoundError:
+        props = _properties(blob, container, name)  # readable in the archive tier
+        if props is None:
             return None
-        except AzureError as exc:
-            raise storage_error(f"read {container}/{name}", exc) from exc
         raise BlobUnreadable(
             f"{container}/{name} is in the archive tier and cannot be read; rehydrate it to the "
             "hot or cool tier (a new version arrives as a new file)",
             etag=normalize_etag(props.etag),
             size=int(props.size),
         )
-
-    def _sas(
-        self,
-        container: str,
-        name: str,
-        permission: BlobSasPermissions,
-        expires: datetime,
-        start: datetime | None = None,
-    ) -> str:
-        """A blob-scoped SAS; HTTPS only (`spr=https`) unless storage is a loopback emulator."""
-        return self._signer.sign(container, name, permission, expires, start)
 
     def quarantine(self, container: str, name: str, target: str, reason: str) -> None:
         self._ensure(target)
@@ -108,7 +91,9 @@ class BlobData:
             container,
             stored,
             "?"
-            + self._sas(container, stored, BlobSasPermissions(read=True), _in(timedelta(hours=1))),
+            + self._signer.sign(
+                container, stored, BlobSasPermissions(read=True), _in(timedelta(hours=1))
+            ),
         )
         copy = self._service.get_blob_client(target, f"{container}/{stored}")
         try:
@@ -175,7 +160,7 @@ class BlobData:
         permission = (
             BlobSasPermissions(create=True, write=True) if write else BlobSasPermissions(read=True)
         )
-        sas = self._sas(container, name, permission, expires, _in(timedelta(minutes=-5)))
+        sas = self._signer.sign(container, name, permission, expires, _in(timedelta(minutes=-5)))
         return BlobRef.to_blob(self._service.url, container, name, "?" + sas)
 
     def freeze(self, source: BlobVersion, container: str, name: str) -> bool:
@@ -183,12 +168,7 @@ class BlobData:
 
         target = self._service.get_blob_client(container, name)
         origin = f"{source.container}/{source.name}"
-        try:
-            props = target.get_blob_properties()
-        except ResourceNotFoundError:
-            props = None
-        except AzureError as exc:
-            raise storage_error(f"read {container}/{name}", exc) from exc
+        props = _properties(target, container, name)
         version = normalize_etag(source.etag)
         if props is not None and (props.metadata or {}).get(FROZEN_ETAG) == version:
             status = props.copy.status if props.copy else "success"
@@ -197,7 +177,7 @@ class BlobData:
             if status == "success":
                 return True  # made by an earlier delivery; a failed or aborted copy is redone
         self._ensure(container)
-        sas = self._sas(
+        sas = self._signer.sign(
             source.container,
             source.name,
             permission=BlobSasPermissions(read=True),
@@ -244,3 +224,13 @@ def _in(delta: timedelta) -> datetime:
 
 def _ascii(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _properties(blob: Any, container: str, name: str) -> Any:
+    """A blob's properties, or None when it does not exist."""
+    try:
+        return blob.get_blob_properties()
+    except ResourceNotFoundError:
+        return None
+    except AzureError as exc:
+        raise storage_error(f"read {container}/{name}", exc) from exc

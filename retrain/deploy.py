@@ -13,7 +13,7 @@ import requests
 from retrain.bes import BlobRef, relative_location
 from retrain.clock import Clock
 from retrain.errors import ConfigError, PermanentError, PermanentRemoteError
-from retrain.http import call, field_of, json_of, shape_error
+from retrain.http import call, field_of, json_headers, json_of, shape_error
 from retrain.ports import ModelRef
 from retrain.storage import DataStore
 
@@ -94,11 +94,7 @@ class ClassicEndpoint:
         self._name = self._url.rsplit("/", 1)[-1]
         self._resource = resource_name
         self._read = read
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Content-Type": "application/json; charset=utf-8",
-            "Accept": "application/json",
-        }
+        self._headers = json_headers(api_key, content_type="application/json; charset=utf-8")
         self._session = session
         self._timeout = timeout
 

@@ -12,7 +12,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from retrain.errors import PermanentRemoteError, TransientRemoteError
+from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 RETRIES = 4
@@ -172,22 +172,8 @@ def call(
             timeout=timeout,
             allow_redirects=follow_redirects,
         )
-    except requests.exceptions.RetryError as exc:
-        raise TransientRemoteError(
-            f"{what}: still failing after retries ({redact(str(exc))})"
-        ) from exc
-    except requests.exceptions.Timeout as exc:
-        raise TransientRemoteError(f"{what}: timed out") from exc
-    except requests.exceptions.ConnectionError as exc:
-        raise TransientRemoteError(f"{what}: connection failed ({type(exc).__name__})") from exc
-    except requests.exceptions.ChunkedEncodingError as exc:
-        # The connection broke while the answer was being read: the outcome is unknown, as
-        # after a timeout (the service may have acted), so it is tried again, not failed.
-        raise TransientRemoteError(
-            f"{what}: the answer was cut off ({type(exc).__name__})"
-        ) from exc
     except requests.exceptions.RequestException as exc:
-        raise PermanentRemoteError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from exc
+        raise _unanswered(what, exc) from exc
     if not follow_redirects and 300 <= response.status_code < 400:
         location = redact(response.headers.get("Location") or "nowhere")
         raise PermanentRemoteError(
@@ -210,6 +196,32 @@ def call(
             retry_after=retry_after(response),
         )
     return response
+
+
+def _unanswered(what: str, exc: requests.exceptions.RequestException) -> RemoteError:
+    """The error for a request that got no (whole) answer: transient where trying again can
+    help (the retries ran out, a timeout, a failed or broken connection), else permanent."""
+    kind = type(exc).__name__
+    if isinstance(exc, requests.exceptions.RetryError):
+        return TransientRemoteError(f"{what}: still failing after retries ({redact(str(exc))})")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return TransientRemoteError(f"{what}: timed out")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return TransientRemoteError(f"{what}: connection failed ({kind})")
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        # The connection broke while the answer was being read: the outcome is unknown, as
+        # after a timeout (the service may have acted), so it is tried again, not failed.
+        return TransientRemoteError(f"{what}: the answer was cut off ({kind})")
+    return PermanentRemoteError(f"{what}: {kind}: {redact(str(exc))}")
+
+
+def json_headers(token: str, *, content_type: str = "application/json") -> dict[str, str]:
+    """`Authorization: Bearer <token>`, sending `content_type` and accepting JSON."""
+    return {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": content_type,
+        "Accept": "application/json",
+    }
 
 
 def _snippet(response: requests.Response) -> str:

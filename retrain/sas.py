@@ -13,9 +13,10 @@ signature never leaves this module except inside the token handed to the job.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from azure.core.exceptions import AzureError, ClientAuthenticationError
@@ -48,19 +49,6 @@ DELEGATION_ROLES = (
 )
 
 
-class SasSigner(Protocol):
-    """Signs a SAS for one blob."""
-
-    def sign(
-        self,
-        container: str,
-        name: str,
-        permission: BlobSasPermissions,
-        expires: datetime,
-        start: datetime | None = None,
-    ) -> str: ...
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -70,12 +58,16 @@ def _protocol(service: BlobServiceClient) -> str | None:
     return None if is_loopback(urlsplit(service.url).hostname or "") else "https"
 
 
-class AccountKeySigner:
-    """Signs with the storage account key from the connection string."""
+class SasSigner(ABC):
+    """Signs a SAS for one blob of the account; a subclass gives the signing credential."""
 
-    def __init__(self, service: BlobServiceClient, account: str, key: str) -> None:
-        self._account, self._key = account, key
+    def __init__(self, service: BlobServiceClient, account: str) -> None:
+        self._account = account
         self._protocol = _protocol(service)
+
+    @abstractmethod
+    def _credential(self, expires: datetime) -> dict[str, Any]:
+        """The `generate_blob_sas` keyword that signs a token valid until `expires`."""
 
     def sign(
         self,
@@ -89,21 +81,32 @@ class AccountKeySigner:
             self._account,
             container,
             name,
-            account_key=self._key,
             permission=permission,
             expiry=expires,
             start=start,
             protocol=self._protocol,
+            **self._credential(expires),
         )
 
 
-class DelegationSigner:
+class AccountKeySigner(SasSigner):
+    """Signs with the storage account key from the connection string."""
+
+    def __init__(self, service: BlobServiceClient, account: str, key: str) -> None:
+        super().__init__(service, account)
+        self._key = key
+
+    def _credential(self, expires: datetime) -> dict[str, Any]:
+        return {"account_key": self._key}
+
+
+class DelegationSigner(SasSigner):
     """Signs with a user delegation key the app's identity gets from the service."""
 
     def __init__(self, service: BlobServiceClient, *, now: Callable[[], datetime] = _now) -> None:
+        super().__init__(service, service.account_name or "")
         self._service = service
         self._now = now
-        self._protocol = _protocol(service)
         self._lock = threading.Lock()
         self._key: UserDelegationKey | None = None
         self._key_expires: datetime | None = None
@@ -132,24 +135,8 @@ class DelegationSigner:
             self._key_expires = until
             return self._key
 
-    def sign(
-        self,
-        container: str,
-        name: str,
-        permission: BlobSasPermissions,
-        expires: datetime,
-        start: datetime | None = None,
-    ) -> str:
-        return generate_blob_sas(
-            self._service.account_name or "",
-            container,
-            name,
-            user_delegation_key=self.key_for(expires),
-            permission=permission,
-            expiry=expires,
-            start=start,
-            protocol=self._protocol,
-        )
+    def _credential(self, expires: datetime) -> dict[str, Any]:
+        return {"user_delegation_key": self.key_for(expires)}
 
 
 def get_delegation_key(

@@ -18,6 +18,7 @@ One module per service, each with its route table of (method, path pattern, hand
     routes.py   the route table: Request, Reply, first-match dispatch
     common.py   shared state (faults, calls, violations), errors, references, scoring
     server.py   Emulator (the services and the /_emulator/ control routes), the HTTP layer
+                (on `localdev.emuhttp`, shared with `localdev.azureml_v2`)
 
 Run it: `python -m localdev.amlemu --config emulator.json --port 8765`.
 """

@@ -3,10 +3,8 @@ lock, the clock), the errors they answer with, and how they read references and 
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -14,9 +12,10 @@ from urllib.parse import unquote
 from azure.storage.blob import BlobClient
 
 from localdev import learn
+from localdev.emuhttp import Faults as BaseFaults
+from localdev.emuhttp import HttpError as HttpError
+from localdev.emuhttp import Recording, log
 from retrain.clock import Clock
-
-log = logging.getLogger("amlemu")
 
 AUTH_FAILED = (
     "AuthenticationFailed: Server failed to authenticate the request. Make sure the value of "
@@ -28,27 +27,14 @@ _ENCODED = re.compile(r"(?:[A-Za-z0-9._~/-]|%[0-9A-Fa-f]{2})*")
 
 
 @dataclass
-class Faults:
-    """Faults to inject. One-shot HTTP faults are consumed in order by matching requests."""
+class Faults(BaseFaults):
+    """Faults to inject (see `localdev.emuhttp.Faults`)."""
 
-    job_seconds: float = 0.0
-    hang_jobs: bool = False
-    fail_jobs: int = 0
     fail_details: str = "Module execution encountered an internal error (injected)."
-    provisioning_seconds: float = 0.0
-    fail_provisioning: int = 0
-    http: list[dict[str, Any]] = field(default_factory=list)
-    """One-shot faults, each matching an optional "method" and a "path" substring:
-    {"status": 429, "retry_after": 1}: answer that instead, doing nothing;
-    {"drop": true}: close the connection without answering, doing nothing;
-    {"delay": s}: hold the request s seconds, then handle and answer it;
-    {"lose_response": true}: handle the request (the service acts), then close the connection
-    without answering;
-    {"delay_answer": s}: handle the request, then hold the answer s seconds."""
 
 
 @dataclass
-class Shared:
+class Shared(Recording):
     """State every emulated service reads or records into."""
 
     account_key: str | None = None
@@ -69,30 +55,6 @@ class Shared:
         with self.lock:
             self.violations.append({"kind": kind, "job": job, "detail": detail})
         log.warning("contract violation: %s (job %s): %s", kind, job, detail)
-
-    def seconds(self) -> float:
-        """The emulator's own time in seconds: its clock if it has one, else monotonic."""
-        if self.clock is not None:
-            return self.clock.now().timestamp()
-        return time.monotonic()
-
-
-class HttpError(Exception):
-    """An error answer: `{"error": {"code": ..., "message": ...}}` with this status."""
-
-    def __init__(self, status: int, code: str, message: str | None = None) -> None:
-        super().__init__(message or code)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    @property
-    def body(self) -> dict[str, Any]:
-        """The answer's JSON body (no "message" when there is none)."""
-        error: dict[str, Any] = {"code": self.code}
-        if self.message is not None:
-            error["message"] = self.message
-        return {"error": error}
 
 
 class BadRequest(HttpError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from localdev.amlemu.common import HttpError
+from localdev.emuhttp import Reply as Reply
 
 ANY = "*"
 """A route's method that matches every method (the entry after a resource's own methods)."""
@@ -35,15 +36,6 @@ class Request:
         """Answer 401 unless the request carries `Authorization: Bearer <key>`."""
         if self.authorization != f"Bearer {key}":
             raise HttpError(401, "Unauthorized", "Invalid API key")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An answer: status, JSON body (None: no body) and extra headers."""
-
-    status: int
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 Handler = Callable[[Request], Reply]

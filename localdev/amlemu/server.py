@@ -3,22 +3,16 @@ faults, parses requests and answers through the route tables."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import logging
-import re
-import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from localdev.amlemu.arm import Arm, WebService
 from localdev.amlemu.bes import Bes, Job, TrainingService
 from localdev.amlemu.classic import Classic, Endpoint
-from localdev.amlemu.common import BadRequest, Faults, HttpError, Shared, log
+from localdev.amlemu.common import BadRequest, Faults, HttpError, Shared
 from localdev.amlemu.routes import ANY, Reply, Request, Route, dispatch, route
+from localdev.emuhttp import FaultHandler, LoopbackServer, serve
 from retrain.clock import Clock
 
 DESCRIPTION = "A local emulator of Azure ML Studio (classic) BES v2.0 and endpoint management."
@@ -104,12 +98,7 @@ class Emulator:
 
     def count(self, method: str, pattern: str, status: int | None = None) -> int:
         """How many calls matched (method, regex on path, status)."""
-        rx = re.compile(pattern)
-        return sum(
-            1
-            for m, p, s in self.calls
-            if m == method and rx.search(p) and (status is None or s == status)
-        )
+        return self.shared.count(method, pattern, status)
 
     def violation(self, kind: str, job: str | None, detail: str) -> None:
         """Record a breach of the contract by the client (never a secret in `detail`)."""
@@ -119,15 +108,11 @@ class Emulator:
 
     def take_fault(self, method: str, path: str) -> dict[str, Any] | None:
         """The next one-shot HTTP fault matching this request, removed from the list."""
-        with self.lock:
-            for i, fault in enumerate(self.faults.http):
-                if fault.get("method", method) == method and fault.get("path", "") in path:
-                    return self.faults.http.pop(i)
-        return None
+        return self.shared.take_fault(method, path)
 
     def slow(self, seconds: float) -> None:
         """Hold a request, as an overloaded service would."""
-        threading.Event().wait(seconds)
+        self.shared.slow(seconds)
 
     # ---- requests
 
@@ -159,74 +144,13 @@ class Emulator:
         raise HttpError(404, "NotFound")
 
 
-_DROPPED = Reply(0)
-"""A fault's "answer" that is none: the connection was closed."""
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(FaultHandler):
     """HTTP for one emulator (`make_handler` binds it): one-shot faults, then the routes."""
 
-    protocol_version = "HTTP/1.1"
-    emulator: Emulator
-    _after: dict[str, Any] | None = None
-    """This request's fault that acts after handling (lost or late answer)."""
+    emulator: ClassVar[Emulator]
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.command, urlsplit(self.path).path)
-
-    def _send(self, reply: Reply) -> None:
-        emu, after = self.emulator, self._after or {}
-        path = urlsplit(self.path).path
-        if after.get("lose_response"):
-            # The service acted; the answer never reaches the client.
-            emu.calls.append((self.command, path, reply.status))
-            self.close_connection = True
-            self.connection.close()
-            return
-        if "delay_answer" in after:
-            emu.slow(float(after["delay_answer"]))
-        data = b"" if reply.body is None else json.dumps(reply.body).encode()
-        self.send_response(reply.status)
-        for k, v in reply.headers.items():
-            self.send_header(k, v)
-        if reply.body is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.wfile.write(data)  # the client may have timed out and gone
-        emu.calls.append((self.command, path, reply.status))
-
-    def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"body is not JSON: {exc}") from exc
-
-    def _fault(self, path: str) -> Reply | None:
-        """Apply this request's one-shot fault; a reply to answer instead, if it has one."""
-        emu = self.emulator
-        fault = emu.take_fault(self.command, path)
-        if fault is None:
-            return None
-        if "lose_response" in fault or "delay_answer" in fault:
-            self._after = fault  # handled in full; only the answer is lost or late
-            return None
-        if fault.get("drop"):
-            emu.calls.append((self.command, path, 0))
-            self.close_connection = True
-            self.connection.close()
-            return _DROPPED
-        if "delay" in fault:
-            # A slow answer: handled normally, after the client may have given up.
-            emu.slow(float(fault["delay"]))
-            return None
-        headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
-        return Reply(int(fault["status"]), {"error": {"code": "Injected"}}, headers)
+    def bad_body(self, problem: str) -> HttpError:
+        return BadRequest(problem)
 
     def _handle(self) -> None:
         parts = urlsplit(self.path)
@@ -239,76 +163,35 @@ class _Handler(BaseHTTPRequestHandler):
             host=self.headers.get("Host"),
         )
         self.emulator.arrived(request.method, request.path)
-        instead = self._fault(request.path)
-        if instead is None:
-            self._send(self.emulator.handle(request))
-        elif instead is not _DROPPED:
-            self._send(instead)
-
-    def _dispatch(self) -> None:
-        self._after = None
-        try:
-            self._handle()
-        except HttpError as exc:
-            self._send(Reply(exc.status, exc.body))
-
-    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
+        self._answer(request.path, lambda: self.emulator.handle(request))
 
 
-def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
+def make_handler(emu: Emulator) -> type[FaultHandler]:
     """The request handler class bound to one emulator."""
-
-    class Handler(_Handler):
-        emulator = emu
-
-    return Handler
+    return type("Handler", (_Handler,), {"emulator": emu})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out or dropped the connection is part of the tests, not a bug.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class EmulatorServer:
+class EmulatorServer(LoopbackServer):
     """The emulator on a loopback port, served from a background thread."""
 
     def __init__(self, emulator: Emulator, port: int = 0) -> None:
+        super().__init__(make_handler(emulator), port)
         self.emulator = emulator
-        self.httpd = _Server(("127.0.0.1", port), make_handler(emulator))
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. http://127.0.0.1:8765."""
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> EmulatorServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def stop(self) -> None:
+        """Stop serving, then cancel the jobs still running on threads."""
+        super().stop()
         for job in self.emulator.jobs.values():
             job.cancel.set()
 
 
 def main() -> None:
     """Serve the emulator until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m localdev.amlemu", description=DESCRIPTION)
-    parser.add_argument("--config", required=True, help="JSON file with services and endpoints")
-    parser.add_argument("--port", type=int, default=8765)
-    args = parser.parse_args()
-    with open(args.config, encoding="utf-8") as fh:
-        config = json.load(fh)
-    logging.basicConfig(level=logging.INFO)
-    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every request at INFO
-    server = EmulatorServer(Emulator(config), args.port)
-    log.info("Azure ML emulator on %s", server.url)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.httpd.serve_forever()
+    serve(
+        "Azure ML emulator",
+        description=DESCRIPTION,
+        prog="python -m localdev.amlemu",
+        config_help="JSON file with services and endpoints",
+        port=8765,
+        server_for=lambda config, port: EmulatorServer(Emulator(config), port),
+    )

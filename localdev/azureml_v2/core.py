@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from azure.storage.blob import ContainerClient
 
+from localdev.emuhttp import Faults as BaseFaults
+from localdev.emuhttp import HttpError, Recording
 from retrain.clock import Clock
 
 log = logging.getLogger("amlemu.v2")
@@ -19,46 +20,26 @@ API_VERSION = "2025-09-01"
 PROVIDER = "Microsoft.MachineLearningServices"
 
 
-class ArmError(Exception):
+class ArmError(HttpError):
     """A refusal in the ARM error shape: `{"error": {"code", "message"}}`."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+        super().__init__(status, code, message)
 
 
 @dataclass
-class Faults:
-    """Faults to inject. One-shot HTTP faults are consumed in order by matching requests."""
+class Faults(BaseFaults):
+    """Faults to inject (see `localdev.emuhttp.Faults`), and the v2 services' own."""
 
-    job_seconds: float = 0.0
-    """How long a job runs before it finishes (on the emulator's time)."""
-    hang_jobs: bool = False
-    """Jobs never finish (until cancelled)."""
-    fail_jobs: int = 0
-    """The next n jobs fail with `fail_details` instead of training."""
     fail_details: str = "UserError: the training script exited with code 1 (injected)"
     not_responding: int = 0
     """The next n status GETs of a running job answer NotResponding (the job goes on)."""
     cancel_seconds: float = 0.0
     """How long CancelRequested lasts before Canceled."""
-    provisioning_seconds: float = 0.0
-    """How long an endpoint or deployment operation runs."""
-    fail_provisioning: int = 0
-    """The next n deployment operations fail."""
     stale_traffic_gets: int = 0
     """After a traffic change succeeds, the next n endpoint GETs still show the old map."""
     mlflow_page_size: int = 100
     """Entries per page of metrics/get-history."""
-    http: list[dict[str, Any]] = field(default_factory=list)
-    """One-shot faults, each matching an optional "method" and a "path" substring:
-    {"status": 429, "retry_after": 1}: answer that instead, doing nothing;
-    {"drop": true}: close the connection without answering, doing nothing;
-    {"delay": s}: hold the request s seconds, then handle and answer it;
-    {"lose_response": true}: handle the request (the service acts), then close the connection
-    without answering;
-    {"delay_answer": s}: handle the request, then hold the answer s seconds."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +61,7 @@ _LONG = re.compile(
 )
 
 
-class Emulator:
+class Emulator(Recording):
     """The emulator's state; the HTTP server is a thin layer over it.
 
     Config: {"subscription", "resource_group", "workspace", "location", "token",
@@ -103,7 +84,7 @@ class Emulator:
             name: Datastore(d["connection_string"], d["container"])
             for name, d in (config.get("datastores") or {}).items()
         }
-        self.faults = Faults()
+        self.faults: Faults = Faults()
         self.lock = threading.RLock()
         self.calls: list[tuple[str, str, int]] = []
         self.violations: list[dict[str, Any]] = []
@@ -119,35 +100,12 @@ class Emulator:
             f"/providers/{PROVIDER}/workspaces/{self.workspace}"
         )
 
-    def seconds(self) -> float:
-        """The emulator's time in seconds: its clock if it has one, else monotonic."""
-        if self.clock is not None:
-            return self.clock.now().timestamp()
-        return time.monotonic()
-
     def refuse(self, status: int, code: str, kind: str, message: str) -> ArmError:
         """Record a refusal of a client's request and return the error to raise."""
         with self.lock:
             self.violations.append({"kind": kind, "detail": message})
         log.warning("refused (%s): %s", kind, message)
         return ArmError(status, code, message)
-
-    def take_fault(self, method: str, path: str) -> dict[str, Any] | None:
-        """The next one-shot HTTP fault matching this request, removed from the list."""
-        with self.lock:
-            for i, fault in enumerate(self.faults.http):
-                if fault.get("method", method) == method and fault.get("path", "") in path:
-                    return self.faults.http.pop(i)
-        return None
-
-    def count(self, method: str, pattern: str, status: int | None = None) -> int:
-        """How many calls matched (method, regex on path, status)."""
-        rx = re.compile(pattern)
-        return sum(
-            1
-            for m, p, s in list(self.calls)
-            if m == method and rx.search(p) and (status is None or s == status)
-        )
 
     def datastore_path(self, uri: str) -> tuple[Datastore, str]:
         """The datastore and blob path of a short or long datastore URI of this workspace."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from localdev.azureml_v2.core import API_VERSION, PROVIDER, ArmError, Emulator
+from localdev.emuhttp import Reply as Reply
 
 
 @dataclass
@@ -39,15 +40,6 @@ class Request:
             f"{self.base}/subscriptions/{emu.subscription}/providers/{PROVIDER}/locations/"
             f"{emu.location}/{kind}/{op}?api-version={API_VERSION}"
         )
-
-
-@dataclass
-class Reply:
-    """A status, a JSON body (None for none) and headers."""
-
-    status: int
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 Handler = Callable[[Request], Reply]

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import logging
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from localdev.azureml_v2.core import API_VERSION, ArmError, Emulator
 from localdev.azureml_v2.routes import Reply, Request, find
+from localdev.emuhttp import FaultHandler, HttpError, LoopbackServer, serve
 
 log = logging.getLogger("amlemu.v2")
 
@@ -66,158 +61,72 @@ def _control(emu: Emulator, method: str, path: str, body: Any) -> Reply:
     raise ArmError(404, "NotFound", path)
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One request: faults, routing, access checks, the reply; `emu` is set per server."""
+class Handler(FaultHandler):
+    """One request: faults, routing, access checks, the reply; `emulator` is set per server."""
 
-    emu: Emulator
-    protocol_version = "HTTP/1.1"
-    _after: dict[str, Any] | None = None
+    emulator: ClassVar[Emulator]
+    logger = log
+    injected: ClassVar[dict[str, Any]] = {
+        "error": {"code": "Injected", "message": "injected fault"}
+    }
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.command, urlsplit(self.path).path)
+    def bad_body(self, problem: str) -> HttpError:
+        return ArmError(400, "InvalidRequestContent", problem)
 
-    def _send(self, reply: Reply) -> None:
-        path = urlsplit(self.path).path
-        after = self._after or {}
-        if after.get("lose_response"):
-            self.emu.calls.append((self.command, path, reply.status))
-            self.close_connection = True
-            self.connection.close()
-            return
-        if "delay_answer" in after:
-            threading.Event().wait(float(after["delay_answer"]))
-        data = b"" if reply.body is None else json.dumps(reply.body).encode()
-        self.send_response(reply.status)
-        for key, value in reply.headers.items():
-            self.send_header(key, value)
-        if reply.body is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.wfile.write(data)
-        self.emu.calls.append((self.command, path, reply.status))
-
-    def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ArmError(400, "InvalidRequestContent", f"body is not JSON: {exc}") from exc
-
-    def _fault(self, path: str) -> bool:
-        """Apply a one-shot fault; True when it answered (or dropped) the request."""
-        fault = self.emu.take_fault(self.command, path)
-        if fault and ("lose_response" in fault or "delay_answer" in fault):
-            self._after = fault
-            return False
-        if fault and fault.get("drop"):
-            self.emu.calls.append((self.command, path, 0))
-            self.close_connection = True
-            self.connection.close()
-            return True
-        if fault and "delay" in fault:
-            threading.Event().wait(float(fault["delay"]))
-            return False
-        if fault:
-            headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
-            error = {"error": {"code": "Injected", "message": "injected fault"}}
-            self._send(Reply(int(fault["status"]), error, headers))
-            return True
-        return False
+    def error_body(self, error: HttpError) -> Any:
+        if "/api/2.0/mlflow/" in self.path:
+            return {"error_code": error.code, "message": str(error)}
+        return {"error": {"code": error.code, "message": str(error)}}
 
     def _handle(self) -> None:
         parts = urlsplit(self.path)
         path = parts.path
         body = self._body()
         if path.startswith("/_emulator/"):
-            self._send(_control(self.emu, self.command, path, body))
+            self._send(_control(self.emulator, self.command, path, body))
             return
-        if self._fault(path):
-            return
+        self._answer(path, lambda: self._route(parts.path, parts.query, body))
+
+    def _route(self, path: str, query: str, body: Any) -> Reply:
         found = find(self.command, path)
         if found is None:
             raise ArmError(404, "NotFound", f"no route for {self.command} {path}")
         handler, kind, match = found
         request = Request(
-            self.emu,
+            self.emulator,
             self.command,
             match,
-            parse_qs(parts.query),
+            parse_qs(query),
             body,
             {k.casefold(): v for k, v in self.headers.items()},
             f"http://{self.headers.get('Host')}",
         )
-        _check_access(self.emu, kind, request)
-        self._send(handler(request))
-
-    def _dispatch(self) -> None:
-        self._after = None
-        try:
-            self._handle()
-        except ArmError as exc:
-            body: dict[str, Any]
-            if "/api/2.0/mlflow/" in self.path:
-                body = {"error_code": exc.code, "message": str(exc)}
-            else:
-                body = {"error": {"code": exc.code, "message": str(exc)}}
-            self._send(Reply(exc.status, body))
-
-    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
+        _check_access(self.emulator, kind, request)
+        return handler(request)
 
 
-def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
+def make_handler(emu: Emulator) -> type[FaultHandler]:
     """The request handler class bound to one emulator."""
-    return type("BoundHandler", (Handler,), {"emu": emu})
+    return type("BoundHandler", (Handler,), {"emulator": emu})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out or dropped the connection is part of the tests, not a bug.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class EmulatorServer:
-    """The emulator on a loopback port, served from a background thread."""
+class EmulatorServer(LoopbackServer):
+    """The emulator on a loopback port, served from a background thread; its `url` is the ARM
+    endpoint to configure."""
 
     def __init__(self, emulator: Emulator, port: int = 0) -> None:
+        super().__init__(make_handler(emulator), port)
         self.emulator = emulator
-        self.httpd = _Server(("127.0.0.1", port), make_handler(emulator))
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. http://127.0.0.1:8766: the ARM endpoint to configure."""
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> EmulatorServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def main() -> None:
     """Serve the emulator until interrupted."""
-    parser = argparse.ArgumentParser(description="Azure ML v2 emulator")
-    parser.add_argument(
-        "--config", required=True, help="JSON file: workspace, datastores, endpoints"
+    serve(
+        "Azure ML v2 emulator",
+        description="Azure ML v2 emulator",
+        prog="python -m localdev.azureml_v2",
+        config_help="JSON file: workspace, datastores, endpoints",
+        port=8766,
+        server_for=lambda config, port: EmulatorServer(Emulator(config), port),
+        logger=log,
     )
-    parser.add_argument("--port", type=int, default=8766)
-    args = parser.parse_args()
-    with open(args.config, encoding="utf-8") as fh:
-        config = json.load(fh)
-    logging.basicConfig(level=logging.INFO)
-    logging.getLogger("azure").setLevel(logging.WARNING)
-    server = EmulatorServer(Emulator(config), args.port)
-    log.info("Azure ML v2 emulator on %s", server.url)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.httpd.serve_forever()

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import requests
 
 from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.http import call, field_of, json_of, redact, shape_error
+from retrain.http import call, field_of, json_headers, json_of, redact, shape_error
 
 API_VERSION = "2025-09-01"
 """The ARM api-version every control-plane call sends (spec §0.1: all contracts read from it)."""
@@ -113,12 +113,7 @@ class ArmClient:
 
     def headers(self) -> dict[str, str]:
         """Bearer token for the ARM audience, JSON both ways."""
-        token = self.credential.get_token(self.scope).token
-        return {
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
+        return json_headers(self.credential.get_token(self.scope).token)
 
     def url(self, suffix: str) -> str:
         """`{WS}{suffix}?api-version=...`."""
