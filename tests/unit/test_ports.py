@@ -266,5 +266,5 @@ def spec_kinds(field: str) -> set[str]:
 
 
 def test_every_kind_a_spec_can_name_has_an_adapter() -> None:
-    assert spec_kinds("training") == set(wiring.TRAINING) == {"bes"}
-    assert spec_kinds("target") == set(wiring.TARGETS) == {"classic", "new"}
+    assert spec_kinds("training") == set(wiring.TRAINING) == {"bes", "azureml"}
+    assert spec_kinds("target") == set(wiring.TARGETS) == {"classic", "new", "online_endpoint"}
