@@ -146,9 +146,11 @@ class OnlineEndpoint:
     def _smoke(self, deployment: str) -> Progress | None:
         try:
             self._endpoints.score(self._name, deployment, self._spec.smoke_request)
-        except TransientError:
-            raise
         except RemoteError as exc:
+            # Throttling, a busy or unreachable service: ask again at the next poll. A 500 is
+            # the scoring script failing on the request: the model is not fit to serve.
+            if isinstance(exc, TransientError) and exc.status != 500:
+                raise
             return Progress("failed", f"the smoke request to deployment {deployment} failed: {exc}")
         return None
 
