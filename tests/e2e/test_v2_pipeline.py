@@ -222,3 +222,31 @@ class TestV2Pipeline:
         assert deployment_puts == 2  # the rollback moved traffic; it re-created nothing
         assert s.emulator.count("PUT", r"/jobs/") == 3
         assert s.emulator.violations == []
+
+    def test_a_deployment_that_fails_to_provision_leaves_the_champion_serving(
+        self, v2_stack: V2Stack
+    ) -> None:
+        s = v2_stack
+        s.upload("housing/2026-12-01.csv", housing_csv(60, seed=11, noise=40))
+        s.runner.run_until_idle()
+        served = s.predict(ROWS)
+        s.emulator.faults.fail_provisioning = 1
+        s.upload("housing/2026-12-02.csv", housing_csv(400, seed=12, noise=1))
+        s.runner.run_until_idle()
+        first, second = s.runs()
+        assert second["state"] == "failed"
+        assert "the target refused the model" in second["error"]
+        assert s.traffic() == {"blue": 100}
+        assert s.predict(ROWS) == served
+        assert s.model_state()["champion"]["run_id"] == first["run_id"]
+        assert s.emulator.count("PUT", r"/onlineEndpoints/housing$") == 1  # traffic never moved
+
+    def test_a_failed_job_fails_its_run_with_the_reason(self, v2_stack: V2Stack) -> None:
+        s = v2_stack
+        s.emulator.faults.fail_jobs = 1
+        s.upload("housing/2026-12-01.csv", housing_csv(60, seed=13))
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+        assert run["state"] == "failed"
+        assert "exited with code 1 (injected)" in run["error"]
+        assert s.traffic() == {}
