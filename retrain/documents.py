@@ -76,6 +76,8 @@ class StoredModel(Record):
     kind: str
     container: str | None = None
     name: str | None = None
+    version: str | None = None
+    """A registered model's version (kind "registered")."""
 
 
 Model = str | StoredModel

@@ -19,25 +19,42 @@ class ModelRef:
     """A trained model, as a deploy target is told to serve it.
 
     `kind="blob"`: the model file `name` in storage `container` (what BES writes and Classic and
-    New web services load). Another backend adds its kind (e.g. a registered model's name and
-    version) here and in `load`.
+    New web services load). `kind="registered"`: version `version` of model `name` in an Azure
+    ML workspace's registry (what the v2 backend registers and an online endpoint serves); use
+    `ModelRef.registered(name, version)`.
     """
 
     container: str
     name: str
-    kind: Literal["blob"] = "blob"
+    kind: Literal["blob", "registered"] = "blob"
+    version: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.container or not self.name:
+        if self.kind == "registered":
+            if not self.name or not self.version or self.container:
+                raise PermanentError(
+                    f"a registered model reference needs a name and a version only: {self}"
+                )
+        elif not self.container or not self.name or self.version is not None:
             raise PermanentError(f"a blob model reference needs a container and a name: {self}")
 
+    @classmethod
+    def registered(cls, name: str, version: str) -> ModelRef:
+        """Version `version` of registered model `name`."""
+        return cls("", name, "registered", version)
+
     def __str__(self) -> str:
+        if self.kind == "registered":
+            return f"{self.name}:{self.version}"
         return f"{self.container}/{self.name}"
 
-    def to_doc(self) -> str:
-        """The reference as run and model documents store it: a blob as 'container/blob', the
+    def to_doc(self) -> str | dict[str, str]:
+        """The reference as run and model documents store it. A blob as 'container/blob', the
         form every release reads (an instance of the previous release may still read documents
-        this one writes, during a rolling upgrade or after a rollback of the release)."""
+        this one writes, during a rolling upgrade or after a rollback of the release); a
+        registered model as its kind, name and version."""
+        if self.kind == "registered":
+            return {"kind": self.kind, "name": self.name, "version": str(self.version)}
         return str(self)
 
     @classmethod
@@ -47,10 +64,15 @@ class ModelRef:
         if isinstance(value, str):
             container, _, name = value.partition("/")
             return cls(container, name)
-        if isinstance(value, Mapping) and value.get("kind") == "blob":
+        kind = value.get("kind") if isinstance(value, Mapping) else None
+        if kind == "blob":
             where, blob = value.get("container"), value.get("name")
             if isinstance(where, str) and isinstance(blob, str):
                 return cls(where, blob)
+        if kind == "registered":
+            name, version = value.get("name"), value.get("version")
+            if isinstance(name, str) and isinstance(version, str) and name and version:
+                return cls.registered(name, version)
         raise PermanentError(f"not a model reference this app knows: {value!r}")
 
 
@@ -90,6 +112,9 @@ class TrainingRequest:
     output_container: str
     output_folder: str
     deadline: datetime
+    champion: ModelRef | None = None
+    """The champion's model when the job is given it to score on the same hold-out data (a
+    backend that cannot use it ignores it)."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     StringConstraints,
@@ -23,11 +21,14 @@ from pydantic import (
 )
 from pydantic_settings import SettingsConfigDict
 
-from retrain.connection import StorageSettings, is_loopback
+from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
+from retrain.connection import StorageSettings
 from retrain.errors import ConfigError
+from retrain.specbase import SettingName
+from retrain.specbase import Spec as _Spec
+from retrain.specbase import require_https as _require_https
 
 ModelName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
-SettingName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 _HIGHER_IS_BETTER = {
     "accuracy": True,
@@ -60,18 +61,6 @@ def known_direction(metric: str) -> bool | None:
     return _HIGHER_IS_BETTER.get(metric_key(metric))
 
 
-def _require_https(url: AnyHttpUrl) -> AnyHttpUrl:
-    if url.scheme != "https" and not is_loopback(url.host or ""):
-        raise ValueError(
-            f"{url} uses plain http; use https (http is accepted only for loopback emulators)"
-        )
-    return url
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 class BesSpec(_Spec):
     """Where and how to run the training web service through BES v2.0."""
 
@@ -102,7 +91,7 @@ class BesSpec(_Spec):
         return self
 
 
-Training = Annotated[BesSpec, Field(discriminator="kind")]
+Training = Annotated[BesSpec | AzureMLSpec, Field(discriminator="kind")]
 """The training backend of a model, by `kind` (each kind's adapter is picked in wiring.py)."""
 
 
@@ -201,7 +190,7 @@ class NewTarget(_Spec):
     _https = field_validator("arm_endpoint")(_require_https)
 
 
-Target = Annotated[ClassicTarget | NewTarget, Field(discriminator="kind")]
+Target = Annotated[ClassicTarget | NewTarget | OnlineEndpointSpec, Field(discriminator="kind")]
 
 
 class ModelSpec(_Spec):
@@ -244,6 +233,26 @@ class ModelSpec(_Spec):
         bes = data["bes"]
         migrated["training"] = {"kind": "bes", **bes} if isinstance(bes, dict) else bes
         return migrated
+
+    @model_validator(mode="after")
+    def _gate_metrics_logged(self) -> ModelSpec:
+        """An Azure ML job reports the metrics it logs to MLflow: each one the gate uses
+        must say under which key."""
+        if not isinstance(self.training, AzureMLSpec):
+            return self
+        mapped = {metric_key(name) for name in self.training.metrics}
+        gate = self.gate
+        missing = [
+            m
+            for m in [gate.metric, *gate.floors, *gate.max_regression]
+            if metric_key(m) not in mapped
+        ]
+        if missing:
+            raise ValueError(
+                f"training.metrics has no MLflow key for gate metric(s) {missing}; add e.g. "
+                f'"{missing[0]}": {{"challenger": "<key>", "champion": "champion_<key>"}}'
+            )
+        return self
 
     @model_validator(mode="after")
     def _windows(self) -> ModelSpec:

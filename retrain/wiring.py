@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, TypeVar
 import requests
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
+from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
+from retrain.azureml.workspace import ArmClient
+from retrain.backends.azureml import AzureMLTraining
 from retrain.backends.bes import BesTraining
 from retrain.bes import BatchJobs, BesClient
 from retrain.blobdata import BlobData
@@ -39,6 +42,7 @@ from retrain.storage import (
     Outbox,
     QueueOutbox,
 )
+from retrain.targets.online_endpoint import OnlineEndpoint
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential as StorageCredential
@@ -128,11 +132,36 @@ def _new(spec: ModelSpec, shared: Shared) -> DeployTarget:
     )
 
 
-TRAINING: dict[str, Callable[[ModelSpec, Shared], TrainingBackend]] = {"bes": _bes}
+def _workspace(
+    spec: ModelSpec, part: AzureMLSpec | OnlineEndpointSpec, shared: Shared
+) -> ArmClient:
+    return ArmClient(
+        part.workspace_ref,
+        credential=arm_credential(part.token_setting, spec.name),
+        session=shared.session,
+        timeout=shared.timeout,
+    )
+
+
+def _azureml(spec: ModelSpec, shared: Shared) -> TrainingBackend:
+    training = _as(spec.training, AzureMLSpec)
+    return AzureMLTraining(_workspace(spec, training, shared), training)
+
+
+def _online_endpoint(spec: ModelSpec, shared: Shared) -> DeployTarget:
+    target = _as(spec.target, OnlineEndpointSpec)
+    return OnlineEndpoint(_workspace(spec, target, shared), target)
+
+
+TRAINING: dict[str, Callable[[ModelSpec, Shared], TrainingBackend]] = {
+    "bes": _bes,
+    "azureml": _azureml,
+}
 """The adapter of each `training.kind`: a new backend adds its kind here."""
 TARGETS: dict[str, Callable[[ModelSpec, Shared], DeployTarget]] = {
     "classic": _classic,
     "new": _new,
+    "online_endpoint": _online_endpoint,
 }
 """The adapter of each `target.kind`: a new target adds its kind here."""
 

@@ -13,7 +13,7 @@ from retrain.errors import (
     RemoteError,
     TransientRemoteError,
 )
-from retrain.ledger import Doc, arrival_key, run_key
+from retrain.ledger import Doc, arrival_key, model_key, run_key
 from retrain.messages import EvaluateRun, TrackRun
 from retrain.pipeline.context import (
     MIN_POLL_GAP,
@@ -26,7 +26,7 @@ from retrain.pipeline.context import (
 from retrain.pipeline.records import iso, note_trained, parse
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
-from retrain.ports import Phase, TrainingBackend, TrainingRequest
+from retrain.ports import ModelRef, Phase, TrainingBackend, TrainingRequest
 from retrain.runstate import TRAINING, RunState, is_terminal
 from retrain.settings import ModelSpec
 from retrain.storage import BlobVersion
@@ -39,7 +39,10 @@ INPUT_BLOB = "input"
 
 def training_request(ctx: Context, spec: ModelSpec, run: Doc) -> TrainingRequest:
     """What the run's backend is asked to train: the run's frozen input, its own folder in the
-    artifacts container for the outputs, its deadline. The same for every delivery."""
+    artifacts container for the outputs, its deadline, the champion's model. The same for every
+    delivery (one run holds the model at a time, so the champion does not change under it)."""
+    state = ctx.ledger.get(model_key(spec.name)) or {}
+    champion = state.get("champion")
     folder = f"{spec.name}/{run['run_id']}"
     suffix = ".tsv" if run["training_file"]["name"].lower().endswith(".tsv") else ".csv"
     art = ctx.places.artifacts_container
@@ -51,6 +54,7 @@ def training_request(ctx: Context, spec: ModelSpec, run: Doc) -> TrainingRequest
         output_container=art,
         output_folder=folder,
         deadline=parse(run["deadline_at"]),
+        champion=ModelRef.load(champion["model"]) if champion else None,
     )
 
 

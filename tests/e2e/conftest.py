@@ -27,6 +27,7 @@ SECRETS = (
     "local-endpoint-key",
     "local-arm-token",
     "local-new-key",
+    "local-score-key",
     "s3cret",
     stack.DEV_KEY,
 )

@@ -45,6 +45,18 @@ class TestModelRef:
         document = {"kind": "blob", "container": "artifacts", "name": "housing/r1/model.ilearner"}
         assert ModelRef.load(document) == ref
 
+    def test_a_registered_model_is_stored_by_name_and_version(self) -> None:
+        ref = ModelRef.registered("housing", "20261203100000000000000011259375")
+        stored = json.loads(json.dumps(ref.to_doc()))
+        assert stored == {
+            "kind": "registered",
+            "name": "housing",
+            "version": "20261203100000000000000011259375",
+        }
+        assert ModelRef.load(stored) == ref
+        assert str(ref) == "housing:20261203100000000000000011259375"
+        assert ref != ModelRef.registered("housing", "2")
+
     def test_the_string_main_stored_reads_as_the_same_blob(self) -> None:
         old = "artifacts/housing/r1/model.ilearner"
         assert ModelRef.load(old) == ModelRef("artifacts", "housing/r1/model.ilearner")
@@ -52,7 +64,13 @@ class TestModelRef:
 
     @pytest.mark.parametrize(
         "value",
-        ["no-slash", {"kind": "registered", "name": "m"}, {"kind": "blob", "name": 3}, None],
+        [
+            "no-slash",
+            {"kind": "registered", "name": "m"},
+            {"kind": "registered", "name": "m", "version": ""},
+            {"kind": "blob", "name": 3},
+            None,
+        ],
     )
     def test_what_is_not_a_reference_is_refused_by_name(self, value: Any) -> None:
         with pytest.raises(PermanentError, match="model reference"):
@@ -264,5 +282,5 @@ def spec_kinds(field: str) -> set[str]:
 
 
 def test_every_kind_a_spec_can_name_has_an_adapter() -> None:
-    assert spec_kinds("training") == set(wiring.TRAINING) == {"bes"}
-    assert spec_kinds("target") == set(wiring.TARGETS) == {"classic", "new"}
+    assert spec_kinds("training") == set(wiring.TRAINING) == {"bes", "azureml"}
+    assert spec_kinds("target") == set(wiring.TARGETS) == {"classic", "new", "online_endpoint"}

@@ -134,6 +134,7 @@ NOT_RUN_STATES = {
     ("retrain/ports.py", "running"): "a training job's Phase",
     ("retrain/ports.py", "failed"): "a training job's Phase",
     ("retrain/azureml/lro.py", "failed"): "an operation's Progress.state",
+    ("retrain/targets/online_endpoint.py", "failed"): "a target's Progress.state",
 }
 
 

@@ -178,3 +178,85 @@ def test_training_log_loss_needs_its_direction_stated() -> None:
         None,
     ).values()
     assert model.gate.higher_is_better is True
+
+
+V2_TEMPLATE: dict[str, Any] = {
+    "properties": {
+        "jobType": "Command",
+        "command": "python train.py",
+        "environmentId": "/x/environments/e/versions/1",
+        "inputs": {"data": {"jobInputType": "uri_file", "uri": "{retrain.training_data}"}},
+        "outputs": {"model": {"jobOutputType": "uri_folder", "uri": "{retrain.model_output}"}},
+    }
+}
+WORKSPACE = {"subscription_id": "s", "resource_group": "rg", "workspace": "ws"}
+
+
+def v2_spec(training: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    return raw_spec(
+        training={
+            "kind": "azureml",
+            **WORKSPACE,
+            "job_template": V2_TEMPLATE,
+            "datastore": "retrain",
+            "model_name": "housing",
+            "metrics": {"Root Mean Squared Error": {"challenger": "rmse"}},
+            **(training or {}),
+        },
+        target={
+            "kind": "online_endpoint",
+            **WORKSPACE,
+            "endpoint": "housing",
+            "deployment_template": {"properties": {"instanceType": "Standard_DS3_v2"}},
+        },
+        **overrides,
+    )
+
+
+def test_a_v2_spec_loads_with_its_job_template_from_a_file(tmp_path: Path) -> None:
+    template = tmp_path / "job.json"
+    template.write_text(json.dumps(V2_TEMPLATE), encoding="utf-8")
+    (model,) = load_models(json.dumps([v2_spec({"job_template": str(template)})]), None).values()
+    assert model.training.kind == "azureml"
+    assert model.training.job_template == V2_TEMPLATE
+    assert model.target.kind == "online_endpoint"
+    assert model.target.deployments == ("blue", "green")
+
+
+def test_a_v2_job_template_without_its_placeholders_is_refused_by_name() -> None:
+    broken = {"properties": {**V2_TEMPLATE["properties"], "outputs": {}}}
+    message = models_error([v2_spec({"job_template": broken})])
+    assert "training.azureml.job_template" in message
+    assert '"uri": "{retrain.model_output}"' in message
+    assert "cannot read the file 'nope.json'" in models_error(
+        [v2_spec({"job_template": "nope.json"})]
+    )
+
+
+def test_a_gate_metric_without_an_mlflow_key_is_refused_with_the_fix() -> None:
+    message = models_error([v2_spec(gate={"metric": "AUC"})])
+    assert "no MLflow key for gate metric(s) ['AUC']" in message
+    floors = {"metric": "Root Mean Squared Error", "floors": {"Mean Absolute Error": 5}}
+    assert "['Mean Absolute Error']" in models_error([v2_spec(gate=floors)])
+
+
+def test_a_v2_metric_the_app_does_not_know_needs_its_direction() -> None:
+    metrics = {"pinball": {"challenger": "pinball_loss"}}
+    assert "set its direction" in models_error(
+        [v2_spec({"metrics": metrics}, gate={"metric": "pinball"})]
+    )
+    spec = v2_spec({"metrics": metrics}, gate={"metric": "pinball", "higher_is_better": False})
+    (model,) = load_models(json.dumps([spec]), None).values()
+    assert model.gate.higher("pinball") is False
+
+
+def test_v2_target_mistakes_are_named() -> None:
+    spec = v2_spec()
+    spec["target"] = spec["target"] | {"arm_endpoint": "http://arm.example"}
+    assert "uses plain http" in models_error([spec])
+    spec = v2_spec()
+    spec["target"]["deployment_template"]["properties"]["model"] = "x"
+    assert "leave out properties.model" in models_error([spec])
+    spec = v2_spec()
+    spec["target"]["deployments"] = ["blue", "Blue"]
+    assert "'Blue' is not a deployment name" in models_error([spec])

@@ -1,0 +1,1 @@
+"""Deploy targets beyond the classic ones (retrain/deploy.py, retrain/arm.py)."""

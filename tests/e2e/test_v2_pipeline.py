@@ -1,0 +1,252 @@
+"""The pipeline on Azure ML v2 end to end: the function app under the local runner, the v2
+emulator and Azurite. Drop -> Azure ML job -> registered version -> blue/green promotion on the
+online endpoint; a worse model rejected; a rollback moving traffic back."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import requests
+from azure.storage.blob import BlobServiceClient
+
+from localdev import stack
+from localdev.azureml_v2 import Emulator, EmulatorServer
+from localdev.runner import LocalRunner
+from localdev.sample import housing_csv
+from retrain.cli import main
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "local-arm-token"
+SCORE_KEY = "local-score-key"
+WS = (
+    "/subscriptions/sub1/resourceGroups/rg1/providers/Microsoft.MachineLearningServices"
+    "/workspaces/ws1"
+)
+TEMPLATE: dict[str, Any] = {
+    "properties": {
+        "jobType": "Command",
+        "experimentName": "retrain-{retrain.model}",
+        "displayName": "{retrain.job_name}",
+        "command": "python train.py --data ${{inputs.training_data}} --label ${{inputs.label}} "
+        "$[[--champion ${{inputs.champion}}]] --out ${{outputs.model}}",
+        "environmentId": WS + "/environments/train/versions/1",
+        "computeId": WS + "/computes/cpu",
+        "inputs": {
+            "training_data": {"jobInputType": "uri_file", "uri": "{retrain.training_data}"},
+            "label": {"jobInputType": "literal", "value": "price"},
+            "champion": {"jobInputType": "custom_model", "uri": "{retrain.champion_model}"},
+        },
+        "outputs": {"model": {"jobOutputType": "uri_folder", "uri": "{retrain.model_output}"}},
+    }
+}
+DEPLOYMENT = {
+    "sku": {"name": "Default", "capacity": 1},
+    "properties": {"endpointComputeType": "Managed", "instanceType": "Standard_DS3_v2"},
+}
+ROWS = [[3.0, 20.0, 5.0], [6.0, 40.0, 12.0]]
+
+
+def request_of(rows: list[list[float]]) -> dict[str, Any]:
+    return {"input_data": {"columns": ["rooms", "age", "distance"], "data": rows}}
+
+
+def v2_spec(url: str) -> dict[str, Any]:
+    workspace = {
+        "subscription_id": "sub1",
+        "resource_group": "rg1",
+        "workspace": "ws1",
+        "arm_endpoint": url,
+        "token_setting": "RETRAIN_ARM_TOKEN",
+    }
+    return {
+        "name": "housing",
+        "columns": ["rooms", "age", "distance", "price"],
+        "training": {
+            "kind": "azureml",
+            **workspace,
+            "job_template": TEMPLATE,
+            "datastore": "retrain",
+            "model_name": "housing",
+            "metrics": {
+                "Root Mean Squared Error": {"challenger": "rmse", "champion": "champion_rmse"}
+            },
+        },
+        "gate": {"metric": "Root Mean Squared Error"},
+        "target": {
+            "kind": "online_endpoint",
+            **workspace,
+            "endpoint": "housing",
+            "deployment_template": DEPLOYMENT,
+            "smoke_request": request_of(ROWS[:1]),
+        },
+        "quiet_period": 1,
+        "max_wait": 30,
+        "job_deadline": 600,
+    }
+
+
+@dataclass
+class V2Stack:
+    runner: LocalRunner
+    emulator: Emulator
+    url: str
+    settings: dict[str, str]
+    blobs: BlobServiceClient
+
+    def upload(self, name: str, data: str) -> None:
+        container = self.blobs.get_container_client(self.settings["RETRAIN_DATA_CONTAINER"])
+        if not container.exists():
+            container.create_container()
+        container.upload_blob(name, data, overwrite=True)
+
+    def _doc(self, key: str) -> dict[str, Any]:
+        client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)
+        found: dict[str, Any] = json.loads(client.download_blob().readall())
+        return found
+
+    def runs(self) -> list[dict[str, Any]]:
+        container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        names = sorted(b.name for b in container.list_blobs(name_starts_with="runs/housing/"))
+        return [self._doc(n) for n in names]
+
+    def model_state(self) -> dict[str, Any]:
+        return self._doc("models/housing.json")
+
+    def traffic(self) -> dict[str, int]:
+        return dict(self.emulator.serving.endpoints["housing"].traffic)
+
+    def deployed(self, name: str) -> str | None:
+        found = self.emulator.serving.endpoints["housing"].deployments.get(name)
+        return found.model_id if found else None
+
+    def predict(self, rows: list[list[float]]) -> list[float]:
+        """Score through the endpoint as a client does: traffic picks the deployment."""
+        answer = requests.post(
+            f"{self.url}/score/housing",
+            json=request_of(rows),
+            headers={"Authorization": f"Bearer {SCORE_KEY}"},
+            timeout=10,
+        )
+        answer.raise_for_status()
+        prices: list[float] = answer.json()
+        return prices
+
+
+@pytest.fixture
+def v2_stack(azurite_connection: str) -> Iterator[V2Stack]:
+    suffix = "-" + uuid.uuid4().hex[:8]
+    emulator = Emulator(
+        {
+            "token": TOKEN,
+            "datastores": {
+                "retrain": {
+                    "connection_string": azurite_connection,
+                    "container": f"retrain-artifacts{suffix}",
+                }
+            },
+            "endpoints": [{"name": "housing", "auth_mode": "Key", "key": SCORE_KEY}],
+        }
+    )
+    emulator.faults.job_seconds = 1
+    emulator.faults.provisioning_seconds = 1
+    with EmulatorServer(emulator) as server:
+        settings = stack.app_settings(azurite_connection, [v2_spec(server.url)], suffix=suffix)
+        app = stack.load_app(settings)
+        runner = LocalRunner(app, env=settings)
+        yield V2Stack(
+            runner,
+            emulator,
+            server.url,
+            settings,
+            BlobServiceClient.from_connection_string(azurite_connection),
+        )
+
+
+def version_id(run: dict[str, Any]) -> str:
+    model = run["outputs"]["model"]
+    assert model["kind"] == "registered"
+    return f"{WS}/models/{model['name']}/versions/{model['version']}"
+
+
+class TestV2Pipeline:
+    def test_drop_train_promote_reject_and_roll_back(
+        self, v2_stack: V2Stack, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        s = v2_stack
+        s.upload("housing/2026-12-01.csv", housing_csv(60, seed=1, noise=40))
+        s.runner.run_until_idle()
+        (first,) = s.runs()
+        assert first["state"] == "promoted", first.get("error")
+        assert s.traffic() == {"blue": 100}
+        assert s.deployed("blue") == version_id(first)
+        first_served = s.predict(ROWS)
+
+        s.upload("housing/2026-12-02.csv", housing_csv(400, seed=2, noise=1))
+        s.runner.run_until_idle()
+        _, second = s.runs()
+        assert second["state"] == "promoted", second.get("error")
+        assert second["decision"]["champion_source"] == "scored on the same hold-out data"
+        assert s.traffic() == {"green": 100}
+        assert s.deployed("green") == version_id(second)
+        assert s.deployed("blue") == version_id(first)  # kept at 0 % for a rollback
+        assert ("housing", "green") in s.emulator.serving.scored  # smoke-scored before traffic
+        assert s.predict(ROWS) != first_served
+        assert s.model_state()["champion"]["model"] == second["outputs"]["model"]
+
+        s.upload("housing/2026-12-03.csv", housing_csv(60, seed=3, noise=60))
+        s.runner.run_until_idle()
+        third = s.runs()[2]
+        assert third["state"] == "rejected"
+        assert "not better: Root Mean Squared Error" in third["decision"]["reason"]
+        assert s.traffic() == {"green": 100}
+        assert s.deployed("blue") == version_id(first)  # a rejected model is never deployed
+
+        assert main(["--json", "rollback", "housing", "--by", "carol"]) == 0
+        rollback_id = json.loads(capsys.readouterr().out)["run_id"]
+        s.runner.run_until_idle()
+        rollback = s.runs()[-1]
+        assert (rollback["run_id"], rollback["kind"], rollback["state"]) == (
+            rollback_id,
+            "rollback",
+            "promoted",
+        )
+        assert s.traffic() == {"blue": 100}
+        assert s.predict(ROWS) == first_served
+        deployment_puts = s.emulator.count("PUT", r"/deployments/(blue|green)$")
+        assert deployment_puts == 2  # the rollback moved traffic; it re-created nothing
+        assert s.emulator.count("PUT", r"/jobs/") == 3
+        assert s.emulator.violations == []
+
+    def test_a_deployment_that_fails_to_provision_leaves_the_champion_serving(
+        self, v2_stack: V2Stack
+    ) -> None:
+        s = v2_stack
+        s.upload("housing/2026-12-01.csv", housing_csv(60, seed=11, noise=40))
+        s.runner.run_until_idle()
+        served = s.predict(ROWS)
+        s.emulator.faults.fail_provisioning = 1
+        s.upload("housing/2026-12-02.csv", housing_csv(400, seed=12, noise=1))
+        s.runner.run_until_idle()
+        first, second = s.runs()
+        assert second["state"] == "failed"
+        assert "the target refused the model" in second["error"]
+        assert s.traffic() == {"blue": 100}
+        assert s.predict(ROWS) == served
+        assert s.model_state()["champion"]["run_id"] == first["run_id"]
+        assert s.emulator.count("PUT", r"/onlineEndpoints/housing$") == 1  # traffic never moved
+
+    def test_a_failed_job_fails_its_run_with_the_reason(self, v2_stack: V2Stack) -> None:
+        s = v2_stack
+        s.emulator.faults.fail_jobs = 1
+        s.upload("housing/2026-12-01.csv", housing_csv(60, seed=13))
+        s.runner.run_until_idle()
+        (run,) = s.runs()
+        assert run["state"] == "failed"
+        assert "exited with code 1 (injected)" in run["error"]
+        assert s.traffic() == {}
