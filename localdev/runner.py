@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import azure.functions as func
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -36,6 +36,12 @@ from azure.storage.queue import (
     TextBase64DecodePolicy,
     TextBase64EncodePolicy,
 )
+from pydantic import SecretStr
+
+from retrain.connection import PREFIX, StorageConnection, resolve
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
 
 log = logging.getLogger("runner")
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +91,26 @@ def _deferred_blob(t: _Trigger, content: str) -> Any:
     return converter.decode(datum, trigger_metadata={}, pytype=pytype)
 
 
+def storage_connection(env: Mapping[str, str]) -> StorageConnection:
+    """The host's storage connection from app settings, as the app reads it: the connection
+    string `AzureWebJobsStorage`, or the identity settings `AzureWebJobsStorage__*`."""
+
+    def get(suffix: str) -> str | None:
+        value = env.get(PREFIX + suffix)
+        return value if value and value.strip() else None
+
+    text = get("")
+    return resolve(
+        connection_string=SecretStr(text) if text else None,
+        account_name=get("__accountName"),
+        service_uri=get("__serviceUri"),
+        blob_uri=get("__blobServiceUri"),
+        queue_uri=get("__queueServiceUri"),
+        credential=get("__credential"),
+        client_id=get("__clientId"),
+    )
+
+
 class LocalRunner:
     """Drives the registered functions against Azurite, one polling round at a time."""
 
@@ -100,9 +126,12 @@ class LocalRunner:
         shuffle: bool = False,
         rng: random.Random | None = None,
         functions: list[Any] | None = None,
+        credential: TokenCredential | None = None,
     ) -> None:
         """`duplicates` is the chance that a delivery is made twice; `shuffle` reorders each
-        batch of received messages (both as at-least-once delivery may)."""
+        batch of received messages (both as at-least-once delivery may). On an identity
+        connection the runner, like the host, authenticates with the identity the settings name,
+        or with `credential` when one is given."""
         self.duplicates = duplicates
         self.shuffle = shuffle
         self.rng = rng or random.Random(0)
@@ -142,9 +171,9 @@ class LocalRunner:
             )
         if connections != {"AzureWebJobsStorage"}:
             raise ValueError(f"the local runner supports AzureWebJobsStorage only: {connections}")
-        conn = self.env["AzureWebJobsStorage"]
-        self.blobs = BlobServiceClient.from_connection_string(conn)
-        self.queues = QueueServiceClient.from_connection_string(conn)
+        self.blobs: BlobServiceClient
+        self.queues: QueueServiceClient
+        self.blobs, self.queues = storage_connection(self.env).clients(credential)
         self.receipts: set[tuple[str, str, str]] = set()
         self.invocations: list[tuple[str, str, bool]] = []
         for t in self.triggers:
@@ -331,7 +360,8 @@ def log_handler(stream: TextIO) -> logging.Handler:
 
 
 def main() -> None:
-    """Run the app locally against the storage in AzureWebJobsStorage."""
+    """Run the app locally against the storage its settings name (a connection string in
+    AzureWebJobsStorage, or an identity connection through AzureWebJobsStorage__*)."""
     parser = argparse.ArgumentParser(description="Run the function app against Azurite.")
     parser.add_argument(
         "--settings",

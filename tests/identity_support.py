@@ -74,11 +74,15 @@ class FakeTokenCredential:
             "oid": OBJECT_ID,
             "tid": TENANT,
         }
-        return AccessToken(f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}.", now + 3600)
+        return AccessToken(f"{TOKEN_HEADER}.{_b64(claims)}.", now + 3600)
 
 
 def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+TOKEN_HEADER = _b64({"alg": "none", "typ": "JWT"})
+"""How every token FakeTokenCredential issues begins (for checks that no log shows one)."""
 
 
 def self_signed(workdir: Path) -> tuple[Path, Path]:

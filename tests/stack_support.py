@@ -24,6 +24,8 @@ class Stack:
     emulator_url: str
     settings: dict[str, str]
     blobs: BlobServiceClient
+    storage_mode: str = "key"
+    """"key" (a connection string) or "identity" (OAuth tokens, user-delegation SAS)."""
 
     def upload(self, name: str, data: str | bytes) -> None:
         """Drop a file into the data container (created if no blob trigger made it)."""

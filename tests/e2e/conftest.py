@@ -1,22 +1,35 @@
-"""End-to-end harness: the function app under the local runner, the emulator, Azurite."""
+"""End-to-end harness: the function app under the local runner, the emulator, Azurite.
+
+A stack connects to storage in one of two modes, the `storage_mode` fixture's value: "key"
+(Azurite 3.35 through a connection string with the account key) or "identity" (Azurite 3.37
+taking OAuth tokens over HTTPS: the app and the runner get the service endpoints and a token
+credential, no connection string, and every SAS is signed with a user delegation key). A module
+runs in both modes by overriding `storage_mode` with a parametrised fixture.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from azure.storage.blob import BlobServiceClient
 
 from localdev import stack
 from localdev.amlemu import Emulator, EmulatorServer
-from localdev.runner import LocalRunner
+from localdev.runner import LocalRunner, storage_connection
+from retrain import wiring
+from retrain.connection import PREFIX
+from retrain.settings import get_settings
+from tests.identity_support import TOKEN_HEADER, FakeTokenCredential, OAuthAzurite
 from tests.stack_support import MakeStack, Stack
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +43,7 @@ SECRETS = (
     "local-score-key",
     "s3cret",
     stack.DEV_KEY,
+    TOKEN_HEADER,  # the start of every bearer token the identity mode's credential issues
 )
 SIGNATURE = re.compile(r"sig=[A-Za-z0-9%+/=]{10,}")
 # Threads of the emulator and test servers: stand-ins for other services, which were handed
@@ -69,10 +83,49 @@ def no_secret_in_any_log() -> Iterator[None]:
 
 
 @pytest.fixture
-def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
-    """Build a stack with per-test model spec overrides and emulator options."""
+def storage_mode() -> str:
+    """How stacks connect to storage: "key" here; "identity" where a module overrides it."""
+    return "key"
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """The app settings of a storage connection, and the credential that goes with them."""
+
+    settings: dict[str, str]
+    credential: FakeTokenCredential | None
+
+
+def _storage(
+    request: pytest.FixtureRequest, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> _Storage:
+    """Key: a connection string. Identity: the OAuth Azurite's endpoints, trusted through
+    REQUESTS_CA_BUNDLE by everything in this process (the app, the runner and the emulator,
+    which reads and writes blobs through the SAS URLs it is handed), and the app's Retrainer
+    built with a token credential in place of DefaultAzureCredential."""
+    for name in [k for k in os.environ if k.startswith(PREFIX)]:
+        monkeypatch.delenv(name)  # a previous stack's connection must not linger
+    if mode == "key":
+        return _Storage({PREFIX: request.getfixturevalue("azurite_connection")}, None)
+    if mode != "identity":
+        raise AssertionError(f"storage_mode is 'key' or 'identity', not {mode!r}")
+    oauth: OAuthAzurite = request.getfixturevalue("oauth_storage")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(oauth.cert))
+    credential = FakeTokenCredential()
+    built = functools.cache(lambda: wiring.build(get_settings(), credential=credential))
+    monkeypatch.setattr(wiring, "retrainer", built)
+    return _Storage(oauth.identity_settings(), credential)
+
+
+@pytest.fixture
+def make_stack(
+    request: pytest.FixtureRequest, storage_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[MakeStack]:
+    """Build a stack with per-test model spec overrides and emulator options, connected to
+    storage as `storage_mode` says."""
     servers: list[EmulatorServer] = []
     logging.getLogger("azure").setLevel(logging.WARNING)
+    storage = _storage(request, storage_mode, monkeypatch)
 
     def make(
         *,
@@ -85,6 +138,8 @@ def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
         """`web_service` overrides the emulator's New service; `new` selects the New target;
         `classic` overrides fields of the Classic target."""
         config = stack.emulator_config(champion_endpoint=champion_endpoint)
+        if storage.credential is not None:
+            config["account_key"] = None  # no key to the account: results keep the app's SAS
         config["web_services"][0].update(web_service or {})
         emulator = Emulator(config)
         server = EmulatorServer(emulator).__enter__()
@@ -94,18 +149,18 @@ def make_stack(azurite_connection: str) -> Iterator[MakeStack]:
             spec["target"] = stack.new_target(server.url, **new)
         if classic is not None:
             spec["target"] = stack.model_spec(server.url)["target"] | classic
-        settings = stack.app_settings(
-            azurite_connection, [stack.model_spec(server.url, **spec)], suffix=suffix
-        )
+        settings = stack.app_settings("", [stack.model_spec(server.url, **spec)], suffix=suffix)
+        del settings[PREFIX]
+        settings.update(storage.settings)
         app = stack.load_app(settings)
-        runner = LocalRunner(app, env=settings, failure_visibility=timedelta(seconds=1))
-        return Stack(
-            runner,
-            emulator,
-            server.url,
-            settings,
-            BlobServiceClient.from_connection_string(azurite_connection),
+        runner = LocalRunner(
+            app,
+            env=settings,
+            failure_visibility=timedelta(seconds=1),
+            credential=storage.credential,
         )
+        blobs, _ = storage_connection(settings).clients(storage.credential)
+        return Stack(runner, emulator, server.url, settings, blobs, storage_mode)
 
     yield make
     for server in servers:

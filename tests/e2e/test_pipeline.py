@@ -1,4 +1,5 @@
-"""The pipeline end to end: runner + emulator + Azurite, through the real function app."""
+"""The pipeline end to end: runner + emulator + Azurite, through the real function app, with a
+connection string and with an identity connection (see the `storage_mode` fixture)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from tests.stack_support import MakeStack
 pytestmark = pytest.mark.e2e
 
 ROWS = [[3.0, 20.0, 5.0], [6.0, 40.0, 12.0]]
+
+
+@pytest.fixture(params=["key", "identity"])
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a connection string and on an identity connection."""
+    return str(request.param)
 
 
 def truth(rooms: float, age: float, distance: float) -> float:
@@ -208,14 +215,22 @@ class TestLeastPrivilege:
         assert source["ConnectionString"] is None
         token = sas(source)
         assert (token["sp"], token["sr"]) == ("r", "b")
+        # With an identity, every token is signed with a user delegation key (its signed object
+        # and tenant are the identity's); with a connection string, with the account key.
+        delegated = s.storage_mode == "identity"
+        assert ("skoid" in token, "sktid" in token) == (delegated, delegated)
+        if delegated:
+            assert source["BaseLocation"].startswith("https://")
         expiry = datetime.fromisoformat(token["se"].replace("Z", "+00:00"))
         assert deadline < expiry <= deadline + timedelta(hours=1, seconds=1)
         for out in job.request["Outputs"].values():
             token = sas(out)
             assert (token["sp"], token["sr"]) == ("cw", "b")
+            assert ("skoid" in token) == delegated
             assert out["RelativeLocation"].startswith(s.settings["RETRAIN_ARTIFACTS_CONTAINER"])
         patched = sas(s.emulator.endpoints[("ws1", "housing-predict", "prod")].patches[-1])
         assert (patched["sp"], patched["sr"]) == ("r", "b")
+        assert ("skoid" in patched) == delegated
 
 
 class TestSecrets:

@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -26,7 +27,7 @@ from retrain.messages import TrackRun, parse_jobs
 from retrain.settings import Settings
 from retrain.storage import BlobVersion
 from retrain.storage_check import StoragePlaces, check
-from retrain.wiring import build
+from retrain.wiring import PortWrappers, build
 from tests.identity_support import FakeTokenCredential, OAuthAzurite
 
 pytestmark = pytest.mark.integration
@@ -141,16 +142,20 @@ def test_the_pipeline_adapters_work_on_an_identity_connection(
     assert settings.storage.uses_identity
     ports: dict[str, Any] = {}
 
-    def capture(kind: str, port: Any) -> Any:
-        ports[kind] = port
-        return port
+    def capture(kind: str) -> Callable[[Any], Any]:
+        def keep(port: Any) -> Any:
+            ports[kind] = port
+            return port
+
+        return keep
 
     credential = FakeTokenCredential()
-    build(settings, decorate=capture, credential=credential)
+    wrappers = PortWrappers(store=capture("store"), data=capture("data"), outbox=capture("outbox"))
+    build(settings, decorate=wrappers, credential=credential)
     ledger = Ledger(ports["store"])
-    ledger.create("runs/r1.json", {"state": "queued"})
-    ledger.update("runs/r1.json", lambda doc: {**doc, "polls": 1})
-    assert ledger.get("runs/r1.json") == {"state": "queued", "polls": 1}
+    ledger.create("notes/r1.json", {"note": "first"})  # a free-form document: no schema
+    ledger.update("notes/r1.json", lambda doc: {**doc, "polls": 1})
+    assert ledger.get("notes/r1.json") == {"note": "first", "polls": 1}
 
     ports["outbox"].send(settings.jobs_queue, TrackRun(model="housing", run_id="r1", poll=1))
     blobs, queues = settings.storage.clients(credential)
