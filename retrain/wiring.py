@@ -18,6 +18,7 @@ from retrain.backends.azureml import AzureMLTraining
 from retrain.backends.bes import BesTraining
 from retrain.bes import BatchJobs, BesClient
 from retrain.blobdata import BlobData
+from retrain.classic_spec import BesSpec, ClassicTarget, NewTarget
 from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget, ModelReader, sas_reader
 from retrain.errors import ConfigError
@@ -26,15 +27,7 @@ from retrain.ledger import Ledger
 from retrain.notify import Webhook
 from retrain.pipeline import Places, Retrainer, Timing
 from retrain.ports import TrainingBackend
-from retrain.settings import (
-    BesSpec,
-    ClassicTarget,
-    ModelSpec,
-    NewTarget,
-    Settings,
-    get_settings,
-    read_secret,
-)
+from retrain.settings import ModelSpec, Settings, get_settings, read_secret
 from retrain.storage import (
     BlobDocumentStore,
     DataStore,

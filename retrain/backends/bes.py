@@ -7,10 +7,10 @@ Owns what is BES-shaped: the SAS references the job reads and writes, the names 
 from __future__ import annotations
 
 from retrain.bes import BatchJobs, JobState
+from retrain.classic_spec import BesSpec
 from retrain.evaluation import parse_evaluation_csv
 from retrain.ports import ModelRef, Phase, TrainingRequest, TrainingResult, TrainingStatus
 from retrain.sas import SAS_MARGIN
-from retrain.settings import BesSpec
 from retrain.storage import DataStore
 
 MODEL_BLOB = "model.ilearner"
