@@ -14,7 +14,7 @@ import pytest
 import requests
 from azure.storage.blob import BlobServiceClient
 
-from localdev import stack
+from localdev import stack, v2stack
 from localdev.azureml_v2 import Emulator, EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
@@ -22,73 +22,9 @@ from retrain.cli import main
 
 pytestmark = pytest.mark.e2e
 
-TOKEN = "local-arm-token"
-SCORE_KEY = "local-score-key"
-WS = (
-    "/subscriptions/sub1/resourceGroups/rg1/providers/Microsoft.MachineLearningServices"
-    "/workspaces/ws1"
-)
-TEMPLATE: dict[str, Any] = {
-    "properties": {
-        "jobType": "Command",
-        "experimentName": "retrain-{retrain.model}",
-        "displayName": "{retrain.job_name}",
-        "command": "python train.py --data ${{inputs.training_data}} --label ${{inputs.label}} "
-        "$[[--champion ${{inputs.champion}}]] --out ${{outputs.model}}",
-        "environmentId": WS + "/environments/train/versions/1",
-        "computeId": WS + "/computes/cpu",
-        "inputs": {
-            "training_data": {"jobInputType": "uri_file", "uri": "{retrain.training_data}"},
-            "label": {"jobInputType": "literal", "value": "price"},
-            "champion": {"jobInputType": "custom_model", "uri": "{retrain.champion_model}"},
-        },
-        "outputs": {"model": {"jobOutputType": "uri_folder", "uri": "{retrain.model_output}"}},
-    }
-}
-DEPLOYMENT = {
-    "sku": {"name": "Default", "capacity": 1},
-    "properties": {"endpointComputeType": "Managed", "instanceType": "Standard_DS3_v2"},
-}
+WS = v2stack.WORKSPACE_ID
+SCORE_KEY = v2stack.SCORE_KEY
 ROWS = [[3.0, 20.0, 5.0], [6.0, 40.0, 12.0]]
-
-
-def request_of(rows: list[list[float]]) -> dict[str, Any]:
-    return {"input_data": {"columns": ["rooms", "age", "distance"], "data": rows}}
-
-
-def v2_spec(url: str) -> dict[str, Any]:
-    workspace = {
-        "subscription_id": "sub1",
-        "resource_group": "rg1",
-        "workspace": "ws1",
-        "arm_endpoint": url,
-        "token_setting": "RETRAIN_ARM_TOKEN",
-    }
-    return {
-        "name": "housing",
-        "columns": ["rooms", "age", "distance", "price"],
-        "training": {
-            "kind": "azureml",
-            **workspace,
-            "job_template": TEMPLATE,
-            "datastore": "retrain",
-            "model_name": "housing",
-            "metrics": {
-                "Root Mean Squared Error": {"challenger": "rmse", "champion": "champion_rmse"}
-            },
-        },
-        "gate": {"metric": "Root Mean Squared Error"},
-        "target": {
-            "kind": "online_endpoint",
-            **workspace,
-            "endpoint": "housing",
-            "deployment_template": DEPLOYMENT,
-            "smoke_request": request_of(ROWS[:1]),
-        },
-        "quiet_period": 1,
-        "max_wait": 30,
-        "job_deadline": 600,
-    }
 
 
 @dataclass
@@ -129,7 +65,7 @@ class V2Stack:
         """Score through the endpoint as a client does: traffic picks the deployment."""
         answer = requests.post(
             f"{self.url}/score/housing",
-            json=request_of(rows),
+            json=v2stack.score_request(rows),
             headers={"Authorization": f"Bearer {SCORE_KEY}"},
             timeout=10,
         )
@@ -142,21 +78,14 @@ class V2Stack:
 def v2_stack(azurite_connection: str) -> Iterator[V2Stack]:
     suffix = "-" + uuid.uuid4().hex[:8]
     emulator = Emulator(
-        {
-            "token": TOKEN,
-            "datastores": {
-                "retrain": {
-                    "connection_string": azurite_connection,
-                    "container": f"retrain-artifacts{suffix}",
-                }
-            },
-            "endpoints": [{"name": "housing", "auth_mode": "Key", "key": SCORE_KEY}],
-        }
+        v2stack.emulator_config(azurite_connection, f"retrain-artifacts{suffix}", ["housing"])
     )
     emulator.faults.job_seconds = 1
     emulator.faults.provisioning_seconds = 1
     with EmulatorServer(emulator) as server:
-        settings = stack.app_settings(azurite_connection, [v2_spec(server.url)], suffix=suffix)
+        settings = stack.app_settings(
+            azurite_connection, [v2stack.model_spec(server.url)], suffix=suffix
+        )
         app = stack.load_app(settings)
         runner = LocalRunner(app, env=settings)
         yield V2Stack(
