@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import function_app
+from localdev import v2stack
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +104,25 @@ def _fresh_python(code: str, **env: str) -> str:
 HEAVY = ("azure.storage", "azure.identity", "azure.core", "pydantic", "requests", "urllib3")
 
 
-def test_import_loads_no_domain_code_no_settings_and_no_sdk() -> None:
+V2_CONFIGURED = {
+    "RETRAIN_MODELS": json.dumps([v2stack.model_spec("http://127.0.0.1:9")]),
+    "RETRAIN_ARM_TOKEN": v2stack.ARM_TOKEN,
+}
+
+
+@pytest.mark.parametrize("env", [{}, V2_CONFIGURED], ids=["no settings", "v2 model configured"])
+def test_import_loads_no_domain_code_no_settings_and_no_sdk(env: dict[str, str]) -> None:
     """Settings and clients are built on first use: an import error would hide every function,
-    and every module loaded here is paid on each cold start."""
+    and every module loaded here is paid on each cold start. An Azure ML v2 model configured
+    changes nothing: its adapters (retrain.azureml, requests, azure.identity) load when the
+    first trigger builds them."""
     code = (
         "import sys, function_app\n"
         "print(sorted(m for m in sys.modules if 'retrain' in m))\n"
         f"print(sorted({{m.split('.')[0] + '.' + m.split('.')[1] if '.' in m else m "
         f"for m in sys.modules if m.startswith({HEAVY!r})}}))\n"
     )
-    domain, heavy = _fresh_python(code).strip().splitlines()
+    domain, heavy = _fresh_python(code, **env).strip().splitlines()
     assert domain == "['retrain', 'retrain.binding']"  # the blob trigger's converter only
     assert heavy == "[]"
 
