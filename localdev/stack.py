@@ -200,7 +200,11 @@ def app_settings(
 
 
 def load_app(settings: dict[str, str]) -> Any:
-    """Apply app settings to this process and (re)load the function app with fresh caches."""
+    """Apply app settings to this process and (re)load the function app with fresh caches.
+    The storage connection is exactly the one given: another app's lingers in no form."""
+    for name in [k for k in os.environ if k.startswith("AzureWebJobsStorage")]:
+        if name not in settings:
+            del os.environ[name]
     os.environ.update(settings)
     from retrain import settings as settings_module
     from retrain import wiring

@@ -13,6 +13,17 @@ from localdev import stack
 from tests.identity_support import OAuthAzurite, oauth_azurite
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_found() -> Iterator[None]:
+    """Every test leaves the process environment as it found it: stacks apply app settings to
+    os.environ as the host would (`localdev.stack.load_app`), and an identity-mode stack's
+    `AzureWebJobsStorage__*` settings must not reach a later test's app."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def azurite_connection() -> Iterator[str]:
     """Azurite's connection string: AZURITE_CONNECTION_STRING if set, else a private Azurite."""
