@@ -206,8 +206,8 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
 
     from retrain.clock import SystemClock
     from retrain.pipeline import Places, Retrainer, Timing
-    from retrain.settings import ModelSpec
     from tests.fakes import FakeTarget, FakeTraining, MemoryOutbox
+    from tests.harness import spec as harness_spec
 
     requests_made: list[str] = []
 
@@ -218,25 +218,7 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
 
     service = BlobServiceClient.from_connection_string(azurite_connection, transport=Counting())
     service.create_container(name)
-    spec = ModelSpec.model_validate(
-        {
-            "name": "housing",
-            "columns": ["rooms", "price"],
-            "training": {
-                "kind": "bes",
-                "jobs_url": "https://bes.example/workspaces/w/services/s/jobs",
-                "api_key_setting": "K",
-            },
-            "gate": {"metric": "Root Mean Squared Error"},
-            "target": {
-                "kind": "classic",
-                "endpoint_url": "https://management.azureml.net/workspaces/w/webservices/p/"
-                "endpoints/prod",
-                "api_key_setting": "E",
-                "resource_name": "M [trained model]",
-            },
-        }
-    )
+    spec = harness_spec()  # the unit tests' model, as the pipeline sees it
     retrainer = Retrainer(
         models={"housing": spec},
         ledger=Ledger(BlobDocumentStore(service, name + "-state")),
