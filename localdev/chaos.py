@@ -62,7 +62,7 @@ from localdev.sample import housing_csv
 from retrain.http import worst_call
 from retrain.ports import ModelRef
 from retrain.runstate import TERMINAL
-from retrain.storage import normalize_etag
+from retrain.storage import BlobDocumentStore, normalize_etag
 
 log = logging.getLogger("chaos")
 
@@ -546,8 +546,10 @@ class Scenario:
         runs: list[dict[str, Any]],
     ) -> None:
         model = _doc(states, f"models/{MODEL}.json") or {}
+        open_id = (model.get("batch") or {}).get("id")
+        members = BlobDocumentStore.over(states).entries(f"batches/{MODEL}/{open_id}/")
         names = {
-            "open": [f["name"] for f in (model.get("batch") or {}).get("files") or []],
+            "open": [entry["name"] for _, entry in members] if open_id else [],
             "sealed": [
                 r["training_file"]["name"]
                 for r in runs

@@ -119,6 +119,14 @@ class CrashingStore:
     def keys(self, prefix: str) -> list[str]:
         return self._inner.keys(prefix)
 
+    def put_entry(self, key: str, entry: dict[str, Any], *, replace: bool) -> bool:
+        written = self._inner.put_entry(key, entry, replace=replace)
+        self._crasher.after("ledger write")
+        return written
+
+    def entries(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        return self._inner.entries(prefix)
+
 
 class CrashingJobs:
     """BES, crashing after a submit or a start."""

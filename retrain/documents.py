@@ -61,12 +61,20 @@ class FileVersion(Record):
 
 
 class Batch(Record):
-    """Files that arrived together and train as one run (its id is the run's)."""
+    """Files that arrive together and train as one run (its id is the run's).
+
+    The model document holds only this pointer: each file that joins writes a member record of
+    its own under `batches/{model}/{id}/`, and the run record lists the files the seal found
+    there. `files` is read from documents written before member records (kept as they are).
+    """
 
     id: str = Field(min_length=1)
     opened_at: Moment
     last_at: Moment
-    files: list[FileVersion]
+    opened_by: str | None = None
+    """The arrival record of the version that opened the batch (it sends the first check)."""
+    check_at: Moment | None = None
+    files: list[FileVersion] = []
     force: bool | None = None
 
 
@@ -184,6 +192,7 @@ SCHEMAS: dict[str, type[Record]] = {
     "models/": ModelState,
     "arrivals/": Arrival,
     "poison/": PoisonRecord,
+    "batches/": FileVersion,
 }
 """Which model a document under each key prefix has (others, e.g. sweep notes, are free-form)."""
 

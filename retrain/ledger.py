@@ -42,6 +42,16 @@ def run_key(model: str, run_id: str) -> str:
     return f"runs/{model}/{run_id}.json"
 
 
+def members_prefix(model: str, batch_id: str) -> str:
+    """Where a batch's member records are: one per file version that joined it."""
+    return f"batches/{model}/{batch_id}/"
+
+
+def member_key(model: str, batch_id: str, arrival: str) -> str:
+    """The member record of the version whose arrival record is `arrival` (an arrival_key)."""
+    return members_prefix(model, batch_id) + arrival.removeprefix("arrivals/")
+
+
 class Ledger:
     """Reads and changes documents only through compare-and-swap loops.
 
@@ -101,6 +111,16 @@ class Ledger:
             return False
         self._keep(key, copy.deepcopy(doc), etag)
         return True
+
+    def put_entry(self, key: str, entry: Doc, *, replace: bool = False) -> bool:
+        """Write a small record that `entries` lists (create-only unless `replace`); False when
+        create-only found one. Not remembered: nothing reads one back alone."""
+        check_write(key, None, entry)
+        return self.store.put_entry(key, entry, replace=replace)
+
+    def entries(self, prefix: str) -> list[Doc]:
+        """Every small record under `prefix`, from one listing."""
+        return [entry for _, entry in self.store.entries(prefix)]
 
     def update(self, key: str, mutate: Mutation, *, initial: Doc | None = None) -> tuple[Doc, bool]:
         """Apply `mutate` atomically; returns the resulting document and whether it changed.

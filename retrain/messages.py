@@ -46,8 +46,8 @@ class CheckBatch(_Message):
 
     kind: Literal["check-batch"] = "check-batch"
     batch_id: RunId
-    arrivals: int = Field(ge=0, le=MAX_ARRIVALS)
-    """How many files the batch had when this check was scheduled."""
+    arrivals: int = Field(default=0, ge=0, le=MAX_ARRIVALS)
+    """Not read: checks sent by earlier releases carry the batch's size then."""
 
 
 class TrackRun(_Message):

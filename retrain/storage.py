@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -16,7 +17,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueServiceClient, TextBase64EncodePolicy
 from pydantic import BaseModel
 
@@ -55,6 +56,15 @@ class DocumentStore(Protocol):
         ...
 
     def keys(self, prefix: str) -> list[str]: ...
+
+    def put_entry(self, key: str, entry: dict[str, Any], *, replace: bool) -> bool:
+        """Write a small record that `entries` lists with its content: create-only (False when
+        it already exists), or with `replace`, create or overwrite."""
+        ...
+
+    def entries(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every small record under `prefix` with its content, from one listing."""
+        ...
 
 
 def normalize_etag(etag: object) -> str:
@@ -175,6 +185,13 @@ class BlobDocumentStore:
         self._container = service.get_container_client(container)
         self._ready = False
 
+    @classmethod
+    def over(cls, container: ContainerClient) -> BlobDocumentStore:
+        """The store over a container client the caller already has."""
+        store = cls.__new__(cls)
+        store._container, store._ready = container, False
+        return store
+
     def _ensure(self) -> None:
         if not self._ready:
             with contextlib.suppress(ResourceExistsError):
@@ -221,6 +238,52 @@ class BlobDocumentStore:
             return [b.name for b in self._container.list_blobs(name_starts_with=prefix)]
         except ResourceNotFoundError:
             return []
+
+    def put_entry(self, key: str, entry: dict[str, Any], *, replace: bool) -> bool:
+        """An empty blob whose metadata carries the entry, so a listing returns it; an entry
+        too large for metadata (a very long name, a long reason) goes in the content instead."""
+        self._ensure()
+        encoded = base64.b64encode(_dump(entry)).decode("ascii")
+        body, metadata = (
+            (b"", {ENTRY_FIELD: encoded})
+            if len(encoded) <= ENTRY_INLINE
+            else (
+                _dump(entry),
+                {ENTRY_FIELD: ""},
+            )
+        )
+        try:
+            self._container.get_blob_client(key).upload_blob(
+                body, overwrite=replace, metadata=metadata
+            )
+        except ResourceExistsError:
+            return False
+        except AzureError as exc:
+            raise storage_error(f"write {key}", exc) from exc
+        return True
+
+    def entries(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        found: list[tuple[str, dict[str, Any]]] = []
+        try:
+            for blob in self._container.list_blobs(name_starts_with=prefix, include=["metadata"]):
+                encoded = (blob.metadata or {}).get(ENTRY_FIELD)
+                if encoded:
+                    found.append((blob.name, json.loads(base64.b64decode(encoded))))
+                else:
+                    read = self.read(blob.name)
+                    if read is not None:
+                        found.append((blob.name, read.doc))
+        except ResourceNotFoundError:
+            return []
+        except AzureError as exc:
+            raise storage_error(f"list {prefix}", exc) from exc
+        return found
+
+
+ENTRY_FIELD = "entry"
+ENTRY_INLINE = 7 * 1024
+"""Blob metadata holds at most 8 KiB in all: an entry whose encoding is longer is stored as the
+blob's content (and read separately when listed)."""
 
 
 def _dump(doc: dict[str, Any]) -> bytes:

@@ -71,6 +71,17 @@ class MemoryDocumentStore:
     def keys(self, prefix: str) -> list[str]:
         return sorted(k for k in self.docs if k.startswith(prefix))
 
+    def put_entry(self, key: str, entry: dict[str, Any], *, replace: bool) -> bool:
+        self._call("put_entry", key)
+        if key in self.docs and not replace:
+            return False
+        self.docs[key] = (copy.deepcopy(entry), f"e{next(self._etags)}")
+        return True
+
+    def entries(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        self._call("entries", prefix)
+        return [(k, copy.deepcopy(self.docs[k][0])) for k in self.keys(prefix)]
+
 
 class FakeData:
     """Blobs in a dict; quarantine and SAS references recorded.

@@ -115,6 +115,10 @@ class World:
                 results.append(self.retrainer.on_evaluate(msg))
         return results
 
+    def batch_files(self) -> list[str]:
+        """The names of the files in the model's open batch."""
+        return [f["name"] for f in self.retrainer.batch_files("housing")]
+
     def run(self) -> dict[str, Any]:
         (key,) = self.store.keys("runs/")
         found = self.store.read(key)

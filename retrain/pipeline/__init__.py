@@ -82,12 +82,12 @@ class Retrainer:
         self._ctx = ctx
         slot = ModelSlot(ctx)
         runs = RunMover(ctx, slot)
-        self._arrivals = Arrivals(ctx)
         self._batches = Batches(ctx)
+        self._arrivals = Arrivals(ctx, self._batches)
         self._training = Training(ctx, runs, slot)
         gate = Gate(ctx, runs, slot)
         self._promotion = Deployment(ctx, runs, slot, gate)
-        self._operations = Operations(ctx, runs, slot, self._arrivals)
+        self._operations = Operations(ctx, runs, slot, self._arrivals, self._batches)
         self._recovery = Recovery(ctx, slot, self._arrivals, self._batches, self._operations)
         self._poison = Poison(ctx, runs, slot, gate)
 
@@ -185,6 +185,10 @@ class Retrainer:
     def model_state(self, name: str) -> Doc:
         """A model's document: open batch, active run, champion."""
         return self._operations.model_state(name)
+
+    def batch_files(self, name: str) -> list[Doc]:
+        """The files waiting in the model's open batch (one listing of its member records)."""
+        return self._operations.batch_files(name)
 
     def probe(self, name: str) -> str:
         """Check a model's training service answers and takes its credentials; starts nothing."""

@@ -9,16 +9,17 @@ from enum import StrEnum
 
 from retrain.errors import InputRejected, RemoteError, StateConflict
 from retrain.ingest import check_name, route, validate
-from retrain.ledger import Doc, arrival_key, model_key, run_key
+from retrain.ledger import Doc, arrival_key, member_key, model_key, run_key
+from retrain.pipeline.batches import Batches
 from retrain.pipeline.context import Context, dims
 from retrain.pipeline.records import (
-    add_to_batch,
     batch_id,
     claim_batch,
     file_entry,
     holds,
     iso,
     new_model,
+    open_batch,
 )
 from retrain.settings import ModelSpec
 from retrain.storage import BlobHead, BlobUnreadable
@@ -39,17 +40,19 @@ class Arrival(StrEnum):
 class Arrivals:
     """The blob trigger's step, and the re-ingest the sweep and retrain-now go through."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, batches: Batches) -> None:
         self._ctx = ctx
+        self._batches = batches
 
     def on_blob(self, container: str, name: str) -> str:
         """Handle a blob arrival; returns what happened ('batched', 'rejected', 'duplicate', …).
 
-        A new arrival on a warm instance costs three storage requests: read the blob's first
-        bytes, create its arrival record, add it to the model's batch (one conditional write on
-        the remembered ETag). Opening a batch adds one: its check is scheduled once per batch.
-        The record names the batch *before* the file is added to it, so a redelivery can tell
-        exactly whether the first delivery got the file in.
+        A new arrival on a warm instance costs four storage requests, whatever the size of its
+        batch and however many instances take part: read the blob's first bytes, create its
+        arrival record, create its member record in the batch, read the model document to
+        confirm the batch was still open. Opening a batch adds one write and the batch's check.
+        The arrival record names the batch *before* the member is written, so a redelivery
+        can tell exactly where the first delivery got.
         """
         ctx = self._ctx
         refused = _unreferenceable(name)
@@ -80,17 +83,14 @@ class Arrivals:
         record.update(status=Arrival.ACCEPTED.value, batch_id=claim)
         if not self._record_arrival(key, record):
             return self._arrived_again(spec, key, file, now)
-        batch, opened = self.join(spec, key, file, claim, fresh=open_batch is None, now=now)
-        if opened:
-            ctx.schedule_check(spec, batch, now)
+        joined, _ = self.join(spec, key, file, claim, fresh=open_batch is None, now=now)
         log.info(
-            "arrival %s/%s: batch %s of %s now has %d file(s)",
+            "arrival %s/%s: joined batch %s of %s",
             container,
             name,
-            batch["id"],
+            joined,
             spec.name,
-            len(batch["files"]),
-            extra=dims(spec.name, batch["id"]),
+            extra=dims(spec.name, joined),
         )
         return "batched"
 
@@ -138,38 +138,73 @@ class Arrivals:
         return replaced
 
     def join(
-        self, spec: ModelSpec, key: str, file: Doc, claim: str, *, fresh: bool, now: datetime
-    ) -> tuple[Doc, bool]:
-        """Add `file` to batch `claim`, which its arrival record names; returns the batch and
-        whether this call opened it.
+        self,
+        spec: ModelSpec,
+        key: str,
+        file: Doc,
+        claim: str,
+        *,
+        fresh: bool,
+        now: datetime,
+        replace: bool = False,
+        check: bool = True,
+    ) -> tuple[str, bool]:
+        """Put `file` in batch `claim`, which its arrival record (`key`) names; returns the
+        batch it is in for good and whether this call wrote its member record.
 
-        `fresh`: `claim` is a new id, to open a batch with when none is open. When the claimed
-        batch is no longer open, the record is pointed at the open one (or a new one) first.
+        `fresh`: `claim` is a new id, to open a batch with when none is open. `replace`:
+        overwrite a member record already there (a retrain-now's marks). `check`: a batch
+        opened here sends its check (a retrain-now sends its own). The member counts
+        if the batch was still open when it was written (read after the write): the seal
+        lists members only after it closed the batch. Otherwise the sealed batch's run record
+        says whether the member made it in; if not, the record moves to the open batch (or a
+        new one) and the file joins that.
         """
-        mkey = model_key(spec.name)
+        ctx, mkey = self._ctx, model_key(spec.name)
         for _ in range(MAX_REJOINS):
-            opened = False
-
-            def add(d: Doc, claim: str = claim, fresh: bool = fresh) -> Doc | None:
-                nonlocal opened
-                batch, sealed = d.get("batch"), d.get("sealed") or {}
-                # A fresh id that was sealed meanwhile was opened by a concurrent delivery of
-                # this same arrival: never open a second batch under it.
-                opened = batch is None and fresh and sealed.get("id") != claim
-                if opened or (batch is not None and batch["id"] == claim):
-                    return add_to_batch(d, file, now, claim)
-                return None
-
-            doc, _ = self._ctx.ledger.update(mkey, add, initial=new_model(spec))
-            batch, sealed = doc.get("batch"), doc.get("sealed") or {}
+            if fresh and not self._open(spec, key, claim, now, check=check):
+                state = ctx.ledger.known(mkey) or {}
+                claim, fresh = self._next_claim(state.get("batch"), now)
+                ctx.ledger.update(key, functools.partial(claim_batch, claim))
+                continue
+            added = ctx.ledger.put_entry(member_key(spec.name, claim, key), file, replace=replace)
+            state = ctx.ledger.get(mkey) or {}
+            batch, sealed = state.get("batch"), state.get("sealed") or {}
             if batch is not None and batch["id"] == claim:
-                return batch, opened
-            if sealed.get("id") == claim and holds(sealed["files"], file):
-                return sealed, False  # a concurrent delivery got it in before the seal
-            # The claimed batch was sealed, or another arrival opened one first: claim anew.
-            claim, fresh = (batch["id"], False) if batch else (batch_id(now), True)
-            self._ctx.ledger.update(key, functools.partial(claim_batch, claim))
+                return claim, added
+            if sealed.get("id") == claim:
+                run: Doc | None = self._batches.run_of(spec, sealed, now)
+            else:
+                run = ctx.ledger.get(run_key(spec.name, claim), remember=False)
+            if run is not None and holds(run.get("files") or [], file):
+                return claim, added
+            # Written after the seal's listing: the file belongs to the next batch.
+            claim, fresh = self._next_claim(batch, now)
+            ctx.ledger.update(key, functools.partial(claim_batch, claim))
         raise StateConflict(f"{key}: batch of {spec.name} kept changing under the arrival")
+
+    @staticmethod
+    def _next_claim(batch: Doc | None, now: datetime) -> tuple[str, bool]:
+        """The batch to claim next: the open one, or a new id to open one with."""
+        return (batch["id"], False) if batch else (batch_id(now), True)
+
+    def _open(self, spec: ModelSpec, key: str, claim: str, now: datetime, *, check: bool) -> bool:
+        """Open batch `claim` (and send its check) unless another batch is open; True when
+        `claim` is open or was sealed since (a concurrent delivery of this arrival opened it)."""
+
+        def opening(d: Doc) -> Doc | None:
+            if (d.get("sealed") or {}).get("id") == claim:
+                return None
+            return open_batch(d, claim, now, key)
+
+        ctx = self._ctx
+        state, opened = ctx.ledger.update(model_key(spec.name), opening, initial=new_model(spec))
+        if opened:
+            if check:
+                ctx.schedule_check(spec, state["batch"], now)
+            return True
+        batch, sealed = state.get("batch"), state.get("sealed") or {}
+        return (batch is not None and batch["id"] == claim) or sealed.get("id") == claim
 
     def _arrived_again(self, spec: ModelSpec, key: str, file: Doc, now: datetime) -> str:
         """A second delivery of a recorded arrival: finish what the first one may not have."""
@@ -179,42 +214,47 @@ class Arrivals:
         if existing.get("status") == Arrival.REJECTED or not claim:
             return "duplicate"
         state = ctx.ledger.get(model_key(spec.name)) or {}
-        batch = state.get("batch")
-        files = self.claimed_files(spec, state, claim, {})
-        if files is not None and holds(files, file):
-            opener = files[0]["name"] == file["name"] and files[0]["etag"] == file["etag"]
-            if opener and batch and batch["id"] == claim:
-                # Opening a batch sends its check after the write; the first delivery may have
-                # died in between. A second check is harmless (the first to act wins).
-                ctx.schedule_check(spec, batch, now)
+        batch, sealed = state.get("batch"), state.get("sealed") or {}
+        if batch is not None and batch["id"] == claim and holds(batch.get("files") or [], file):
+            return "duplicate"  # in a batch listed on the model document (earlier releases)
+        opened = (batch is not None and batch["id"] == claim) or sealed.get("id") == claim
+        if not opened:
+            # Never opened, or sealed long ago (its run record says so).
+            opened = ctx.ledger.get(run_key(spec.name, claim), remember=False) is not None
+        joined, added = self.join(spec, key, file, claim, fresh=not opened, now=now)
+        current = (ctx.ledger.known(model_key(spec.name)) or {}).get("batch")
+        if opened and current and current["id"] == joined and current.get("opened_by") == key:
+            # Opening a batch sends its check after the write; the first delivery may have
+            # died in between. A second check is harmless (the first to act wins).
+            ctx.schedule_check(spec, current, now)
+        if not added and joined == claim:
             log.info("arrival %s@%s: duplicate event ignored", file["name"], file["etag"])
             return "duplicate"
-        # The first delivery died between recording the arrival and adding the file: add it.
-        joined, _ = self.join(spec, key, file, claim, fresh=files is None, now=now)
-        ctx.schedule_check(spec, joined, now)
         log.warning(
             "arrival %s@%s: redelivered before it reached a batch; added to %s",
             file["name"],
             file["etag"],
-            joined["id"],
-            extra=dims(spec.name, joined["id"]),
+            joined,
+            extra=dims(spec.name, joined),
         )
         return "batched"
 
     def claimed_files(
-        self, spec: ModelSpec, state: Doc, claim: str, runs: dict[str, list[Doc] | None]
+        self, spec: ModelSpec, state: Doc, claim: str, cache: dict[str, list[Doc] | None]
     ) -> list[Doc] | None:
-        """The files of batch `claim`: open, just sealed, or in its run; None if it never
-        opened. `runs` caches run lookups across calls."""
-        batch, sealed = state.get("batch"), state.get("sealed") or {}
-        if batch and batch["id"] == claim:
-            return list(batch["files"])
-        if sealed.get("id") == claim:
-            return list(sealed["files"])
-        if claim not in runs:
+        """The files of batch `claim`: its members while open or just sealed, else its run's;
+        None if it never opened. `cache` keeps what was read across calls."""
+        if claim not in cache:
+            batch, sealed = state.get("batch") or {}, state.get("sealed") or {}
             run = self._ctx.ledger.get(run_key(spec.name, claim), remember=False)
-            runs[claim] = run.get("files") if run else None
-        return runs[claim]
+            if run is not None:
+                cache[claim] = run.get("files") or []
+            elif claim in (batch.get("id"), sealed.get("id")):
+                pointer = batch if batch.get("id") == claim else sealed
+                cache[claim] = self._batches.members(spec, pointer)
+            else:
+                cache[claim] = None
+        return cache[claim]
 
     def record_unreadable(
         self, spec: ModelSpec, container: str, name: str, exc: BlobUnreadable

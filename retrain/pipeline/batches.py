@@ -1,14 +1,24 @@
-"""Batches: a model's open batch is sealed into a run once it has been quiet long enough."""
+"""Batches: a model's open batch is sealed into a run once it has been quiet long enough.
+
+A batch is a pointer on the model document (id, when it opened, who opened it) and one member
+record per file version under `batches/{model}/{id}/`, which each arrival writes for itself: no
+arrival rewrites a document another arrival writes too. The check reads the members in one
+listing. Sealing is two steps: the model document's pointer moves from `batch` to `sealed`
+(one conditional write: from then on no arrival counts itself in), then a listing made after
+that write becomes the run record, created once. Whoever creates the run record first decides
+the batch's files for good; an arrival whose member came too late finds itself missing from it
+and joins the next batch (see arrivals.py).
+"""
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime
 
-from retrain.ledger import Doc, model_key, run_key
+from retrain.ledger import Doc, members_prefix, model_key, run_key
 from retrain.messages import CheckBatch, TrackRun
 from retrain.pipeline.context import Context, dims
-from retrain.pipeline.records import check_due, iso, new_run, parse
+from retrain.pipeline.records import check_due, iso, merge_files, new_run, parse
 from retrain.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -21,6 +31,12 @@ class Batches:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
+
+    def members(self, spec: ModelSpec, batch: Doc) -> list[Doc]:
+        """The files of open or sealed batch `batch`: its member records (one listing), with
+        the list documents written before member records kept in the pointer itself."""
+        listed = self._ctx.ledger.entries(members_prefix(spec.name, batch["id"]))
+        return merge_files(batch.get("files") or [], listed)
 
     def on_check_batch(self, msg: CheckBatch) -> str:
         """Seal the model's batch into a run once it has been quiet long enough."""
@@ -36,8 +52,16 @@ class Batches:
                 self.start_run(spec, sealed, now)
                 return "resent"
             return "stale"
-        if now < check_due(spec, batch) and not batch.get("force"):
-            return self._wait(spec, batch, now)
+        if not batch.get("force"):
+            if now < check_due(spec, batch):
+                return self._wait(spec, batch, check_due(spec, batch), now)
+            files = self.members(spec, batch)
+            if not files:
+                # Opened by an arrival that died before its member record: its redelivery (or
+                # the sweep) brings the file; a run of nothing is never sealed.
+                return self._wait(spec, batch, now + spec.quiet_period, now)
+            if now < check_due(spec, batch, files):
+                return self._wait(spec, batch, check_due(spec, batch, files), now)
         if state.get("active_run"):
             log.info(
                 "batch %s of %s waits for run %s to end",
@@ -47,7 +71,10 @@ class Batches:
                 extra=dims(spec.name, state["active_run"]),
             )
             return "busy"
-        run_id = batch["id"]
+        return self._seal(spec, batch["id"], now)
+
+    def _seal(self, spec: ModelSpec, run_id: str, now: datetime) -> str:
+        """Move the pointer from open to sealed, claiming the model for the batch's run."""
 
         def seal(d: Doc) -> Doc | None:
             if not d.get("batch") or d["batch"]["id"] != run_id or d.get("active_run"):
@@ -56,16 +83,15 @@ class Batches:
             d["active_since"] = iso(now)
             return d
 
-        state, _ = ctx.ledger.update(model_key(spec.name), seal)
+        state, _ = self._ctx.ledger.update(model_key(spec.name), seal)
         if state.get("active_run") != run_id:
             return "stale"
         self.start_run(spec, state["sealed"], now)
         return "sealed"
 
-    def _wait(self, spec: ModelSpec, batch: Doc, now: datetime) -> str:
-        """Arrivals since this check was scheduled moved the batch's quiet end: look again
-        then. Of several checks waking early, the one that records the new time goes on."""
-        due = check_due(spec, batch)
+    def _wait(self, spec: ModelSpec, batch: Doc, due: datetime, now: datetime) -> str:
+        """The batch is not quiet yet: look again at `due`. Of several checks waking early,
+        the one that records the new time goes on; the others end here."""
 
         def later(d: Doc) -> Doc | None:
             b = d.get("batch")
@@ -76,20 +102,34 @@ class Batches:
 
         _, rescheduled = self._ctx.ledger.update(model_key(spec.name), later)
         if rescheduled:
-            self._ctx.schedule_check(spec, batch, now)
+            self._ctx.schedule_check(spec, batch, now, due=due)
         return "waiting"
 
-    def start_run(self, spec: ModelSpec, batch: Doc, now: datetime) -> None:
-        """Record the run of a sealed batch (once) and hand it to the train step."""
+    def run_of(self, spec: ModelSpec, sealed: Doc, now: datetime) -> Doc:
+        """The run record of sealed batch `sealed`, made from a listing of its members if no
+        one made it yet (created once: the first listing to land is the batch's for good)."""
         ctx = self._ctx
-        run = new_run(spec, batch, now)
-        if ctx.ledger.create(run_key(spec.name, run["run_id"]), run):
+        key = run_key(spec.name, sealed["id"])
+        found = ctx.ledger.get(key, remember=False)
+        if found is not None:
+            return found
+        run = new_run(spec, sealed, self.members(spec, sealed), now)
+        if ctx.ledger.create(key, run):
             ctx.emit(spec, run, run["history"][0]["note"])
             log.info(
                 "run %s of %s: sealed %d file(s)",
                 run["run_id"],
                 spec.name,
-                len(batch["files"]),
+                len(run["files"]),
                 extra=dims(spec.name, run["run_id"]),
             )
-        ctx.outbox.send(ctx.places.jobs_queue, TrackRun(model=spec.name, run_id=run["run_id"]))
+            return run
+        return ctx.ledger.get(key, remember=False) or run
+
+    def start_run(self, spec: ModelSpec, sealed: Doc, now: datetime) -> Doc:
+        """Record the run of a sealed batch (once) and hand it to the train step."""
+        run = self.run_of(spec, sealed, now)
+        self._ctx.outbox.send(
+            self._ctx.places.jobs_queue, TrackRun(model=spec.name, run_id=run["run_id"])
+        )
+        return run

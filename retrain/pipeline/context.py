@@ -147,12 +147,15 @@ class Context:
         re-drives it."""
         return self.timing.max_delay + self.timing.stall
 
-    def schedule_check(self, spec: ModelSpec, batch: Doc, now: datetime) -> None:
-        """Send the batch's check for when its quiet period ends."""
-        delay = max(check_due(spec, batch) - now, timedelta(0))
+    def schedule_check(
+        self, spec: ModelSpec, batch: Doc, now: datetime, *, due: datetime | None = None
+    ) -> None:
+        """Send the batch's check for `due`, by default the earliest its quiet period can end
+        (a check that finds later arrivals reschedules itself once)."""
+        delay = max((due or check_due(spec, batch)) - now, timedelta(0))
         self.outbox.send(
             self.places.jobs_queue,
-            CheckBatch(model=spec.name, batch_id=batch["id"], arrivals=len(batch["files"])),
+            CheckBatch(model=spec.name, batch_id=batch["id"]),
             delay=delay,
         )
 

@@ -11,15 +11,9 @@ from retrain.ingest import validate
 from retrain.ledger import Doc, arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun
 from retrain.pipeline.arrivals import Arrival, Arrivals
+from retrain.pipeline.batches import Batches
 from retrain.pipeline.context import Context, dims
-from retrain.pipeline.records import (
-    add_to_batch,
-    batch_id,
-    claim_batch,
-    file_entry,
-    holds,
-    new_model,
-)
+from retrain.pipeline.records import batch_id, claim_batch, file_entry, holds, new_model
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
 from retrain.ports import ModelRef
@@ -38,32 +32,34 @@ class AlreadyTrained(InputRejected):
         self.run_id = run_id
 
 
-def in_flight(state: Doc, blob: str, etag: str, waiting_in: str | None) -> None:
-    """Refuse to put a version in a new batch while a sealed batch's run trains it: the batch
-    it waited in (`waiting_in`) was sealed since the request looked, or the model's sealed
-    batch holds it and its run still holds the model."""
-    version = {"name": blob, "etag": etag}
-    open_batch = state.get("batch") or {}
-    if holds(open_batch.get("files") or [], version):
-        return
+def in_flight(state: Doc, sealed_files: list[Doc], blob: str, etag: str) -> None:
+    """Refuse to put a version in a new batch while a sealed batch's run trains it: the model's
+    sealed batch (whose files are `sealed_files`) holds it and its run still holds the model."""
     sealed = state.get("sealed") or {}
-    if waiting_in is not None and open_batch.get("id") != waiting_in:
-        raise InputRejected(
-            f"{blob} (version {etag}) was in batch {waiting_in}, which was sealed while this "
-            "request was made: that batch's run trains it"
-        )
-    if sealed.get("id") == state.get("active_run") and holds(sealed.get("files") or [], version):
+    if sealed.get("id") == state.get("active_run") and holds(
+        sealed_files, {"name": blob, "etag": etag}
+    ):
         raise InputRejected(
             f"{blob} (version {etag}) is in batch {sealed['id']}, whose run is training it; "
             "wait for it to end"
         )
 
 
+def _sealed_meanwhile(blob: str, etag: str, batch: str) -> InputRejected:
+    return InputRejected(
+        f"{blob} (version {etag}) was in batch {batch}, which was sealed while this request "
+        "was made: that batch's run trains it"
+    )
+
+
 class Operations:
     """The operator's commands, each checked against the ledger before it changes anything."""
 
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, arrivals: Arrivals) -> None:
+    def __init__(
+        self, ctx: Context, runs: RunMover, slot: ModelSlot, arrivals: Arrivals, batches: Batches
+    ) -> None:
         self._ctx = ctx
+        self._batches = batches
         self._runs = runs
         self._slot = slot
         self._arrivals = arrivals
@@ -162,40 +158,33 @@ class Operations:
         # The version goes through the arrival path first, so it has exactly one arrival record
         # and one batch, whether or not its event ever came.
         self._arrivals.on_blob(container, blob)
-        record = ctx.ledger.get(arrival_key(container, blob, head.etag), remember=False) or {}
+        key = arrival_key(container, blob, head.etag)
+        record = ctx.ledger.get(key, remember=False) or {}
         if record.get("status") != Arrival.ACCEPTED:
             raise InputRejected(f"{blob}: {record.get('reason') or 'its arrival was not accepted'}")
         mark, trained, waiting_in = self._marks(
             spec, blob, head.etag, record, reason=reason, force=force
         )
-        version = {"name": blob, "etag": head.etag}
         now = ctx.clock.now()
         file = file_entry(blob, head.etag, head.size, now, head.last_modified, **mark)
-
-        def add(d: Doc) -> Doc | None:
-            # Decided on a read of the model; a batch sealed since then may hold the version.
-            in_flight(d, blob, head.etag, waiting_in)
-            changed = add_to_batch(d, file, now, batch_id(now)) or d
-            for entry in changed["batch"]["files"]:
-                if holds([entry], version):
-                    entry.update(mark)
-            changed["batch"]["force"] = True
-            return changed
-
-        doc, _ = ctx.ledger.update(model_key(name), add, initial=new_model(spec))
-        if record.get("batch_id") != doc["batch"]["id"]:
-            # The version's record follows it into this batch, so a second request sees it in
-            # flight (and, once a job has trained it, by whom).
-            ctx.ledger.update(
-                arrival_key(container, blob, head.etag),
-                functools.partial(claim_batch, doc["batch"]["id"]),
-            )
-        ctx.outbox.send(
-            ctx.places.jobs_queue,
-            CheckBatch(
-                model=name, batch_id=doc["batch"]["id"], arrivals=len(doc["batch"]["files"])
-            ),
+        if waiting_in is not None:
+            claim, fresh = waiting_in, False
+        else:
+            # A new entry: in the open batch, or one opened for it, unless a sealed batch
+            # (on the same read) still trains it.
+            state = ctx.ledger.get(model_key(name)) or {}
+            sealed = state.get("sealed")
+            if sealed and sealed.get("id") == state.get("active_run"):
+                in_flight(state, self._batches.members(spec, sealed), blob, head.etag)
+            batch = state.get("batch")
+            claim, fresh = (batch["id"], False) if batch else (batch_id(now), True)
+            # The version's record follows it into this batch, so a second request sees it
+            # in flight (and, once a job has trained it, by whom).
+            ctx.ledger.update(key, functools.partial(claim_batch, claim))
+        joined, _ = self._arrivals.join(
+            spec, key, file, claim, fresh=fresh, now=now, replace=True, check=False
         )
+        self._force(spec, joined, blob, head.etag)
         log.info(
             "retrain of %s requested on %s (%s%s)",
             name,
@@ -204,7 +193,23 @@ class Operations:
             f"; forced, already trained by run {trained}" if trained and force else "",
             extra=dims(name),
         )
-        return str(doc["batch"]["id"])
+        return joined
+
+    def _force(self, spec: ModelSpec, batch: str, blob: str, etag: str) -> None:
+        """Mark open batch `batch` to be sealed without waiting, and send its check."""
+        ctx = self._ctx
+
+        def forcing(d: Doc) -> Doc | None:
+            open_batch = d.get("batch")
+            if not open_batch or open_batch["id"] != batch or open_batch.get("force"):
+                return None
+            open_batch["force"] = True
+            return d
+
+        doc, _ = ctx.ledger.update(model_key(spec.name), forcing, initial=new_model(spec))
+        if (doc.get("batch") or {}).get("id") != batch:
+            raise _sealed_meanwhile(blob, etag, batch)
+        ctx.outbox.send(ctx.places.jobs_queue, CheckBatch(model=spec.name, batch_id=batch))
 
     def _requested_version(self, spec: ModelSpec, blob: str | None) -> tuple[str, BlobHead]:
         """The blob to retrain on (default: the newest under the model's prefix), validated."""
@@ -234,11 +239,8 @@ class Operations:
         ctx = self._ctx
         state = ctx.ledger.get(model_key(spec.name)) or {}
         open_batch = state.get("batch") or {}
-        version = {"name": blob, "etag": etag}
-        if open_batch.get("id") == record.get("batch_id") and holds(
-            open_batch.get("files") or [], version
-        ):
-            # It waits in the open batch: seal that now.
+        if open_batch.get("id") == record.get("batch_id"):
+            # It waits in the open batch (its record names the batch it is in): seal that now.
             return {"requested": reason}, None, str(open_batch["id"])
         taken = str(record.get("batch_id") or "?")
         trained = self._trained_by(spec, ctx.places.data_container, blob, etag)
@@ -315,6 +317,11 @@ class Operations:
         """A model's document: open batch, active run, champion."""
         self._ctx.spec(name)
         return self._ctx.ledger.get(model_key(name)) or {}
+
+    def batch_files(self, name: str) -> list[Doc]:
+        """The files waiting in the model's open batch (none when no batch is open)."""
+        batch = self.model_state(name).get("batch")
+        return self._batches.members(self._ctx.spec(name), batch) if batch else []
 
     def probe(self, name: str) -> str:
         """Check a model's training service answers and takes its credentials; starts nothing."""

@@ -70,29 +70,35 @@ def batch_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def check_due(spec: ModelSpec, batch: Doc) -> datetime:
-    """When the batch may be sealed: quiet since its last arrival, or open for max_wait."""
-    quiet_end = parse(batch["last_at"]) + spec.quiet_period
+def check_due(spec: ModelSpec, batch: Doc, files: list[Doc] | None = None) -> datetime:
+    """When the batch may be sealed: quiet since its last arrival, or open for max_wait.
+
+    Without its `files` (the member records), only what the pointer knows: the batch cannot be
+    due before that, and may be later.
+    """
+    arrivals = [batch["last_at"]] + [f["arrived_at"] for f in files or [] if f.get("arrived_at")]
+    quiet_end = max(parse(at) for at in arrivals) + spec.quiet_period
     hard_end = parse(batch["opened_at"]) + spec.max_wait
     return min(quiet_end, hard_end)
 
 
-def add_to_batch(doc: Doc, file: Doc, now: datetime, new_id: str) -> Doc | None:
-    """Add `file` to the open batch, or open batch `new_id` with it; None if already there."""
-    batch = doc.get("batch")
-    if batch is None:
-        batch = {
-            "id": new_id,
-            "opened_at": iso(now),
-            "last_at": iso(now),
-            "files": [],
-        }
-        doc["batch"] = batch
-    if holds(batch["files"], file):
+def open_batch(doc: Doc, new_id: str, now: datetime, opener: str) -> Doc | None:
+    """Open batch `new_id` on the model document; None when a batch is open already."""
+    if doc.get("batch") is not None:
         return None
-    batch["files"].append(file)
-    batch["last_at"] = iso(now)
+    doc["batch"] = {"id": new_id, "opened_at": iso(now), "last_at": iso(now), "opened_by": opener}
     return doc
+
+
+def merge_files(*lists: list[Doc]) -> list[Doc]:
+    """The file versions of several lists, each once, in order of arrival; a later entry for
+    the same version (a retrain-now's, with its marks) wins over an earlier one."""
+    merged: dict[tuple[str, str], Doc] = {}
+    for files in lists:
+        for f in files:
+            version = (f["name"], normalize_etag(f["etag"]))
+            merged[version] = {**merged.get(version, {}), **f}
+    return sorted(merged.values(), key=lambda f: (f.get("arrived_at") or "", f["name"]))
 
 
 def file_entry(
@@ -105,20 +111,20 @@ def file_entry(
     return file
 
 
-def new_run(spec: ModelSpec, batch: Doc, now: datetime) -> Doc:
-    """The run of a sealed batch, queued for training."""
+def new_run(spec: ModelSpec, batch: Doc, files: list[Doc], now: datetime) -> Doc:
+    """The run of sealed batch `batch` holding `files`, queued for training."""
     # Each file is a full dataset: the newest one of the batch is what the model trains on.
-    newest, why = training_file(batch["files"])
+    newest, why = training_file(files)
     return {
         "run_id": batch["id"],
         "model": spec.name,
         "state": RunState.QUEUED.value,
         "created_at": iso(now),
         "deadline_at": iso(now + spec.job_deadline),
-        "files": batch["files"],
+        "files": files,
         "training_file": newest,
         "training_file_reason": why,
-        "forced": any(f.get("forced") for f in batch["files"]),
+        "forced": any(f.get("forced") for f in files),
         "job_id": None,
         "polls": 0,
         "outputs": None,
@@ -129,7 +135,7 @@ def new_run(spec: ModelSpec, batch: Doc, now: datetime) -> Doc:
             {
                 "state": RunState.QUEUED.value,
                 "at": iso(now),
-                "note": f"batch of {len(batch['files'])} file(s)",
+                "note": f"batch of {len(files)} file(s)",
             }
         ],
     }

@@ -76,7 +76,9 @@ class Recovery:
         batch = state.get("batch")
         active = state.get("active_run")
         if batch and not active:
-            due = check_due(spec, batch)
+            # The pointer alone gives the earliest end; a check that found later arrivals
+            # recorded when it looks again.
+            due = max(check_due(spec, batch), parse(batch.get("check_at") or batch["opened_at"]))
             if now >= due + ctx.stall and self._claim_sweep(mkey, now):
                 ctx.schedule_check(spec, batch, now)
                 counts["checks"] += 1

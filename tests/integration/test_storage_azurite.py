@@ -240,3 +240,98 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
     assert counts["blobs"] == counts["errors"] == 0
     # list the prefix (one page), read the model document and the listing mark
     assert len(requests_made) == 3, requests_made
+
+
+class TestEntries:
+    """Member records: small records a listing returns with their content."""
+
+    def test_an_entry_is_listed_with_its_content_in_one_request(
+        self, blobs: BlobServiceClient, name: str
+    ) -> None:
+        store = BlobDocumentStore(blobs, name)
+        odd = "housing/ünïcode 数据 ☃ & ?#%.csv"
+        assert store.put_entry("b/1/x.json", {"name": odd, "size": 3}, replace=False)
+        assert store.put_entry("b/1/y.json", {"name": "y"}, replace=False)
+        store.create("b/2/z.json", {"name": "elsewhere"})
+        assert dict(store.entries("b/1/")) == {
+            "b/1/x.json": {"name": odd, "size": 3},
+            "b/1/y.json": {"name": "y"},
+        }
+
+    def test_create_only_keeps_the_first_and_replace_overwrites(
+        self, blobs: BlobServiceClient, name: str
+    ) -> None:
+        store = BlobDocumentStore(blobs, name)
+        assert store.put_entry("m.json", {"n": 1}, replace=False)
+        assert not store.put_entry("m.json", {"n": 2}, replace=False)
+        assert store.entries("m") == [("m.json", {"n": 1})]
+        assert store.put_entry("m.json", {"n": 3}, replace=True)
+        assert store.entries("m") == [("m.json", {"n": 3})]
+
+    def test_an_entry_too_large_for_metadata_is_kept_in_the_content(
+        self, blobs: BlobServiceClient, name: str
+    ) -> None:
+        store = BlobDocumentStore(blobs, name)
+        big = {"name": "界" * 1024, "requested": "r" * 4000}
+        assert store.put_entry("big.json", big, replace=False)
+        assert store.entries("big") == [("big.json", big)]
+
+    def test_no_container_yet_lists_nothing(self, blobs: BlobServiceClient, name: str) -> None:
+        assert BlobDocumentStore(blobs, name).entries("any/") == []
+
+
+def test_instances_sharing_a_burst_never_conflict(azurite_connection: str, name: str) -> None:
+    """Three instances (each its own ledger cache) take turns with arrivals of one model: each
+    arrival costs four requests on the wire whatever the batch's size, none is refused with
+    412, and the seal's run record lists every file once."""
+    from azure.core.pipeline.transport import RequestsTransport
+
+    from retrain.clock import ManualClock
+    from retrain.messages import CheckBatch
+    from retrain.pipeline import Places, Retrainer, Timing
+    from tests.fakes import FakeTarget, FakeTraining, MemoryOutbox
+    from tests.harness import spec as harness_spec
+
+    seen: list[tuple[str, int]] = []
+
+    class Counting(RequestsTransport):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            response = super().send(request, **kwargs)
+            seen.append((request.method, response.status_code))
+            return response
+
+    service = BlobServiceClient.from_connection_string(azurite_connection, transport=Counting())
+    service.create_container(name)
+    clock = ManualClock()
+    outbox = MemoryOutbox()
+
+    def instance() -> Retrainer:
+        return Retrainer(
+            models={"housing": harness_spec()},
+            ledger=Ledger(BlobDocumentStore(service, name + "-state")),
+            data=BlobData(service),
+            outbox=outbox,
+            training_for=lambda _: FakeTraining(),
+            target_for=lambda _: FakeTarget(),
+            places=Places(name, name + "-artifacts", name + "-q", "jobs", "evals"),
+            timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
+            clock=clock,
+        )
+
+    instances = [instance() for _ in range(3)]
+    names = [f"housing/{i:03d}.csv" for i in range(60)]
+    for blob in names:
+        service.get_blob_client(name, blob).upload_blob(b"rooms,price\n1,2\n")
+    for i, blob in enumerate(names[:6]):  # each instance warms up (reads the model once)
+        assert instances[i % 3].on_blob(name, blob) == "batched"
+    seen.clear()
+    for i, blob in enumerate(names[6:]):
+        assert instances[i % 3].on_blob(name, blob) == "batched"
+    assert len(seen) == 4 * len(names[6:])
+    assert not [status for _, status in seen if status == 412]
+    ((_, check, _),) = outbox.take()
+    assert isinstance(check, CheckBatch)
+    clock.advance(seconds=3600)
+    assert instances[1].on_check_batch(check) == "sealed"
+    (run,) = instances[2].runs("housing")
+    assert sorted(f["name"] for f in run["files"]) == names

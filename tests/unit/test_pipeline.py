@@ -40,7 +40,6 @@ class TestIngest:
         ((queue, msg, delay),) = w.outbox.sent
         assert queue == "jobs"
         assert isinstance(msg, CheckBatch)
-        assert msg.arrivals == 1
         assert delay == timedelta(seconds=60)
 
     def test_same_blob_version_twice_is_one_arrival(self) -> None:
@@ -49,8 +48,7 @@ class TestIngest:
         assert w.drop("housing/b.csv") == "batched"
         assert w.retrainer.on_blob("data", "housing/b.csv") == "duplicate"
         assert len(w.outbox.sent) == 1  # only the batch's opener schedules its check
-        batch = w.ledger.get(model_key("housing"))["batch"]  # type: ignore[index]
-        assert [f["name"] for f in batch["files"]] == ["housing/a.csv", "housing/b.csv"]
+        assert w.batch_files() == ["housing/a.csv", "housing/b.csv"]
 
     def test_a_duplicate_of_the_opener_resends_the_check_it_may_have_lost(self) -> None:
         w = World()
@@ -1063,8 +1061,11 @@ class TestAStartWithNoAnswer:
 class TestRetrainNowRefusesVersionsInFlight:
     def test_a_version_in_a_sealed_batch_whose_run_is_not_recorded_yet(self) -> None:
         w = sealed_without_its_run()
-        with pytest.raises(InputRejected, match="sealed"):
+        # The request's arrival path finds the version in the sealed batch and records its
+        # run (the first listing after the seal decides it); the run trains the version.
+        with pytest.raises(InputRejected, match="queued; wait for it to end"):
             w.retrainer.request("housing", "housing/a.csv", reason="now")
+        assert [f["name"] for f in w.run()["files"]] == ["housing/a.csv"]
 
     def test_force_does_not_retrain_a_version_its_run_is_still_training(self) -> None:
         w = World()
@@ -1112,7 +1113,7 @@ class TestRetrainNowRefusesVersionsInFlight:
         state = w.ledger.get(model_key("housing"))
         assert state is not None
         with pytest.raises(InputRejected, match="whose run is training it"):
-            in_flight(state, "housing/a.csv", state["sealed"]["files"][0]["etag"], None)
+            in_flight(state, w.run()["files"], "housing/a.csv", w.run()["files"][0]["etag"])
 
 
 class TestRehydratedBlob:
