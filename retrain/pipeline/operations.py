@@ -175,7 +175,7 @@ class Operations:
             state = ctx.ledger.get(model_key(name)) or {}
             sealed = state.get("sealed")
             if sealed and sealed.get("id") == state.get("active_run"):
-                in_flight(state, self._batches.members(spec, sealed), blob, head.etag)
+                in_flight(state, self._batches.run_of(spec, sealed, now)["files"], blob, head.etag)
             batch = state.get("batch")
             claim, fresh = (batch["id"], False) if batch else (batch_id(now), True)
             # The version's record follows it into this batch, so a second request sees it
