@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import requests
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
+from retrain.azureml.checks import CheckedEndpoint
 from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
 from retrain.azureml.workspace import ArmClient
 from retrain.backends.azureml import AzureMLTraining
@@ -143,7 +144,8 @@ def _azureml(spec: ModelSpec, shared: Shared) -> TrainingBackend:
 
 def _online_endpoint(spec: ModelSpec, shared: Shared) -> DeployTarget:
     target = _as(spec.target, OnlineEndpointSpec)
-    return OnlineEndpoint(_workspace(spec, target, shared), target)
+    arm = _workspace(spec, target, shared)
+    return CheckedEndpoint(OnlineEndpoint(arm, target), arm, target)
 
 
 TRAINING: dict[str, Callable[[ModelSpec, Shared], TrainingBackend]] = {

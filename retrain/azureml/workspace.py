@@ -119,6 +119,11 @@ class ArmClient:
         """`{WS}{suffix}?api-version=...`."""
         return f"{self.workspace.url(suffix)}?api-version={API_VERSION}"
 
+    def resource_url(self, resource_id: str) -> str:
+        """`{resource_id}?api-version=...` on this client's ARM endpoint (for ids the user gave,
+        which may name another workspace of the provider)."""
+        return f"{self.base}{resource_id}?api-version={API_VERSION}"
+
     def check_own(self, url: str) -> str:
         """Refuse to send the ARM token anywhere but the ARM endpoint (an async URL is echoed
         by the service, so it is checked, not trusted)."""
