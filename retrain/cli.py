@@ -188,7 +188,7 @@ def cmd_preflight(args: argparse.Namespace, out: Output) -> int:
         problems: set[str] = set()
         steps: list[Callable[[str], list[str]]] = [
             lambda n: app.probe(n).splitlines(),
-            app.preflight,
+            lambda n: _target_facts(app, n).splitlines(),
         ]
         for step in steps:
             try:
@@ -229,8 +229,17 @@ def _check_text(row: Doc) -> str:
     return f"{head} {row['check']}: {_indented(row['detail'], '    ')}"
 
 
-def _facts(preflight: Callable[[str], list[str]], name: str) -> str:
-    return "\n".join(preflight(name))
+def _target_setup(name: str) -> list[str]:
+    from retrain.settings import get_settings
+    from retrain.wiring import check_target_setup
+
+    return check_target_setup(get_settings(), name)
+
+
+def _target_facts(app: Any, name: str) -> str:
+    """The target's setup check (v2: the endpoint and the deployment template's assets), then,
+    when it passes, its preflight: one fact a line."""
+    return "\n".join(_target_setup(name) + app.preflight(name))
 
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
@@ -252,7 +261,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     for name, spec in settings.models.items():
         service = "BES" if spec.training.kind == "bes" else "Azure ML workspace"
         checks.append(_check(f"{service} of {name}", functools.partial(app.probe, name)))
-        checks.append(_check(f"target of {name}", functools.partial(_facts, app.preflight, name)))
+        checks.append(_check(f"target of {name}", functools.partial(_target_facts, app, name)))
         champion = (states.get(name) or {}).get("champion") or {}
         checks.append(
             {

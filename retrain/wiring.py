@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, TypeVar
 import requests
 
 from retrain.arm import NewWebService, StaticToken, TokenCredential
-from retrain.azureml.checks import CheckedEndpoint
 from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
 from retrain.azureml.workspace import ArmClient
 from retrain.backends.azureml import AzureMLTraining
@@ -144,8 +143,7 @@ def _azureml(spec: ModelSpec, shared: Shared) -> TrainingBackend:
 
 def _online_endpoint(spec: ModelSpec, shared: Shared) -> DeployTarget:
     target = _as(spec.target, OnlineEndpointSpec)
-    arm = _workspace(spec, target, shared)
-    return CheckedEndpoint(OnlineEndpoint(arm, target), arm, target)
+    return OnlineEndpoint(_workspace(spec, target, shared), target)
 
 
 TRAINING: dict[str, Callable[[ModelSpec, Shared], TrainingBackend]] = {
@@ -235,6 +233,24 @@ def arm_credential(token_setting: str | None, model: str) -> TokenCredential:
 def retrainer() -> Retrainer:
     """The app's Retrainer, built once per worker process."""
     return build(get_settings())
+
+
+def check_target_setup(settings: Settings, name: str) -> list[str]:
+    """The setup check of a model's target that goes beyond its preflight: for an online
+    endpoint, that it exists and is Succeeded and that the deployment template's assets exist
+    (retrain.azureml.checks). Other targets have none."""
+    from retrain.azureml.checks import check_endpoint
+
+    spec = settings.models[name]
+    if not isinstance(spec.target, OnlineEndpointSpec):
+        return []
+    arm = ArmClient(
+        spec.target.workspace_ref,
+        credential=arm_credential(spec.target.token_setting, spec.name),
+        session=make_session(),
+        timeout=(settings.http_connect_timeout, settings.http_read_timeout),
+    )
+    return check_endpoint(arm, spec.target)
 
 
 def check_storage(settings: Settings) -> list[StorageCheck]:

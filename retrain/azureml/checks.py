@@ -6,7 +6,8 @@ server answers (a `runs/get` of a run no job has: 404, as OSS MLflow answers an 
 every asset the job template references exists: each `codeId`, `environmentId`, `componentId`
 and `computeId` anywhere in the body (a pipeline's steps too) is GET by its ARM id. Target: the
 online endpoint exists and is `Succeeded` (§7.3 step 1) and the deployment template's assets
-exist; the target's own preflight then reads its deployments and traffic map.
+exist (the CLI then runs the target's own preflight, which reads its deployments and traffic
+map; a first promotion runs only that, as its deploy lease allows for).
 
 Each problem is a SetupError naming the setting, the resource and the fix (the `az ml ... show`
 command that gives an id, the role the identity lacks), all of a section's problems in one
@@ -24,9 +25,7 @@ from retrain.azureml.lro import TERMINAL_FAILURES
 from retrain.azureml.mlflow import MlflowRuns, rest_base
 from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
 from retrain.azureml.workspace import PROVIDER, ArmClient, WorkspaceRef, as_object
-from retrain.deploy import DeployTarget, Progress
 from retrain.errors import PermanentRemoteError, SetupError, TransientRemoteError
-from retrain.ports import ModelRef
 
 ASSET_KINDS = {
     "codeId": "codes",
@@ -296,25 +295,3 @@ def check_endpoint(arm: ArmClient, spec: OnlineEndpointSpec) -> list[str]:
     if problems:
         raise SetupError("\n".join(problems))
     return facts
-
-
-class CheckedEndpoint:
-    """A `DeployTarget` whose preflight runs the v2 setup check of the endpoint first; the
-    rest is the wrapped target's."""
-
-    def __init__(self, target: DeployTarget, arm: ArmClient, spec: OnlineEndpointSpec) -> None:
-        self._target = target
-        self._arm = arm
-        self._spec = spec
-
-    def serves(self, model: ModelRef) -> bool:
-        return self._target.serves(model)
-
-    def deploy(self, model: ModelRef) -> Progress:
-        return self._target.deploy(model)
-
-    def progress(self, operation: str | None) -> Progress:
-        return self._target.progress(operation)
-
-    def preflight(self) -> list[str]:
-        return check_endpoint(self._arm, self._spec) + self._target.preflight()

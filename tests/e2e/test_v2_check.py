@@ -31,10 +31,17 @@ def emulator(azurite_connection: str) -> Iterator[tuple[Emulator, str]]:
         yield emu, server.url
 
 
-def configure(azurite_connection: str, url: str, template: dict[str, Any] | None = None) -> None:
+def configure(
+    azurite_connection: str,
+    url: str,
+    template: dict[str, Any] | None = None,
+    deployment: dict[str, Any] | None = None,
+) -> None:
     spec = v2stack.model_spec(url)
     if template is not None:
         spec["training"]["job_template"] = template
+    if deployment is not None:
+        spec["target"]["deployment_template"] = deployment
     stack.load_app(
         stack.app_settings(azurite_connection, [spec], suffix="-" + uuid.uuid4().hex[:8])
     )
@@ -62,7 +69,7 @@ def test_a_healthy_v2_setup_passes_preflight_with_what_it_read(
     assert emu.violations == []
 
 
-def test_a_missing_environment_is_a_configuration_problem_with_the_fix(
+def test_missing_environments_are_configuration_problems_with_the_fix(
     azurite_connection: str,
     emulator: tuple[Emulator, str],
     capsys: pytest.CaptureFixture[str],
@@ -70,7 +77,9 @@ def test_a_missing_environment_is_a_configuration_problem_with_the_fix(
     emu, url = emulator
     template = copy.deepcopy(v2stack.JOB_TEMPLATE)
     template["properties"]["environmentId"] = WS + "/environments/train/versions/9"
-    configure(azurite_connection, url, template)
+    deployment = copy.deepcopy(v2stack.DEPLOYMENT)
+    deployment["properties"]["environmentId"] = WS + "/environments/score/versions/1"
+    configure(azurite_connection, url, template, deployment)
 
     assert main(["preflight"]) == 1
     out = capsys.readouterr().out.splitlines()
@@ -81,11 +90,18 @@ def test_a_missing_environment_is_a_configuration_problem_with_the_fix(
         "`az ml environment show --name train --version 9 --workspace-name ws1 --resource-group "
         "rg1 --query id` gives it"
     )
+    assert out[2].startswith(
+        "  target.deployment_template properties.environmentId: environment score version 1 "
+        "does not exist"
+    )
     assert emu.count("GET", r"/environments/train/versions/9$", status=404) == 1
+    assert emu.count("GET", r"/deployments/") == 0  # the target's preflight waits for a fix
 
     assert main(["--json", "check"]) == 1
     rows = {row["check"]: row for row in json.loads(capsys.readouterr().out)}
     training = rows["Azure ML workspace of housing"]
     assert (training["ok"], training["problem"]) == (False, "configuration")
     assert "environment train version 9 does not exist" in training["detail"]
-    assert rows["target of housing"]["ok"], rows["target of housing"]
+    target = rows["target of housing"]
+    assert (target["ok"], target["problem"]) == (False, "configuration")
+    assert "environment score version 1 does not exist" in target["detail"]

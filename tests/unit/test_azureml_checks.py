@@ -11,15 +11,13 @@ import pytest
 import responses
 
 from retrain import cli
-from retrain.azureml.checks import CheckedEndpoint, check_endpoint, check_training
+from retrain.azureml.checks import check_endpoint, check_training
 from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
-from retrain.deploy import SUCCEEDED, Progress
 from retrain.errors import (
     PermanentError,
     SetupError,
     TransientRemoteError,
 )
-from retrain.ports import ModelRef
 from tests.azureml_support import ARM, WS, WS_PATH, arm
 
 MLFLOW = "https://westeurope.api.azureml.ms/mlflow/v1.0" + WS_PATH + "/api/2.0/mlflow"
@@ -227,35 +225,15 @@ def endpoint(state: str = "Succeeded", status: int = 200) -> None:
     responses.get(EP, json=body, status=status)
 
 
-class FakeTarget:
-    def __init__(self) -> None:
-        self.preflights = 0
-
-    def serves(self, model: ModelRef) -> bool:
-        return False
-
-    def deploy(self, model: ModelRef) -> Progress:
-        return SUCCEEDED
-
-    def progress(self, operation: str | None) -> Progress:
-        return SUCCEEDED
-
-    def preflight(self) -> list[str]:
-        self.preflights += 1
-        return ["online endpoint housing is Succeeded"]
-
-
 class TestEndpoint:
     @responses.activate
     def test_a_missing_endpoint_names_the_setting_and_the_command(self) -> None:
         endpoint(status=404)
-        inner = FakeTarget()
         with pytest.raises(SetupError) as caught:
-            CheckedEndpoint(inner, arm(), target()).preflight()
+            check_endpoint(arm(), target())
         text = str(caught.value)
         assert text.startswith("target.endpoint: online endpoint housing does not exist")
         assert "`az ml online-endpoint show --name housing --workspace-name ws" in text
-        assert inner.preflights == 0
 
     @responses.activate
     def test_a_failed_endpoint_is_a_setup_problem_a_busy_one_is_not(self) -> None:
@@ -269,14 +247,12 @@ class TestEndpoint:
             check_endpoint(arm(), target())
 
     @responses.activate
-    def test_the_deployment_templates_assets_are_checked_then_the_targets_preflight_runs(
-        self,
-    ) -> None:
+    def test_the_deployment_templates_assets_are_checked(self) -> None:
         endpoint()
         score_env = WS_PATH + "/environments/score/versions/1"
         score_code = WS_PATH + "/codes/score/versions/1"
         asset(score_env)
-        asset(score_code)
+        asset(score_code, status=404)
         deployment = {
             "properties": {
                 "endpointComputeType": "Managed",
@@ -284,27 +260,39 @@ class TestEndpoint:
                 "environmentId": score_env,
             }
         }
-        inner = FakeTarget()
-        facts = CheckedEndpoint(inner, arm(), target(deployment)).preflight()
-        assert facts == [
+        with pytest.raises(SetupError) as caught:
+            check_endpoint(arm(), target(deployment))
+        assert str(caught.value).startswith(
             "target.deployment_template properties.codeConfiguration.codeId: code score "
-            "version 1 exists (Succeeded)",
+            "version 1 does not exist"
+        )
+        responses.replace("GET", ARM + score_code, json={"properties": {}})
+        assert check_endpoint(arm(), target(deployment)) == [
+            "target.deployment_template properties.codeConfiguration.codeId: code score "
+            "version 1 exists",
             "target.deployment_template properties.environmentId: environment score version 1 "
             "exists (Succeeded)",
-            "online endpoint housing is Succeeded",
         ]
-        assert inner.preflights == 1
 
 
 class FakeApp:
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception | None) -> None:
         self.error = error
+        self.preflights = 0
 
     def probe(self, name: str) -> str:
-        raise self.error
+        if self.error is not None:
+            raise self.error
+        return "workspace ws answers"
 
     def preflight(self, name: str) -> list[str]:
+        self.preflights += 1
         return ["online endpoint housing is Succeeded"]
+
+
+@pytest.fixture(autouse=True)
+def _no_target_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_target_setup", lambda name: [])
 
 
 def test_preflight_reports_a_setup_problem_as_configuration(
@@ -329,3 +317,21 @@ def test_preflight_reports_a_service_that_does_not_answer_as_failed(
     monkeypatch.setattr(cli, "_app", lambda: FakeApp(TransientRemoteError("GET workspace: 503")))
     assert cli.main(["preflight", "housing"]) == 1
     assert capsys.readouterr().out.splitlines() == ["housing: FAILED", "  GET workspace: 503"]
+
+
+def test_a_target_setup_problem_is_reported_once_without_running_the_preflight(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = FakeApp(None)
+    monkeypatch.setattr(cli, "_app", lambda: app)
+
+    def missing(name: str) -> list[str]:
+        raise SetupError("target.endpoint: online endpoint housing does not exist")
+
+    monkeypatch.setattr(cli, "_target_setup", missing)
+    assert cli.main(["preflight", "housing"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "housing: configuration: FAILED",
+        "  target.endpoint: online endpoint housing does not exist",
+    ]
+    assert app.preflights == 0
