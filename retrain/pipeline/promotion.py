@@ -11,6 +11,7 @@ from retrain.deploy import DeployTarget, Progress
 from retrain.errors import PermanentError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
+from retrain.pipeline.canary import Canary
 from retrain.pipeline.context import (
     MIN_POLL_GAP,
     Context,
@@ -61,6 +62,7 @@ class Deployment:
         self._runs = runs
         self._slot = slot
         self._gate = gate
+        self._canary = Canary(ctx, runs, slot)
 
     def on_evaluate(self, msg: EvaluateRun, *, delivery: Delivery | None = None) -> str:
         """Gate the trained model; promote it through the model's target when it is better."""
@@ -112,6 +114,7 @@ class Deployment:
         key = run_key(spec.name, run["run_id"])
         ref = ModelRef.load(run["outputs"]["model"])
         pending = run.get("deployment")
+        progress: Progress | str
         if pending is None or not pending.get("deployed"):
             outcome = self._deploy(spec, target, run, ref, msg, delivery)
             if isinstance(outcome, str):
@@ -123,11 +126,18 @@ class Deployment:
             if not claim:
                 return "duplicate"
             step.polled = True
-            if claim == "again" and pending.get("operation"):
+            if pending.get("canary"):
+                progress = self._canary.advance(spec, target, run, msg)
+            elif claim == "again" and pending.get("operation"):
                 # The failed attempt may have just asked how the operation is doing: ask in
                 # the chain's next poll, not at once.
                 return self._provisioning(spec, run, msg)
-            progress = target.progress(pending["operation"])
+            else:
+                progress = target.progress(pending["operation"])
+        if not isinstance(progress, str) and progress.state == "staged":
+            progress = self._canary.begin(spec, target, run, msg, progress)
+        if isinstance(progress, str):
+            return progress  # a canary step sent the next message, or ended the run
         if progress.state == "failed":
             return self._runs.fail(spec, run, f"the target refused the model: {progress.detail}")
         if progress.state == "pending":
