@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import requests
 
-from retrain.arm import NewWebService, StaticToken, TokenCredential
+from retrain.arm import NewWebService, StaticToken
 from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
 from retrain.azureml.workspace import ArmClient
 from retrain.backends.azureml import AzureMLTraining
@@ -22,7 +22,7 @@ from retrain.classic_spec import BesSpec, ClassicTarget, NewTarget
 from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget, ModelReader, sas_reader
 from retrain.errors import ConfigError
-from retrain.http import make_session, worst_call
+from retrain.http import TokenCredential, make_session, worst_call
 from retrain.ledger import Ledger
 from retrain.notify import Webhook
 from retrain.pipeline import Places, Retrainer, Timing
