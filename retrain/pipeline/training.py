@@ -25,8 +25,7 @@ from retrain.pipeline.context import (
     dims,
 )
 from retrain.pipeline.records import iso, note_trained, parse
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef, Phase, TrainingBackend, TrainingRequest
 from retrain.runstate import TRAINING, RunState, is_terminal
 from retrain.settings import ModelSpec
@@ -70,13 +69,8 @@ class _Track:
     delivery: Delivery | None
 
 
-class Training:
+class Training(RunStep):
     """The track-run step: one submitted job per run, started once, polled without sleeping."""
-
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
 
     def on_track_run(self, msg: TrackRun, *, delivery: Delivery | None = None) -> str:
         """Submit, start or poll the run's training job; never waits inside the invocation.
