@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import requests
 
-from retrain.arm import NewWebService, StaticToken, TokenCredential
+from retrain.arm import NewWebService, StaticToken
 from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
 from retrain.azureml.workspace import ArmClient
 from retrain.backends.azureml import AzureMLTraining
@@ -22,10 +22,10 @@ from retrain.classic_spec import BesSpec, ClassicTarget, NewTarget
 from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget, ModelReader, sas_reader
 from retrain.errors import ConfigError
-from retrain.http import make_session, worst_call
+from retrain.http import TokenCredential, make_session, worst_call
 from retrain.ledger import Ledger
 from retrain.notify import Webhook
-from retrain.pipeline import Places, Retrainer, Timing
+from retrain.pipeline import Context, Places, Retrainer, Timing
 from retrain.ports import TrainingBackend
 from retrain.settings import ModelSpec, Settings, get_settings, read_secret
 from retrain.storage import (
@@ -187,7 +187,7 @@ def build(
     def target_for(spec: ModelSpec) -> DeployTarget:
         return decorate.target(TARGETS[spec.target.kind](spec, shared))
 
-    return Retrainer(
+    context = Context(
         models=settings.models,
         ledger=Ledger(decorate.store(BlobDocumentStore(blobs, settings.state_container))),
         data=data,
@@ -210,6 +210,7 @@ def build(
         ),
         clock=clock,
     )
+    return Retrainer(context)
 
 
 @functools.cache

@@ -13,7 +13,7 @@ from pydantic import AnyHttpUrl, Field, TypeAdapter, field_validator, model_vali
 from retrain.azureml.template import check_template
 from retrain.azureml.workspace import ARM_ENDPOINT, WorkspaceRef
 from retrain.errors import UsageError
-from retrain.specbase import SettingName, Spec, json_document, require_https
+from retrain.specbase import JsonDocument, SettingName, Spec, require_https
 
 if TYPE_CHECKING:
     from retrain.azureml.mlflow import MetricName
@@ -60,7 +60,7 @@ class AzureMLSpec(_Workspace):
     """Training as an Azure ML v2 job, the model registered in the workspace."""
 
     kind: Literal["azureml"]
-    job_template: dict[str, Any]
+    job_template: JsonDocument
     """The REST job body with `{retrain.*}` placeholders; inline, or a JSON file's path."""
     datastore: str = Field(min_length=1)
     """A blob datastore of the workspace over the app's artifacts container: the job reads the
@@ -70,11 +70,6 @@ class AzureMLSpec(_Workspace):
     model_type: Literal["custom_model", "mlflow_model"] = "custom_model"
     metrics: dict[str, MlflowKeys] = Field(min_length=1)
     """Gate metric name (e.g. 'Root Mean Squared Error') -> the MLflow keys it is logged under."""
-
-    @field_validator("job_template", mode="before")
-    @classmethod
-    def _template_file(cls, value: Any) -> Any:
-        return json_document(value, "job_template")
 
     @field_validator("job_template")
     @classmethod
@@ -152,7 +147,7 @@ class OnlineEndpointSpec(_Workspace):
 
     kind: Literal["online_endpoint"]
     endpoint: str = Field(min_length=1)
-    deployment_template: dict[str, Any]
+    deployment_template: JsonDocument
     """The deployment PUT body without `model` (the app fills it); inline, or a file's path."""
     deployments: tuple[str, str] = ("blue", "green")
     """The two deployment names the model alternates between."""
@@ -164,11 +159,6 @@ class OnlineEndpointSpec(_Workspace):
     moves and canary holds all end by then, or the promotion fails."""
     canary: CanarySpec | None = None
     """Unset: all traffic moves at once. Set: it moves in `canary.steps`, each held."""
-
-    @field_validator("deployment_template", mode="before")
-    @classmethod
-    def _template_file(cls, value: Any) -> Any:
-        return json_document(value, "deployment_template")
 
     @field_validator("deployment_template")
     @classmethod

@@ -24,6 +24,7 @@ ends.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -32,10 +33,9 @@ from retrain.deploy import SUCCEEDED, DeployTarget, Progress, TrafficTarget
 from retrain.errors import PermanentError, PermanentRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
-from retrain.pipeline.context import MIN_POLL_GAP, Context, dims
+from retrain.pipeline.context import MIN_POLL_GAP, dims
 from retrain.pipeline.records import iso, parse
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.runstate import RunState, is_terminal
 from retrain.settings import ModelSpec
 
@@ -45,13 +45,9 @@ REDEPLOYS = ("rollback", "restore")
 """Run kinds that move all traffic at once: the way back is not a new model on trial."""
 
 
-class Canary:
+@dataclass(eq=False)
+class Canary(RunStep):
     """Drives a staged promotion's traffic steps, one message per step."""
-
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
 
     def begin(
         self, spec: ModelSpec, target: DeployTarget, run: Doc, msg: EvaluateRun, staged: Progress

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from retrain.errors import InputRejected
@@ -11,7 +12,7 @@ from retrain.ingest import validate
 from retrain.ledger import Doc, arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun
 from retrain.pipeline.arrivals import Arrival, Arrivals
-from retrain.pipeline.context import Context, dims
+from retrain.pipeline.context import dims
 from retrain.pipeline.records import (
     add_to_batch,
     batch_id,
@@ -20,8 +21,7 @@ from retrain.pipeline.records import (
     holds,
     new_model,
 )
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef
 from retrain.runstate import RunState, is_terminal
 from retrain.settings import ModelSpec
@@ -59,14 +59,11 @@ def in_flight(state: Doc, blob: str, etag: str, waiting_in: str | None) -> None:
         )
 
 
-class Operations:
+@dataclass(eq=False)
+class Operations(RunStep):
     """The operator's commands, each checked against the ledger before it changes anything."""
 
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, arrivals: Arrivals) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
-        self._arrivals = arrivals
+    _arrivals: Arrivals
 
     # ----------------------------------------------------------------- approval
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from retrain.deploy import DeployTarget, Progress
@@ -14,7 +15,6 @@ from retrain.messages import EvaluateRun
 from retrain.pipeline.canary import Canary
 from retrain.pipeline.context import (
     MIN_POLL_GAP,
-    Context,
     Delivery,
     Step,
     delivery_doc,
@@ -23,8 +23,7 @@ from retrain.pipeline.context import (
 )
 from retrain.pipeline.gate import Gate
 from retrain.pipeline.records import iso, parse
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef
 from retrain.runstate import RunState, is_terminal
 from retrain.settings import ModelSpec
@@ -54,15 +53,15 @@ def _give_back(d: Doc) -> None:
     d["deployment"], d["deploy_tried"] = None, True
 
 
-class Deployment:
+@dataclass(eq=False)
+class Deployment(RunStep):
     """The evaluate step: gate a trained run, then promote it through the model's target."""
 
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, gate: Gate) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
-        self._gate = gate
-        self._canary = Canary(ctx, runs, slot)
+    _gate: Gate
+    _canary: Canary = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._canary = Canary(self._ctx, self._runs, self._slot)
 
     def on_evaluate(self, msg: EvaluateRun, *, delivery: Delivery | None = None) -> str:
         """Gate the trained model; promote it through the model's target when it is better."""
