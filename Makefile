@@ -70,6 +70,7 @@ chaos-long: setup
 
 bench: setup
 	$(PY) -m localdev.bench
+	$(PY) -m localdev.v2bench
 
 clean:
 	rm -rf .venv .venv-infra node_modules .pytest_cache .mypy_cache .ruff_cache

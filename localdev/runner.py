@@ -36,9 +36,10 @@ from azure.storage.queue import (
     TextBase64DecodePolicy,
     TextBase64EncodePolicy,
 )
-from pydantic import SecretStr
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from retrain.connection import PREFIX, StorageConnection, resolve
+from retrain.connection import PREFIX, StorageConnection, StorageSettings
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -91,24 +92,30 @@ def _deferred_blob(t: _Trigger, content: str) -> Any:
     return converter.decode(datum, trigger_metadata={}, pytype=pytype)
 
 
+class _GivenStorage(StorageSettings):
+    """The app's storage settings, read from the mapping given alone (not the environment)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def storage_connection(env: Mapping[str, str]) -> StorageConnection:
     """The host's storage connection from app settings, as the app reads it: the connection
     string `AzureWebJobsStorage`, or the identity settings `AzureWebJobsStorage__*`."""
-
-    def get(suffix: str) -> str | None:
-        value = env.get(PREFIX + suffix)
-        return value if value and value.strip() else None
-
-    text = get("")
-    return resolve(
-        connection_string=SecretStr(text) if text else None,
-        account_name=get("__accountName"),
-        service_uri=get("__serviceUri"),
-        blob_uri=get("__blobServiceUri"),
-        queue_uri=get("__queueServiceUri"),
-        credential=get("__credential"),
-        client_id=get("__clientId"),
-    )
+    given = {k: v for k, v in env.items() if k.split("__")[0] == PREFIX}
+    try:
+        return _GivenStorage.model_validate(given).storage
+    except ValidationError as exc:  # the app's own text, without pydantic's wrapping
+        problems = (e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ValueError("; ".join(problems)) from None
 
 
 class LocalRunner:

@@ -43,11 +43,16 @@ def score_request(rows: list[list[float]]) -> dict[str, Any]:
 
 def emulator_config(connection: str, container: str, endpoints: list[str]) -> dict[str, Any]:
     """The v2 emulator: a datastore 'retrain' over `container` of the Azurite at `connection`,
-    and one key-authenticated online endpoint per name in `endpoints`."""
+    one key-authenticated online endpoint per name in `endpoints`, and the environment and
+    compute the job template references."""
     return {
         "token": ARM_TOKEN,
         "datastores": {"retrain": {"connection_string": connection, "container": container}},
         "endpoints": [{"name": name, "auth_mode": "Key", "key": SCORE_KEY} for name in endpoints],
+        "assets": [
+            JOB_TEMPLATE["properties"]["environmentId"],
+            JOB_TEMPLATE["properties"]["computeId"],
+        ],
     }
 
 

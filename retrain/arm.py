@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import requests
 
 from retrain.deploy import SUCCEEDED, ModelReader, Progress, trained_model
 from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.http import call, field_of, json_headers, json_of, redact, shape_error
+from retrain.http import BearerCalls, TokenCredential, field_of, json_of, redact, shape_error
 from retrain.ports import ModelRef
 
 ROLE_HINT = "the app's identity needs the Contributor role on the web service or its resource group"
-
-
-class TokenCredential(Protocol):
-    """The part of azure-identity's credential interface this client uses."""
-
-    def get_token(self, *scopes: str) -> Any: ...
 
 
 class StaticToken:
@@ -59,27 +53,12 @@ class NewWebService:
         self._name = name
         self._asset_name = asset_name
         self._api_version = api_version
-        self._credential = credential
         self._read = read
-        self._scope = f"{self._base}/.default"
-        self._session = session
-        self._timeout = timeout
-
-    def _headers(self) -> dict[str, str]:
-        return json_headers(self._credential.get_token(self._scope).token)
+        self._arm = BearerCalls(session, timeout, credential, f"{self._base}/.default")
 
     def _call(self, method: str, url: str, what: str, body: Any = None) -> requests.Response:
         try:
-            return call(
-                self._session,
-                method,
-                url,
-                what=what,
-                timeout=self._timeout,
-                headers=self._headers(),
-                json_body=body,
-                send_body=body is not None,
-            )
+            return self._arm.send(method, url, what, body)
         except RemoteError as exc:
             if exc.status in (401, 403):
                 raise PermanentRemoteError(f"{exc} ({ROLE_HINT})", status=exc.status) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from azure.core.exceptions import (
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient
 
 from retrain.bes import BlobRef
-from retrain.errors import InputRejected, PermanentRemoteError
+from retrain.errors import InputRejected, PermanentRemoteError, RetrainError
 from retrain.http import RETRY_STATUSES
 from retrain.sas import signer_for
 from retrain.storage import (
@@ -119,16 +120,12 @@ class BlobData:
 
     def read_text(self, container: str, name: str, *, max_bytes: int) -> str:
         blob = self._service.get_blob_client(container, name)
-        try:
-            stream = blob.download_blob(offset=0, length=max_bytes + 1)
-            data = stream.readall()
-        except ResourceNotFoundError as exc:
-            raise PermanentRemoteError(
-                f"{container}/{name} does not exist (the job wrote no output "
-                "there; check the output names in the model spec)"
-            ) from exc
-        except AzureError as exc:
-            raise storage_error(f"read {container}/{name}", exc) from exc
+        missing = PermanentRemoteError(
+            f"{container}/{name} does not exist (the job wrote no output "
+            "there; check the output names in the model spec)"
+        )
+        with _storage_errors(f"read {container}/{name}", missing):
+            data = blob.download_blob(offset=0, length=max_bytes + 1).readall()
         if len(data) > max_bytes:
             raise PermanentRemoteError(f"{container}/{name} is larger than {max_bytes} bytes")
         return data.decode("utf-8-sig", errors="replace")
@@ -184,20 +181,21 @@ class BlobData:
             expires=_in(timedelta(hours=1)),
         )
         url = self._service.get_blob_client(source.container, source.name).url
-        try:
+        changed = InputRejected(
+            f"{origin} changed after it was validated: version {source.etag} no longer "
+            "exists, so it cannot be trained (a new version is an arrival of its own)"
+        )
+        with _storage_errors(
+            f"copy {origin} to {container}/{name}",
+            changed,
+            missing_when=(ResourceModifiedError, ResourceNotFoundError),
+        ):
             result = target.start_copy_from_url(
                 f"{url}?{sas}",
                 metadata={FROZEN_FROM: _ascii(origin)[:1000], FROZEN_ETAG: version},
                 source_etag=wire_etag(source.etag),
                 source_match_condition=MatchConditions.IfNotModified,
             )
-        except (ResourceModifiedError, ResourceNotFoundError) as exc:
-            raise InputRejected(
-                f"{origin} changed after it was validated: version {source.etag} no longer "
-                "exists, so it cannot be trained (a new version is an arrival of its own)"
-            ) from exc
-        except AzureError as exc:
-            raise storage_error(f"copy {origin} to {container}/{name}", exc) from exc
         return str(result.get("copy_status")) == "success"
 
     def _ensure(self, container: str) -> None:
@@ -206,6 +204,23 @@ class BlobData:
         with contextlib.suppress(ResourceExistsError):
             self._service.create_container(container)
         self._created.add(container)
+
+
+@contextlib.contextmanager
+def _storage_errors(
+    what: str,
+    missing: RetrainError,
+    *,
+    missing_when: tuple[type[AzureError], ...] = (ResourceNotFoundError,),
+) -> Iterator[None]:
+    """Storage failures as the app's errors: `missing` when the blob is not there (or not as
+    expected: `missing_when`), any other a transient `storage_error` about `what`."""
+    try:
+        yield
+    except missing_when as exc:
+        raise missing from exc
+    except AzureError as exc:
+        raise storage_error(what, exc) from exc
 
 
 def _total_size(props: Any) -> int:

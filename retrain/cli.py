@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 the command ran and found or caused a failure, 2 bad usage
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import os
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from retrain.errors import ConfigError, InputRejected, RetrainError
+from retrain.errors import ConfigError, InputRejected, RetrainError, SetupError
 from retrain.runstate import RunState
 
 Doc = dict[str, Any]
@@ -165,6 +166,16 @@ def cmd_rollback(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _problem(exc: RetrainError) -> str:
+    """What a check found: a configuration problem (a setting, or a resource a setting names,
+    is wrong: fix it, then check again) or a service problem (it did not answer as it should)."""
+    return "configuration" if isinstance(exc, ConfigError | SetupError) else "service"
+
+
+def _indented(text: str, by: str = "  ") -> str:
+    return text.replace("\n", "\n" + by)
+
+
 def cmd_preflight(args: argparse.Namespace, out: Output) -> int:
     from retrain.settings import get_settings
 
@@ -174,26 +185,61 @@ def cmd_preflight(args: argparse.Namespace, out: Output) -> int:
     for name in names:
         facts: list[str] = []
         errors: list[str] = []
-        steps: list[Callable[[str], list[str]]] = [lambda n: [app.probe(n)], app.preflight]
+        problems: set[str] = set()
+        steps: list[Callable[[str], list[str]]] = [
+            lambda n: app.probe(n).splitlines(),
+            lambda n: _target_facts(app, n).splitlines(),
+        ]
         for step in steps:
             try:
                 facts += step(name)
             except RetrainError as exc:
                 errors.append(str(exc))
+                problems.add(_problem(exc))
         if errors:
-            results.append({"model": name, "ok": False, "error": "\n  ".join(errors)})
+            problem = "service" if "service" in problems else "configuration"
+            results.append(
+                {"model": name, "ok": False, "problem": problem, "error": "\n".join(errors)}
+            )
         else:
             results.append({"model": name, "ok": True, "facts": facts})
-    out.emit(
-        results,
-        lambda: "\n".join(
-            f"{r['model']}: ok\n" + "\n".join(f"  {f}" for f in r["facts"])
-            if r["ok"]
-            else f"{r['model']}: FAILED\n  {r['error']}"
-            for r in results
-        ),
-    )
+    out.emit(results, lambda: "\n".join(_preflight_text(r) for r in results))
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def _preflight_text(result: Doc) -> str:
+    if result["ok"]:
+        return f"{result['model']}: ok\n" + "\n".join(f"  {f}" for f in result["facts"])
+    status = "configuration: FAILED" if result["problem"] == "configuration" else "FAILED"
+    return f"{result['model']}: {status}\n  {_indented(result['error'])}"
+
+
+def _check(check: str, detail: Callable[[], str]) -> Doc:
+    try:
+        return {"check": check, "ok": True, "detail": detail()}
+    except RetrainError as exc:
+        return {"check": check, "ok": False, "problem": _problem(exc), "detail": str(exc)}
+
+
+def _check_text(row: Doc) -> str:
+    if row["ok"]:
+        head = "ok "
+    else:
+        head = "FAIL" + (" configuration:" if row.get("problem") == "configuration" else "")
+    return f"{head} {row['check']}: {_indented(row['detail'], '    ')}"
+
+
+def _target_setup(name: str) -> list[str]:
+    from retrain.settings import get_settings
+    from retrain.wiring import check_target_setup
+
+    return check_target_setup(get_settings(), name)
+
+
+def _target_facts(app: Any, name: str) -> str:
+    """The target's setup check (v2: the endpoint and the deployment template's assets), then,
+    when it passes, its preflight: one fact a line."""
+    return "\n".join(_target_setup(name) + app.preflight(name))
 
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
@@ -212,16 +258,10 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     except RetrainError as exc:
         checks.append({"check": "model states", "ok": False, "detail": str(exc)})
         states = {}
-    for name in settings.models:
-        try:
-            checks.append({"check": f"BES of {name}", "ok": True, "detail": app.probe(name)})
-        except RetrainError as exc:
-            checks.append({"check": f"BES of {name}", "ok": False, "detail": str(exc)})
-        try:
-            facts = app.preflight(name)
-            checks.append({"check": f"target of {name}", "ok": True, "detail": "; ".join(facts)})
-        except RetrainError as exc:
-            checks.append({"check": f"target of {name}", "ok": False, "detail": str(exc)})
+    for name, spec in settings.models.items():
+        service = "BES" if spec.training.kind == "bes" else "Azure ML workspace"
+        checks.append(_check(f"{service} of {name}", functools.partial(app.probe, name)))
+        checks.append(_check(f"target of {name}", functools.partial(_target_facts, app, name)))
         champion = (states.get(name) or {}).get("champion") or {}
         checks.append(
             {
@@ -230,12 +270,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
                 "detail": champion.get("run_id") or "none yet",
             }
         )
-    out.emit(
-        checks,
-        lambda: "\n".join(
-            f"{'ok ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}" for c in checks
-        ),
-    )
+    out.emit(checks, lambda: "\n".join(_check_text(c) for c in checks))
     return 0 if all(c["ok"] for c in checks) else 1
 
 

@@ -157,60 +157,44 @@ class StorageSettings(BaseSettings):
 
     @functools.cached_property
     def storage(self) -> StorageConnection:
-        """The storage connection these settings describe (validated at load)."""
-        return resolve(
-            connection_string=self.storage_connection,
-            account_name=self.storage_account_name,
-            service_uri=self.storage_service_uri,
-            blob_uri=self.storage_blob_uri,
-            queue_uri=self.storage_queue_uri,
-            credential=self.storage_credential,
-            client_id=self.storage_client_id,
-        )
-
-
-def resolve(
-    *,
-    connection_string: SecretStr | None,
-    account_name: str | None,
-    service_uri: str | None,
-    blob_uri: str | None,
-    queue_uri: str | None,
-    credential: str | None,
-    client_id: str | None,
-) -> StorageConnection:
-    """The connection the settings describe; a ValueError names the setting to fix."""
-    identity = {
-        "accountName": account_name,
-        "serviceUri": service_uri,
-        "blobServiceUri": blob_uri,
-        "queueServiceUri": queue_uri,
-    }
-    if connection_string is not None:
-        extra = [f"{PREFIX}__{k}" for k, v in identity.items() if v]
-        if extra:
+        """The storage connection these settings describe (validated at load); a ValueError
+        names the setting to fix."""
+        identity = {
+            "accountName": self.storage_account_name,
+            "serviceUri": self.storage_service_uri,
+            "blobServiceUri": self.storage_blob_uri,
+            "queueServiceUri": self.storage_queue_uri,
+        }
+        if self.storage_connection is not None:
+            extra = [f"{PREFIX}__{k}" for k, v in identity.items() if v]
+            if extra:
+                raise ValueError(
+                    f"{PREFIX} is a connection string, but {', '.join(extra)} is set too: keep "
+                    f"one way to connect (remove {PREFIX} to connect with an identity)"
+                )
+            return StorageConnection(connection_string=self.storage_connection)
+        credential, client_id = self.storage_credential, self.storage_client_id
+        if credential is not None and credential.casefold() != MANAGED_IDENTITY:
             raise ValueError(
-                f"{PREFIX} is a connection string, but {', '.join(extra)} is set too: keep one "
-                f"way to connect (remove {PREFIX} to connect with an identity)"
+                f"{PREFIX}__credential is {credential!r}; the only value is 'managedidentity' "
+                "(leave it unset to use DefaultAzureCredential)"
             )
-        return StorageConnection(connection_string=connection_string)
-    if credential is not None and credential.casefold() != MANAGED_IDENTITY:
-        raise ValueError(
-            f"{PREFIX}__credential is {credential!r}; the only value is 'managedidentity' "
-            "(leave it unset to use DefaultAzureCredential)"
+        if client_id is not None and credential is None:
+            raise ValueError(
+                f"{PREFIX}__clientId is set but {PREFIX}__credential is not 'managedidentity'; "
+                "set both to use a user-assigned managed identity"
+            )
+        blob, queue = _endpoints(
+            self.storage_account_name,
+            self.storage_blob_uri or self.storage_service_uri,
+            self.storage_queue_uri,
         )
-    if client_id is not None and credential is None:
-        raise ValueError(
-            f"{PREFIX}__clientId is set but {PREFIX}__credential is not 'managedidentity'; "
-            "set both to use a user-assigned managed identity"
+        return StorageConnection(
+            blob_url=_service_url(f"{PREFIX}__blobServiceUri", blob),
+            queue_url=_service_url(f"{PREFIX}__queueServiceUri", queue),
+            managed_identity=credential is not None,
+            client_id=client_id,
         )
-    blob, queue = _endpoints(account_name, blob_uri or service_uri, queue_uri)
-    return StorageConnection(
-        blob_url=_service_url(f"{PREFIX}__blobServiceUri", blob),
-        queue_url=_service_url(f"{PREFIX}__queueServiceUri", queue),
-        managed_identity=credential is not None,
-        client_id=client_id,
-    )
 
 
 def _endpoints(account: str | None, blob: str | None, queue: str | None) -> tuple[str, str]:

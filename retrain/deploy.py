@@ -44,9 +44,11 @@ def trained_model(model: ModelRef) -> ModelRef:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a promotion stands: done, still provisioning (poll `operation`), or failed."""
+    """Where a promotion stands: done, still provisioning (poll `operation`), or failed; or
+    `staged`: the model is ready on a deployment that takes no traffic yet, and the promotion
+    moves traffic to it in steps (a `TrafficTarget` with a canary)."""
 
-    state: Literal["succeeded", "pending", "failed"]
+    state: Literal["succeeded", "pending", "failed", "staged"]
     detail: str | None = None
     operation: str | None = None
     """URL of a long-running operation to poll; None means: poll the target itself."""
@@ -72,6 +74,24 @@ class DeployTarget(Protocol):
 
     def preflight(self) -> list[str]:
         """Check the target is updatable as configured; returns facts found, raises on a problem."""
+        ...
+
+
+class TrafficTarget(DeployTarget, Protocol):
+    """A target whose traffic is split between deployments: what canary steps need."""
+
+    def traffic(self) -> dict[str, int]:
+        """The traffic map now (deployment -> percent, no zero entries)."""
+        ...
+
+    def shift(self, traffic: dict[str, int], operation: str | None) -> Progress:
+        """Make the traffic map `traffic` (it totals 100), reading the target first: succeeded
+        once it shows that map, pending (with the operation to pass back) while it changes.
+        Safe to call again, with or without the operation the last call returned."""
+        ...
+
+    def smoke(self, deployment: str) -> str | None:
+        """Send the smoke request to `deployment`; why it failed, or None."""
         ...
 
 

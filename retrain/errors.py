@@ -7,7 +7,8 @@
     ├── PermanentError        trying again cannot help: fail the run with the reason
     │   ├── MessageError, EvaluationError, IllegalTransition, DocumentMissing, DocumentInvalid
     │   └── PermanentRemoteError
-    │       └── BlobUnreadable (retrain.storage)
+    │       ├── BlobUnreadable (retrain.storage)
+    │       └── SetupError    a resource the configuration names is missing or shuts the app out
     ├── UsageError            back to the operator with the fix
     │   ├── ConfigError
     │   └── InputRejected
@@ -102,3 +103,9 @@ class TransientRemoteError(RemoteError, TransientError):
 class PermanentRemoteError(RemoteError, PermanentError):
     """The service refused the request or answered something unusable: retrying the same
     request cannot help."""
+
+
+class SetupError(PermanentRemoteError):
+    """A remote resource the configuration names is missing, unusable, or refuses the app's
+    identity: what to fix is the configuration or the resource, and the message says which and
+    how. A check reports it as a configuration problem; a run that meets it fails with it."""

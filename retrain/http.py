@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -222,6 +223,44 @@ def json_headers(token: str, *, content_type: str = "application/json") -> dict[
         "Content-Type": content_type,
         "Accept": "application/json",
     }
+
+
+class TokenCredential(Protocol):
+    """The part of azure-identity's credential interface the clients use."""
+
+    def get_token(self, *scopes: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class BearerCalls:
+    """JSON calls on one session and its timeouts, each with a bearer token for `scope`."""
+
+    session: requests.Session
+    timeout: tuple[float, float]
+    credential: TokenCredential
+    scope: str
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        body: Any = None,
+        *,
+        describe: Callable[[requests.Response], str] | None = None,
+    ) -> requests.Response:
+        """`call` with a token asked for now, and `body` sent as JSON when there is one."""
+        return call(
+            self.session,
+            method,
+            url,
+            what=what,
+            timeout=self.timeout,
+            headers=json_headers(self.credential.get_token(self.scope).token),
+            json_body=body,
+            send_body=body is not None,
+            describe=describe,
+        )
 
 
 def _snippet(response: requests.Response) -> str:

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, StringConstraints
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    ValidationInfo,
+)
 
 from retrain.connection import is_loopback
 
@@ -29,12 +36,13 @@ def require_https(url: AnyHttpUrl) -> AnyHttpUrl:
     return url
 
 
-def json_document(value: Any, what: str) -> Any:
+def _json_document(value: Any, info: ValidationInfo) -> Any:
     """A JSON object given inline, or the path of a file holding one (relative to the app's
-    working directory), read once when the spec loads."""
+    working directory), read once when the spec loads; an error names the field."""
     if not isinstance(value, str):
         return value
     path = Path(value)
+    what = info.field_name
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -43,3 +51,7 @@ def json_document(value: Any, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what}: the file {value!r} is not valid JSON: {exc}") from exc
+
+
+JsonDocument = Annotated[dict[str, Any], BeforeValidator(_json_document)]
+"""A JSON object given inline, or as the path of a JSON file (read when the spec loads)."""

@@ -113,13 +113,21 @@ def _delegation(blobs: BlobServiceClient) -> str:
     return f"granted (valid until {key.signed_expiry})"
 
 
+def _readable(look: Callable[[], object], *, created_on: str) -> str:
+    """Whether a container or queue can be read: `look` reads one item of it."""
+    try:
+        look()
+    except ResourceNotFoundError:
+        return f"not created yet (the app creates it on {created_on})"
+    return "readable"
+
+
 def _read(blobs: BlobServiceClient, container: str) -> str:
     client = blobs.get_container_client(container)
-    try:
-        next(iter(client.list_blobs(results_per_page=1).by_page()), None)
-    except ResourceNotFoundError:
-        return "not created yet (the app creates it on first use)"
-    return "readable"
+    return _readable(
+        lambda: next(iter(client.list_blobs(results_per_page=1).by_page()), None),
+        created_on="first use",
+    )
 
 
 def _write(blobs: BlobServiceClient, container: str) -> str:
@@ -136,11 +144,8 @@ def _write(blobs: BlobServiceClient, container: str) -> str:
 
 
 def _peek(queues: QueueServiceClient, queue: str) -> str:
-    try:
-        queues.get_queue_client(queue).peek_messages(max_messages=1)
-    except ResourceNotFoundError:
-        return "not created yet (the app creates it on first send)"
-    return "readable"
+    client = queues.get_queue_client(queue)
+    return _readable(lambda: client.peek_messages(max_messages=1), created_on="first send")
 
 
 def _send(queues: QueueServiceClient, queue: str) -> str:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import requests
 
-from retrain.arm import NewWebService, StaticToken, TokenCredential
+from retrain.arm import NewWebService, StaticToken
 from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
 from retrain.azureml.workspace import ArmClient
 from retrain.backends.azureml import AzureMLTraining
@@ -22,10 +22,10 @@ from retrain.classic_spec import BesSpec, ClassicTarget, NewTarget
 from retrain.clock import Clock, SystemClock
 from retrain.deploy import ClassicEndpoint, DeployTarget, ModelReader, sas_reader
 from retrain.errors import ConfigError
-from retrain.http import make_session, worst_call
+from retrain.http import TokenCredential, make_session, worst_call
 from retrain.ledger import Ledger
 from retrain.notify import Webhook
-from retrain.pipeline import Places, Retrainer, Timing
+from retrain.pipeline import Context, Places, Retrainer, Timing
 from retrain.ports import TrainingBackend
 from retrain.settings import ModelSpec, Settings, get_settings, read_secret
 from retrain.storage import (
@@ -187,7 +187,7 @@ def build(
     def target_for(spec: ModelSpec) -> DeployTarget:
         return decorate.target(TARGETS[spec.target.kind](spec, shared))
 
-    return Retrainer(
+    context = Context(
         models=settings.models,
         ledger=Ledger(decorate.store(BlobDocumentStore(blobs, settings.state_container))),
         data=data,
@@ -210,6 +210,7 @@ def build(
         ),
         clock=clock,
     )
+    return Retrainer(context)
 
 
 @functools.cache
@@ -233,6 +234,24 @@ def arm_credential(token_setting: str | None, model: str) -> TokenCredential:
 def retrainer() -> Retrainer:
     """The app's Retrainer, built once per worker process."""
     return build(get_settings())
+
+
+def check_target_setup(settings: Settings, name: str) -> list[str]:
+    """The setup check of a model's target that goes beyond its preflight: for an online
+    endpoint, that it exists and is Succeeded and that the deployment template's assets exist
+    (retrain.azureml.checks). Other targets have none."""
+    from retrain.azureml.checks import check_endpoint
+
+    spec = settings.models[name]
+    if not isinstance(spec.target, OnlineEndpointSpec):
+        return []
+    arm = ArmClient(
+        spec.target.workspace_ref,
+        credential=arm_credential(spec.target.token_setting, spec.name),
+        session=make_session(),
+        timeout=(settings.http_connect_timeout, settings.http_read_timeout),
+    )
+    return check_endpoint(arm, spec.target)
 
 
 def check_storage(settings: Settings) -> list[StorageCheck]:

@@ -17,7 +17,7 @@ from retrain.deploy import Progress
 from retrain.errors import RemoteError, TransientRemoteError
 from retrain.ledger import Ledger, model_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
-from retrain.pipeline import Delivery, Places, Retrainer, Timing
+from retrain.pipeline import Context, Delivery, Places, Retrainer, Timing
 from retrain.ports import ModelRef, TrainingBackend
 from retrain.settings import ModelSpec
 from tests.fakes import (
@@ -85,7 +85,7 @@ class World:
         self.training = training or BesTraining(self.jobs, self.data, self.spec.training)
         self.target = FakeTarget()
         self.clock = ManualClock()
-        self.retrainer = Retrainer(
+        context = Context(
             models={"housing": self.spec},
             ledger=self.ledger,
             data=self.data,
@@ -96,6 +96,7 @@ class World:
             timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
             clock=self.clock,
         )
+        self.retrainer = Retrainer(context)
 
     def drop(self, name: str, text: str = "rooms,price\n1,2\n") -> str:
         self.data.put("data", name, text)

@@ -66,7 +66,8 @@ class Emulator(Recording):
 
     Config: {"subscription", "resource_group", "workspace", "location", "token",
     "datastores": {name: {"connection_string", "container"}},
-    "endpoints": [{"name", "auth_mode": "Key"|"AMLToken", "key"}]}.
+    "endpoints": [{"name", "auth_mode": "Key"|"AMLToken", "key"}],
+    "assets": [ARM id of a code, environment or component version, or of a compute]}.
     """
 
     def __init__(self, config: dict[str, Any], *, clock: Clock | None = None) -> None:
@@ -89,6 +90,11 @@ class Emulator(Recording):
         self.calls: list[tuple[str, str, int]] = []
         self.violations: list[dict[str, Any]] = []
         """Client requests the service would refuse: {"kind", "detail"}."""
+        self.assets: dict[str, dict[str, Any]] = {}
+        """The workspace's code, environment and component versions and computes, by ARM id
+        (case-folded): their `properties` as GET shows them."""
+        for asset in config.get("assets") or []:
+            self.add_asset(asset)
         self.training = Training(self)
         self.serving = Serving(self, config.get("endpoints") or [])
 
@@ -99,6 +105,42 @@ class Emulator(Recording):
             f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
             f"/providers/{PROVIDER}/workspaces/{self.workspace}"
         )
+
+    def add_asset(self, arm_id: str, **properties: Any) -> None:
+        """Make an asset exist (a compute is `Succeeded` unless `provisioningState` says)."""
+        with self.lock:
+            self.assets[arm_id.rstrip("/").casefold()] = {
+                "provisioningState": "Succeeded",
+                **properties,
+            }
+
+    def asset_view(self, arm_id: str) -> dict[str, Any]:
+        """GET of a code/environment/component version or a compute: the resource, or 404 in
+        the ARM error shape (spec §1.1) when the workspace has no such asset."""
+        with self.lock:
+            properties = self.assets.get(arm_id.rstrip("/").casefold())
+        parts = arm_id.strip("/").split("/")
+        kind = parts[-4] if parts[-2] == "versions" else parts[-2]
+        if properties is None:
+            name = "/".join(parts[parts.index("workspaces") :])
+            raise ArmError(
+                404,
+                "ResourceNotFound",
+                f"The Resource '{PROVIDER}/{name}' under resource group "
+                f"'{self.resource_group}' was not found.",
+            )
+        resource_type = f"{PROVIDER}/workspaces/{kind}" + (
+            "/versions" if kind != "computes" else ""
+        )
+        view: dict[str, Any] = {
+            "id": arm_id,
+            "name": parts[-1],
+            "type": resource_type,
+            "properties": dict(properties),
+        }
+        if kind == "computes":
+            view["location"] = self.location
+        return view
 
     def refuse(self, status: int, code: str, kind: str, message: str) -> ArmError:
         """Record a refusal of a client's request and return the error to raise."""

@@ -62,6 +62,11 @@ def _workspace(r: Request) -> Reply:
     )
 
 
+def _asset(r: Request) -> Reply:
+    path = r.match.group(0)
+    return Reply(200, r.emu.asset_view(path[path.index("/subscriptions/") :]))
+
+
 def _put_job(r: Request) -> Reply:
     status, view = r.emu.training.put(r.arg("job"), r.body)
     return Reply(status, view)
@@ -182,6 +187,13 @@ EP = WS + r"/onlineEndpoints/(?P<ep>[^/]+)"
 
 ROUTES: list[tuple[frozenset[str], re.Pattern[str], str, Handler]] = [
     (frozenset({"GET"}), re.compile(WS), "arm", _workspace),
+    (
+        frozenset({"GET"}),
+        re.compile(WS + r"/(codes|environments|components)/[^/]+/versions/[^/]+"),
+        "arm",
+        _asset,
+    ),
+    (frozenset({"GET"}), re.compile(WS + r"/computes/[^/]+"), "arm", _asset),
     (frozenset({"PUT"}), re.compile(WS + r"/jobs/(?P<job>[^/]+)"), "arm", _put_job),
     (frozenset({"GET"}), re.compile(WS + r"/jobs/(?P<job>[^/]+)"), "arm", _get_job),
     (frozenset({"POST"}), re.compile(WS + r"/jobs/(?P<job>[^/]+)/cancel"), "arm", _cancel_job),

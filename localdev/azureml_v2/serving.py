@@ -76,6 +76,8 @@ class Serving:
         self.operations: dict[str, Operation] = {}
         self.scored: list[tuple[str, str]] = []
         """(endpoint, deployment) of every scoring request served."""
+        self.traffic_puts: list[tuple[str, dict[str, int]]] = []
+        """(endpoint, traffic map) of every endpoint PUT accepted, in order."""
         self.random = random.Random(7)
         self.deploying = Deploying(self)
 
@@ -228,6 +230,7 @@ class Serving:
                 {"traffic": traffic, "mirror": mirror, "tags": body.get("tags") or {}},
             )
             ep.state = "Updating"
+            self.traffic_puts.append((name, dict(traffic)))
         return op
 
     def _check_traffic(self, ep: Endpoint, traffic: Any) -> dict[str, int]:

@@ -200,11 +200,11 @@ class OnlineEndpoints:
         }
         what = f"score deployment {endpoint}/{deployment}"
         response = call(
-            self._arm.session,
+            self._arm.calls.session,
             "POST",
             uri,
             what=what,
-            timeout=self._arm.timeout,
+            timeout=self._arm.calls.timeout,
             headers=headers,
             json_body=payload,
             send_body=True,
@@ -214,7 +214,7 @@ class OnlineEndpoints:
     def _scoring_secret(self, endpoint: str, auth_mode: str) -> str:
         mode = auth_mode.casefold()
         if mode == "aadtoken":
-            return str(self._arm.credential.get_token(ML_SCOPE).token)
+            return str(self._arm.calls.credential.get_token(ML_SCOPE).token)
         found = _SECRET_CALLS.get(mode)
         if found is None:
             raise PermanentRemoteError(f"online endpoint {endpoint}: unknown authMode {auth_mode}")

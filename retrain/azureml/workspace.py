@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
 from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.http import call, field_of, json_headers, json_of, redact, shape_error
+from retrain.http import BearerCalls, TokenCredential, field_of, json_of, redact, shape_error
 
 API_VERSION = "2025-09-01"
 """The ARM api-version every control-plane call sends (spec §0.1: all contracts read from it)."""
@@ -19,12 +19,6 @@ ROLE_HINT = (
     "the app's identity needs the 'AzureML Data Scientist' role (or Contributor) on the workspace"
 )
 PROVIDER = "Microsoft.MachineLearningServices"
-
-
-class TokenCredential(Protocol):
-    """The part of azure-identity's credential interface these clients use."""
-
-    def get_token(self, *scopes: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -106,18 +100,17 @@ class ArmClient:
     ) -> None:
         self.workspace = workspace
         self.base = workspace.arm_endpoint.rstrip("/")
-        self.credential = credential
-        self.scope = f"{self.base}/.default"
-        self.session = session
-        self.timeout = timeout
-
-    def headers(self) -> dict[str, str]:
-        """Bearer token for the ARM audience, JSON both ways."""
-        return json_headers(self.credential.get_token(self.scope).token)
+        self.calls = BearerCalls(session, timeout, credential, f"{self.base}/.default")
+        """Every call's session, timeouts and token (for the ARM audience)."""
 
     def url(self, suffix: str) -> str:
         """`{WS}{suffix}?api-version=...`."""
         return f"{self.workspace.url(suffix)}?api-version={API_VERSION}"
+
+    def resource_url(self, resource_id: str) -> str:
+        """`{resource_id}?api-version=...` on this client's ARM endpoint (for ids the user gave,
+        which may name another workspace of the provider)."""
+        return f"{self.base}{resource_id}?api-version={API_VERSION}"
 
     def check_own(self, url: str) -> str:
         """Refuse to send the ARM token anywhere but the ARM endpoint (an async URL is echoed
@@ -138,17 +131,7 @@ class ArmClient:
         """One call; 401/403/404 become permanent errors that say what to fix, a 409 a
         transient one (another operation is running) unless the caller says otherwise."""
         try:
-            return call(
-                self.session,
-                method,
-                url,
-                what=what,
-                timeout=self.timeout,
-                headers=self.headers(),
-                json_body=body,
-                send_body=body is not None,
-                describe=arm_error_text,
-            )
+            return self.calls.send(method, url, what, body, describe=arm_error_text)
         except RemoteError as exc:
             raise _sorted(exc, what, conflict_is_transient) from exc
 

@@ -8,6 +8,7 @@ run registers.
 
 from __future__ import annotations
 
+from retrain.azureml.checks import check_training
 from retrain.azureml.jobs import Jobs, job_name
 from retrain.azureml.mlflow import MlflowRuns
 from retrain.azureml.registry import ModelRegistry, model_version
@@ -85,9 +86,9 @@ class AzureMLTraining:
         self._jobs.cancel(job_id)
 
     def probe(self) -> str:
-        info = self._arm.workspace_info()
-        where = f" in {info.location}" if info.location else ""
-        return f"workspace {self._arm.workspace.workspace}{where} answers; MLflow tracking is set"
+        """The setup check of the training side (retrain.azureml.checks): workspace, MLflow
+        tracking and every asset the job template references; one fact a line."""
+        return "\n".join(check_training(self._arm, self._spec))
 
     def result(self, request: TrainingRequest, job_id: str) -> TrainingResult:
         """The metrics the job logged to its MLflow run, and its model registered as the run's

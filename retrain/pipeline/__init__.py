@@ -18,11 +18,7 @@ that the triggers, the CLI and the local tools call:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
-from retrain.clock import Clock
-from retrain.deploy import DeployTarget
-from retrain.ledger import Doc, Ledger
+from retrain.ledger import Doc
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline.arrivals import Arrivals
 from retrain.pipeline.batches import Batches
@@ -36,13 +32,11 @@ from retrain.pipeline.recovery import Recovery
 from retrain.pipeline.runs import RunMover
 from retrain.pipeline.slot import ModelSlot
 from retrain.pipeline.training import Training
-from retrain.ports import TrainingBackend
-from retrain.settings import ModelSpec
-from retrain.storage import DataStore, Outbox
 
 __all__ = [
     "DEPLOY_CALLS",
     "AlreadyTrained",
+    "Context",
     "Delivery",
     "Places",
     "QueueKind",
@@ -55,30 +49,8 @@ __all__ = [
 class Retrainer:
     """Ingest → coalesce → train → evaluate → promote, each step idempotent."""
 
-    def __init__(
-        self,
-        *,
-        models: Mapping[str, ModelSpec],
-        ledger: Ledger,
-        data: DataStore,
-        outbox: Outbox,
-        training_for: Callable[[ModelSpec], TrainingBackend],
-        target_for: Callable[[ModelSpec], DeployTarget],
-        places: Places,
-        timing: Timing,
-        clock: Clock,
-    ) -> None:
-        ctx = Context(
-            models=models,
-            ledger=ledger,
-            data=data,
-            outbox=outbox,
-            training_for=training_for,
-            target_for=target_for,
-            places=places,
-            timing=timing,
-            clock=clock,
-        )
+    def __init__(self, ctx: Context) -> None:
+        """Wire every step to `ctx`, the ports and settings they share."""
         self._ctx = ctx
         slot = ModelSlot(ctx)
         runs = RunMover(ctx, slot)
@@ -95,28 +67,6 @@ class Retrainer:
     def places(self) -> Places:
         """The containers and queues the pipeline uses, as the wiring named them."""
         return self._ctx.places
-
-    # Tests look at and swap these; every step shares them through the context.
-
-    @property
-    def _ledger(self) -> Ledger:
-        return self._ctx.ledger
-
-    @_ledger.setter
-    def _ledger(self, ledger: Ledger) -> None:
-        self._ctx.ledger = ledger
-
-    @property
-    def _places(self) -> Places:
-        return self._ctx.places
-
-    @_places.setter
-    def _places(self, places: Places) -> None:
-        self._ctx.places = places
-
-    @property
-    def _timing(self) -> Timing:
-        return self._ctx.timing
 
     # ------------------------------------------------------------------ triggers
 

@@ -9,10 +9,9 @@ from typing import Any
 from retrain.errors import EvaluationError, PermanentRemoteError
 from retrain.evaluation import Decision, decide
 from retrain.ledger import Doc, model_key, run_key
-from retrain.pipeline.context import Context, dims
+from retrain.pipeline.context import dims
 from retrain.pipeline.records import new_model
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.pipeline.training import training_request
 from retrain.runstate import RunState
 from retrain.settings import ModelSpec
@@ -20,14 +19,9 @@ from retrain.settings import ModelSpec
 log = logging.getLogger(__name__)
 
 
-class Gate:
+class Gate(RunStep):
     """Judges a trained run by the metrics its backend reports; moves it to rejected,
     promoting or approval."""
-
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
 
     def judge(self, spec: ModelSpec, run: Doc, now: datetime) -> Doc:
         """Decide on trained run `run`; returns its record after the move."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from retrain.errors import InputRejected
@@ -12,10 +13,9 @@ from retrain.ledger import Doc, arrival_key, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun
 from retrain.pipeline.arrivals import Arrival, Arrivals
 from retrain.pipeline.batches import Batches
-from retrain.pipeline.context import Context, dims
+from retrain.pipeline.context import dims
 from retrain.pipeline.records import batch_id, claim_batch, file_entry, holds, new_model
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef
 from retrain.runstate import RunState, is_terminal
 from retrain.settings import ModelSpec
@@ -52,17 +52,12 @@ def _sealed_meanwhile(blob: str, etag: str, batch: str) -> InputRejected:
     )
 
 
-class Operations:
+@dataclass(eq=False)
+class Operations(RunStep):
     """The operator's commands, each checked against the ledger before it changes anything."""
 
-    def __init__(
-        self, ctx: Context, runs: RunMover, slot: ModelSlot, arrivals: Arrivals, batches: Batches
-    ) -> None:
-        self._ctx = ctx
-        self._batches = batches
-        self._runs = runs
-        self._slot = slot
-        self._arrivals = arrivals
+    _arrivals: Arrivals
+    _batches: Batches
 
     # ----------------------------------------------------------------- approval
 

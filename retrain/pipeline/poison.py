@@ -6,28 +6,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from dataclasses import dataclass
 
 from retrain.errors import InputRejected, MessageError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun, parse_evaluation, parse_jobs
-from retrain.pipeline.context import Context, dims
+from retrain.pipeline.context import dims
 from retrain.pipeline.gate import Gate
 from retrain.pipeline.records import iso, with_field
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.runstate import RunState, is_terminal
 
 log = logging.getLogger(__name__)
 
 
-class Poison:
+@dataclass(eq=False)
+class Poison(RunStep):
     """The poison-queue step and its replay."""
 
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, gate: Gate) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
-        self._gate = gate
+    _gate: Gate
 
     def on_poison(self, queue: str, body: bytes) -> str:
         """A message failed every delivery: keep it for replay and fail its run with the reason."""

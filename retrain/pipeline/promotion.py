@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from retrain.deploy import DeployTarget, Progress
 from retrain.errors import PermanentError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
+from retrain.pipeline.canary import Canary
 from retrain.pipeline.context import (
     MIN_POLL_GAP,
-    Context,
     Delivery,
     Step,
     delivery_doc,
@@ -22,8 +23,7 @@ from retrain.pipeline.context import (
 )
 from retrain.pipeline.gate import Gate
 from retrain.pipeline.records import iso, parse
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef
 from retrain.runstate import RunState, is_terminal
 from retrain.settings import ModelSpec
@@ -53,14 +53,15 @@ def _give_back(d: Doc) -> None:
     d["deployment"], d["deploy_tried"] = None, True
 
 
-class Deployment:
+@dataclass(eq=False)
+class Deployment(RunStep):
     """The evaluate step: gate a trained run, then promote it through the model's target."""
 
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot, gate: Gate) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
-        self._gate = gate
+    _gate: Gate
+    _canary: Canary = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._canary = Canary(self._ctx, self._runs, self._slot)
 
     def on_evaluate(self, msg: EvaluateRun, *, delivery: Delivery | None = None) -> str:
         """Gate the trained model; promote it through the model's target when it is better."""
@@ -112,6 +113,7 @@ class Deployment:
         key = run_key(spec.name, run["run_id"])
         ref = ModelRef.load(run["outputs"]["model"])
         pending = run.get("deployment")
+        progress: Progress | str
         if pending is None or not pending.get("deployed"):
             outcome = self._deploy(spec, target, run, ref, msg, delivery)
             if isinstance(outcome, str):
@@ -123,11 +125,18 @@ class Deployment:
             if not claim:
                 return "duplicate"
             step.polled = True
-            if claim == "again" and pending.get("operation"):
+            if pending.get("canary"):
+                progress = self._canary.advance(spec, target, run, msg)
+            elif claim == "again" and pending.get("operation"):
                 # The failed attempt may have just asked how the operation is doing: ask in
                 # the chain's next poll, not at once.
                 return self._provisioning(spec, run, msg)
-            progress = target.progress(pending["operation"])
+            else:
+                progress = target.progress(pending["operation"])
+        if not isinstance(progress, str) and progress.state == "staged":
+            progress = self._canary.begin(spec, target, run, msg, progress)
+        if isinstance(progress, str):
+            return progress  # a canary step sent the next message, or ended the run
         if progress.state == "failed":
             return self._runs.fail(spec, run, f"the target refused the model: {progress.detail}")
         if progress.state == "pending":

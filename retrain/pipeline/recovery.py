@@ -8,6 +8,7 @@ target that does not serve its champion, and starts the retrain `retrain_every` 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
@@ -30,22 +31,15 @@ log = logging.getLogger(__name__)
 Counts = dict[str, int]
 
 
+@dataclass(eq=False)
 class Recovery:
     """The sweep: safe to run anywhere, any time, by several instances at once."""
 
-    def __init__(
-        self,
-        ctx: Context,
-        slot: ModelSlot,
-        arrivals: Arrivals,
-        batches: Batches,
-        operations: Operations,
-    ) -> None:
-        self._ctx = ctx
-        self._slot = slot
-        self._arrivals = arrivals
-        self._batches = batches
-        self._operations = operations
+    _ctx: Context
+    _slot: ModelSlot
+    _arrivals: Arrivals
+    _batches: Batches
+    _operations: Operations
 
     def sweep(self) -> Counts:
         """Re-drive what a lost message or event left behind. Safe to run anywhere, any time.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -130,3 +131,13 @@ class RunMover:
 
         _, claimed = self._ctx.ledger.update(key, claim)
         return ("again" if again else "first") if claimed else ""
+
+
+@dataclass(eq=False)
+class RunStep:
+    """A step that moves runs: it works with the shared context, the run mover and the model's
+    slot. A step that needs more adds fields of its own, after these three."""
+
+    _ctx: Context
+    _runs: RunMover
+    _slot: ModelSlot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from retrain.errors import (
@@ -24,8 +25,7 @@ from retrain.pipeline.context import (
     dims,
 )
 from retrain.pipeline.records import iso, note_trained, parse
-from retrain.pipeline.runs import RunMover
-from retrain.pipeline.slot import ModelSlot
+from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef, Phase, TrainingBackend, TrainingRequest
 from retrain.runstate import TRAINING, RunState, is_terminal
 from retrain.settings import ModelSpec
@@ -58,13 +58,19 @@ def training_request(ctx: Context, spec: ModelSpec, run: Doc) -> TrainingRequest
     )
 
 
-class Training:
-    """The track-run step: one submitted job per run, started once, polled without sleeping."""
+@dataclass(frozen=True)
+class _Track:
+    """One track-run message in hand: its model, the model's training backend, the message and
+    which delivery of it this is."""
 
-    def __init__(self, ctx: Context, runs: RunMover, slot: ModelSlot) -> None:
-        self._ctx = ctx
-        self._runs = runs
-        self._slot = slot
+    spec: ModelSpec
+    jobs: TrainingBackend
+    msg: TrackRun
+    delivery: Delivery | None
+
+
+class Training(RunStep):
+    """The track-run step: one submitted job per run, started once, polled without sleeping."""
 
     def on_track_run(self, msg: TrackRun, *, delivery: Delivery | None = None) -> str:
         """Submit, start or poll the run's training job; never waits inside the invocation.
@@ -85,45 +91,38 @@ class Training:
             return str(run["state"])
         if run["state"] not in TRAINING:
             return str(run["state"])
-        jobs = ctx.training_for(spec)
+        track = _Track(spec, ctx.training_for(spec), msg, delivery)
         step = Step()
         try:
-            return self._step(spec, jobs, run, msg, delivery, step)
+            return self._step(track, run, step)
         except TransientRemoteError as exc:
-            return self._retry(spec, step.run or run, msg, exc, step)
+            return self._retry(track, step.run or run, exc, step)
         except PermanentError as exc:  # a refused call, an unusable answer or reference
             current = ctx.ledger.get(key) or step.run or run
             if current.get("job_id") and current["state"] in (
                 RunState.SUBMITTED,
                 RunState.RUNNING,
             ):
-                self._cancel_quietly(jobs, current["job_id"])
+                self._cancel_quietly(track.jobs, current["job_id"])
             return self._runs.fail(spec, current, str(exc))
 
-    def _step(
-        self,
-        spec: ModelSpec,
-        jobs: TrainingBackend,
-        run: Doc,
-        msg: TrackRun,
-        delivery: Delivery | None,
-        step: Step,
-    ) -> str:
+    def _step(self, track: _Track, run: Doc, step: Step) -> str:
         """Do what the run's state calls for: submit and start, start, or poll."""
+        spec, msg = track.spec, track.msg
         now = self._ctx.clock.now()
         key = run_key(spec.name, msg.run_id)
         if run["state"] == RunState.QUEUED:
             if now >= parse(run["deadline_at"]):
                 return self._runs.fail(spec, run, "the job deadline passed before it was submitted")
-            run, persisted = self._submit(spec, jobs, run, msg, delivery, now)
+            run, persisted = self._submit(track, run, now)
             step.run = run
             if not persisted:
                 return "conflict"
             step.polled = True  # the job id's write took the chain's poll for this delivery
-            return self._start(spec, jobs, run, now, delivery, step, known_unstarted=True)
+            return self._start(track, run, now, step, known_unstarted=True)
         if run["state"] == RunState.SUBMITTED:
             # Starting is part of the one chain: of several copies, one asks and starts.
-            claim = self._runs.claim_poll(key, None, msg.poll, delivery)
+            claim = self._runs.claim_poll(key, None, msg.poll, track.delivery)
             if not claim:
                 return "duplicate"
             step.polled = True
@@ -133,8 +132,8 @@ class Training:
                 # once a start it made must have reached the service.
                 self._poll_later(spec, msg.run_id, msg.poll + 1, self._ctx.timing.call_bound)
                 return "resent"
-            return self._start(spec, jobs, run, now, delivery, step, known_unstarted=False)
-        poll_claim = self._runs.claim_poll(key, None, msg.poll, delivery)
+            return self._start(track, run, now, step, known_unstarted=False)
+        poll_claim = self._runs.claim_poll(key, None, msg.poll, track.delivery)
         if not poll_claim:
             return "duplicate"
         step.polled = True
@@ -144,12 +143,11 @@ class Training:
             # instead (of two copies of it, one claims it).
             self._poll_later(spec, msg.run_id, msg.poll + 1)
             return "resent"
-        return self._poll(spec, jobs, run, msg, now)
+        return self._poll(track, run, now)
 
-    def _retry(
-        self, spec: ModelSpec, run: Doc, msg: TrackRun, exc: TransientRemoteError, step: Step
-    ) -> str:
+    def _retry(self, track: _Track, run: Doc, exc: TransientRemoteError, step: Step) -> str:
         """Send the message again after the service's hint or the chain's backoff."""
+        spec, msg = track.spec, track.msg
         # A claimed poll number is spent: the retry is the chain's next poll.
         claimed = step.polled
         poll = msg.poll + 1 if claimed else msg.poll
@@ -177,15 +175,7 @@ class Training:
         return "retry"
 
     def _start(
-        self,
-        spec: ModelSpec,
-        jobs: TrainingBackend,
-        run: Doc,
-        now: datetime,
-        delivery: Delivery | None,
-        step: Step,
-        *,
-        known_unstarted: bool,
+        self, track: _Track, run: Doc, now: datetime, step: Step, *, known_unstarted: bool
     ) -> str:
         """Start the persisted job once, then begin the run's one poll chain.
 
@@ -193,6 +183,7 @@ class Training:
         answer lost): ask the backend first and start only a job not started yet; a 409 on start
         means another delivery started it.
         """
+        spec, jobs = track.spec, track.jobs
         job_id = run["job_id"]
         already = False
         if not known_unstarted:
@@ -221,16 +212,9 @@ class Training:
         self._poll_later(spec, run["run_id"], moved_run.get("polls", 0) + 1)
         return "started"
 
-    def _submit(
-        self,
-        spec: ModelSpec,
-        jobs: TrainingBackend,
-        run: Doc,
-        msg: TrackRun,
-        delivery: Delivery | None,
-        now: datetime,
-    ) -> tuple[Doc, bool]:
+    def _submit(self, track: _Track, run: Doc, now: datetime) -> tuple[Doc, bool]:
         """Submit, then persist the job id; only a persisted job is ever started."""
+        spec, jobs = track.spec, track.jobs
         request = training_request(self._ctx, spec, run)
         self._freeze(run, request)
         job_id = jobs.submit(request)
@@ -242,8 +226,8 @@ class Training:
             now,
             note=f"job {job_id} submitted",
             job_id=job_id,
-            polls=msg.poll,
-            poll_by=delivery_doc(delivery),
+            polls=track.msg.poll,
+            poll_by=delivery_doc(track.delivery),
             polled_at=iso(now),
             outputs={
                 **jobs.outputs(request),
@@ -290,10 +274,9 @@ class Training:
                 retry_after=5,
             )
 
-    def _poll(
-        self, spec: ModelSpec, jobs: TrainingBackend, run: Doc, msg: TrackRun, now: datetime
-    ) -> str:
+    def _poll(self, track: _Track, run: Doc, now: datetime) -> str:
         """Ask the backend how the job is doing; hand a finished run to the gate."""
+        spec, jobs, msg = track.spec, track.jobs, track.msg
         status = jobs.status(run["job_id"])
         if status.phase is Phase.FINISHED:
             self._runs.move(

@@ -9,11 +9,15 @@ moves traffic back to it while it still has that model.
 Each step that the service runs as a long-running operation returns `pending` with an operation
 this target reads back in `progress`: `deploy <deployment> <lro>`, `traffic <deployment> <lro>`
 or `settle <deployment>`. One call per step, never a wait.
+
+With `canary` in the spec, no traffic moves here: once the new deployment has provisioned and
+passed its smoke request, `deploy`/`progress` answer `staged` (operation `staged <deployment>`)
+and the promotion moves traffic in steps through `traffic`, `shift` and `smoke`.
 """
 
 from __future__ import annotations
 
-from retrain.azureml.endpoints import EndpointState, OnlineEndpoints
+from retrain.azureml.endpoints import BUSY, EndpointState, OnlineEndpoints, check_traffic
 from retrain.azureml.lro import TERMINAL_FAILURES
 from retrain.azureml.spec import OnlineEndpointSpec
 from retrain.azureml.workspace import ArmClient
@@ -21,7 +25,9 @@ from retrain.deploy import SUCCEEDED, Progress
 from retrain.errors import PermanentError, PermanentRemoteError, RemoteError, TransientError
 from retrain.ports import ModelRef
 
-STEPS = ("deploy", "traffic", "settle")
+STEPS = ("deploy", "traffic", "settle", "staged")
+SETTLE = "settle"
+"""The operation `shift` answers after a traffic PUT that finished at once: look, do not PUT."""
 
 
 class OnlineEndpoint:
@@ -84,7 +90,7 @@ class OnlineEndpoint:
             return SUCCEEDED
         holder = self._holding(model_id)
         if holder is not None:
-            return self._move(holder, smoke=False)
+            return self._staged(holder) if self._spec.canary else self._move(holder, smoke=False)
         idle = self._idle(state)
         progress = self._endpoints.deploy(
             self._name, idle, model_id=model_id, template=self._spec.deployment_template
@@ -115,6 +121,8 @@ class OnlineEndpoint:
             )
         if step == "settle":
             return self._settled(deployment)
+        if step == "staged":
+            return self._staged(deployment)
         found = self._endpoints.progress(lro)
         if found.state == "pending":
             return Progress("pending", operation=f"{step} {deployment} {found.operation}")
@@ -127,9 +135,11 @@ class OnlineEndpoint:
     def _move(self, deployment: str, *, smoke: bool) -> Progress:
         """Smoke-score `deployment` (when asked and configured), then give it all traffic."""
         if smoke and self._spec.smoke_request is not None:
-            failed = self._smoke(deployment)
+            failed = self.smoke(deployment)
             if failed is not None:
-                return failed
+                return Progress("failed", failed)
+        if self._spec.canary:
+            return self._staged(deployment)
         progress = self._endpoints.set_traffic(self._name, {deployment: 100})
         if progress.state == "pending":
             return Progress("pending", operation=f"traffic {deployment} {progress.operation}")
@@ -143,7 +153,13 @@ class OnlineEndpoint:
             return SUCCEEDED
         return Progress("pending", operation=f"settle {deployment}")
 
-    def _smoke(self, deployment: str) -> Progress | None:
+    def _staged(self, deployment: str) -> Progress:
+        return Progress("staged", operation=f"staged {deployment}")
+
+    def smoke(self, deployment: str) -> str | None:
+        """Send `smoke_request` (if the spec has one) to `deployment`; why it failed, or None."""
+        if self._spec.smoke_request is None:
+            return None
         try:
             self._endpoints.score(self._name, deployment, self._spec.smoke_request)
         except RemoteError as exc:
@@ -151,8 +167,34 @@ class OnlineEndpoint:
             # the scoring script failing on the request: the model is not fit to serve.
             if isinstance(exc, TransientError) and exc.status != 500:
                 raise
-            return Progress("failed", f"the smoke request to deployment {deployment} failed: {exc}")
+            return f"the smoke request to deployment {deployment} failed: {exc}"
         return None
+
+    def traffic(self) -> dict[str, int]:
+        """The endpoint's traffic map, once it may be changed (Succeeded)."""
+        return self._endpoints.ready(self._name).traffic
+
+    def shift(self, traffic: dict[str, int], operation: str | None) -> Progress:
+        """Make the map `traffic` by GET + PUT of the whole endpoint, the endpoint read first:
+        a PUT that landed before its operation was recorded is not sent again while the
+        endpoint shows it or is still changing. Succeeded once a re-GET shows the map."""
+        wanted = check_traffic(traffic)
+        if operation and operation != SETTLE:
+            found = self._endpoints.progress(operation)
+            if found.state != "succeeded":
+                return found
+        state = self._endpoints.endpoint(self._name)
+        current = state.provisioning_state.casefold()
+        if current == "succeeded" and state.traffic == wanted:
+            return SUCCEEDED
+        if operation or current in BUSY:
+            return Progress("pending", operation=operation)  # it lags the operation, §7.1
+        if current != "succeeded":
+            return Progress("failed", f"online endpoint {self._name} is {state.provisioning_state}")
+        progress = self._endpoints.set_traffic(self._name, wanted)
+        if progress.state == "succeeded":
+            return Progress("pending", operation=SETTLE)
+        return progress
 
     def _failed(self, deployment: str, detail: str | None) -> Progress:
         """A deployment that did not provision, with its inference server's last lines."""

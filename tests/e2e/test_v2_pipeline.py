@@ -4,6 +4,7 @@ online endpoint; a worse model rejected; a rollback moving traffic back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -74,8 +75,12 @@ class V2Stack:
         return prices
 
 
-@pytest.fixture
-def v2_stack(azurite_connection: str) -> Iterator[V2Stack]:
+@contextlib.contextmanager
+def open_v2_stack(
+    azurite_connection: str, *, duplicates: float = 0.0, **overrides: Any
+) -> Iterator[V2Stack]:
+    """The app under the local runner on the v2 emulator; `overrides` change the model spec,
+    `duplicates` is the chance the runner delivers a message twice."""
     suffix = "-" + uuid.uuid4().hex[:8]
     emulator = Emulator(
         v2stack.emulator_config(azurite_connection, f"retrain-artifacts{suffix}", ["housing"])
@@ -84,10 +89,10 @@ def v2_stack(azurite_connection: str) -> Iterator[V2Stack]:
     emulator.faults.provisioning_seconds = 1
     with EmulatorServer(emulator) as server:
         settings = stack.app_settings(
-            azurite_connection, [v2stack.model_spec(server.url)], suffix=suffix
+            azurite_connection, [v2stack.model_spec(server.url, **overrides)], suffix=suffix
         )
         app = stack.load_app(settings)
-        runner = LocalRunner(app, env=settings)
+        runner = LocalRunner(app, env=settings, duplicates=duplicates)
         yield V2Stack(
             runner,
             emulator,
@@ -95,6 +100,12 @@ def v2_stack(azurite_connection: str) -> Iterator[V2Stack]:
             settings,
             BlobServiceClient.from_connection_string(azurite_connection),
         )
+
+
+@pytest.fixture
+def v2_stack(azurite_connection: str) -> Iterator[V2Stack]:
+    with open_v2_stack(azurite_connection) as s:
+        yield s
 
 
 def version_id(run: dict[str, Any]) -> str:
@@ -179,3 +190,41 @@ class TestV2Pipeline:
         assert run["state"] == "failed"
         assert "exited with code 1 (injected)" in run["error"]
         assert s.traffic() == {}
+
+    def test_a_job_past_its_deadline_is_cancelled_once_and_its_run_fails_saying_so(
+        self, azurite_connection: str
+    ) -> None:
+        with open_v2_stack(azurite_connection, job_deadline=2) as s:
+            s.emulator.faults.hang_jobs = True
+            s.upload("housing/2026-12-01.csv", housing_csv(60, seed=14))
+            s.runner.run_until_idle(timeout=30)
+            (run,) = s.runs()
+            assert run["state"] == "failed"
+            assert "outlived its deadline" in run["error"], run["error"]
+            assert "was cancelled" in run["error"]
+            assert s.emulator.count("POST", rf"/jobs/{run['job_id']}/cancel$") == 1
+            assert s.emulator.training.jobs[run["job_id"]].state in ("CancelRequested", "Canceled")
+            assert s.traffic() == {}
+            assert s.emulator.count("PUT", r"/models/") == 0  # nothing registered
+            assert s.emulator.violations == []
+
+    def test_every_message_delivered_twice_still_makes_one_job_one_version_one_promotion(
+        self, azurite_connection: str
+    ) -> None:
+        with open_v2_stack(azurite_connection, duplicates=1.0) as s:
+            s.upload("housing/2026-12-01.csv", housing_csv(60, seed=15, noise=40))
+            s.runner.run_until_idle()
+            (run,) = s.runs()
+            assert run["state"] == "promoted", run.get("error")
+            job_puts = {p for m, p, _ in s.emulator.calls if m == "PUT" and "/jobs/" in p}
+            assert job_puts == {f"{WS}/jobs/{run['job_id']}"}
+            assert len(s.emulator.training.jobs) == 1
+            assert list(s.emulator.serving.models) == [
+                ("housing", run["outputs"]["model"]["version"])
+            ]
+            assert s.emulator.count("PUT", r"/models/housing/versions/[^/]+$") == 1
+            assert s.emulator.count("PUT", r"/deployments/(blue|green)$") == 1
+            assert s.emulator.count("PUT", r"/onlineEndpoints/housing$") == 1  # traffic moved once
+            assert s.traffic() == {"blue": 100}
+            assert s.deployed("blue") == version_id(run)
+            assert s.emulator.violations == []

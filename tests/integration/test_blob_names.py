@@ -12,7 +12,7 @@ from azure.storage.blob import BlobServiceClient
 
 from retrain.blobdata import BlobData
 from retrain.ledger import Ledger
-from retrain.pipeline import Places, Retrainer, Timing
+from retrain.pipeline import Context, Places, Retrainer, Timing
 from retrain.storage import BlobDocumentStore
 from tests.fakes import FakeTarget, FakeTraining, ManualClock, MemoryOutbox
 from tests.harness import spec
@@ -71,7 +71,7 @@ def test_a_backslash_name_is_recorded_as_rejected_and_quarantined_once(
     names = [b.name for b in blobs.get_container_client(container).list_blobs()]
     assert names == ["housing/a/b.csv"]
     ledger = Ledger(BlobDocumentStore(blobs, container + "-state"))
-    retrainer = Retrainer(
+    context = Context(
         models={"housing": spec()},
         ledger=ledger,
         data=BlobData(blobs),
@@ -82,6 +82,7 @@ def test_a_backslash_name_is_recorded_as_rejected_and_quarantined_once(
         timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
         clock=ManualClock(),
     )
+    retrainer = Retrainer(context)
     assert retrainer.on_blob(container, "housing/a\\b.csv") == "rejected"
     assert retrainer.on_blob(container, "housing/a\\b.csv") == "duplicate"
     (key,) = ledger.store.keys("arrivals/")

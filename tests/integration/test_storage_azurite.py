@@ -205,7 +205,7 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
     from azure.core.pipeline.transport import RequestsTransport
 
     from retrain.clock import SystemClock
-    from retrain.pipeline import Places, Retrainer, Timing
+    from retrain.pipeline import Context, Places, Retrainer, Timing
     from tests.fakes import FakeTarget, FakeTraining, MemoryOutbox
     from tests.harness import spec as harness_spec
 
@@ -219,7 +219,7 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
     service = BlobServiceClient.from_connection_string(azurite_connection, transport=Counting())
     service.create_container(name)
     spec = harness_spec()  # the unit tests' model, as the pipeline sees it
-    retrainer = Retrainer(
+    context = Context(
         models={"housing": spec},
         ledger=Ledger(BlobDocumentStore(service, name + "-state")),
         data=BlobData(service),
@@ -230,6 +230,7 @@ def test_an_idle_sweep_over_300_blobs_costs_a_listing_not_a_read_per_blob(
         timing=Timing(timedelta(seconds=30), timedelta(minutes=10), stall=timedelta(0)),
         clock=SystemClock(),
     )
+    retrainer = Retrainer(context)
     for i in range(300):
         blob = f"housing/{i:04d}.csv"
         service.get_blob_client(name, blob).upload_blob(b"rooms,price\n1,2\n")

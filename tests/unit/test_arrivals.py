@@ -62,7 +62,7 @@ class TestCost:
     def test_a_cold_instance_reads_the_model_state_once(self) -> None:
         w = World()
         w.drop("housing/a.csv")
-        w.retrainer._ledger = Ledger(w.store)  # a new instance: nothing remembered
+        w.retrainer._ctx.ledger = Ledger(w.store)  # a new instance: nothing remembered
         w.store.calls.clear()
         w.drop("housing/b.csv")
         w.drop("housing/c.csv")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
 from retrain.ledger import Ledger, model_key
 from retrain.messages import CheckBatch
+from retrain.pipeline import Retrainer
 from tests.harness import World, left_as
 
 
@@ -17,15 +19,9 @@ def _check(w: World) -> CheckBatch:
     return checks[-1]
 
 
-def _second_instance(w: World) -> Any:
+def _second_instance(w: World) -> Retrainer:
     """The same pipeline on another instance: its own ledger cache over the same storage."""
-    other = World()
-    other.store, other.data, other.clock, other.outbox = w.store, w.data, w.clock, w.outbox
-    other.retrainer._ledger = Ledger(w.store)
-    other.retrainer._ctx.data = w.data
-    other.retrainer._ctx.clock = w.clock
-    other.retrainer._ctx.outbox = w.outbox
-    return other.retrainer
+    return Retrainer(dataclasses.replace(w.retrainer._ctx, ledger=Ledger(w.store)))
 
 
 def _file_names(run: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ import responses
 from requests import PreparedRequest
 
 from retrain.azureml.spec import OnlineEndpointSpec
+from retrain.deploy import Progress
 from retrain.errors import PermanentError
 from retrain.ports import ModelRef
 from retrain.targets.online_endpoint import OnlineEndpoint
@@ -37,6 +38,7 @@ class FakeEndpoint:
         }
         self.pending: dict[str, Any] = {}
         self.fail_next_deployment = False
+        self.fail_next_traffic = False
         self.score_status = 200
         self.calls: list[str] = []
         url = re.compile(re.escape(EP) + r"(/deployments/([a-z0-9-]+))?(/[A-Za-z]+)?\?.*")
@@ -67,7 +69,7 @@ class FakeEndpoint:
             return 201, {"Azure-AsyncOperation": OPS + "/op/t"}, json.dumps(body)
         props = {
             "authMode": "Key",
-            "provisioningState": "Succeeded",
+            "provisioningState": "Updating" if "t" in self.pending else "Succeeded",
             "scoringUri": SCORING,
             "traffic": self.traffic,
         }
@@ -88,6 +90,9 @@ class FakeEndpoint:
 
     def _op(self, request: PreparedRequest) -> tuple[int, dict[str, str], str]:
         kind, value = self.pending.pop(str(request.url).rsplit("/", 1)[1].split("?")[0])
+        if kind == "traffic" and self.fail_next_traffic:
+            error = {"code": "BadRequest", "message": "traffic refused"}
+            return 200, {}, json.dumps({"status": "Failed", "error": error})
         if kind == "traffic":
             self.traffic = {k: v for k, v in value.items() if v}
             return 200, {}, json.dumps({"status": "Succeeded"})
@@ -201,3 +206,60 @@ def test_an_operation_it_did_not_make_is_refused() -> None:
     FakeEndpoint({"blue": 100}, {"blue": M1})
     with pytest.raises(PermanentError, match="not an operation of this target"):
         target().progress("deploy purple async https://elsewhere")
+
+
+def canary_target(smoke: Any = None) -> OnlineEndpoint:
+    spec = OnlineEndpointSpec(
+        kind="online_endpoint",
+        subscription_id="sub",
+        resource_group="rg",
+        workspace="ws",
+        endpoint="housing",
+        deployment_template={"sku": {"name": "Default", "capacity": 1}, "properties": {}},
+        smoke_request=smoke,
+        canary={"steps": [10, 50], "hold": "PT5M"},
+    )
+    return OnlineEndpoint(arm(), spec)
+
+
+@responses.activate
+def test_with_a_canary_the_new_deployment_is_staged_smoke_scored_and_takes_no_traffic() -> None:
+    fake = FakeEndpoint({"blue": 100}, {"blue": M1})
+    t = canary_target(smoke={"input_data": {}})
+    progress = t.progress(t.deploy(M2).operation)
+    assert (progress.state, progress.operation) == ("staged", "staged green")
+    assert "score green" in fake.calls
+    assert "PUT endpoint" not in fake.calls
+    assert fake.traffic == {"blue": 100}
+    assert t.progress("staged green").state == "staged"  # a redelivery asks again
+    assert t.deploy(M2).state == "staged"  # already provisioned: not PUT again
+    assert fake.calls.count("PUT green") == 1
+
+
+@responses.activate
+def test_a_traffic_step_is_put_followed_then_settled_and_never_put_twice() -> None:
+    fake = FakeEndpoint({"blue": 100}, {"blue": M1, "green": M2})
+    t = canary_target()
+    step = {"green": 10, "blue": 90}
+    progress = t.shift(step, None)
+    assert progress.state == "pending"
+    assert progress.operation is not None
+    # Its operation lost with the instance that sent it: the endpoint, still updating, says
+    # the change is on its way; nothing is sent again.
+    assert t.shift(step, None) == Progress("pending")
+    assert t.shift(step, progress.operation).state == "succeeded"
+    assert fake.traffic == step
+    assert t.shift(step, None).state == "succeeded"
+    assert fake.calls.count("PUT endpoint") == 1
+
+
+@responses.activate
+def test_a_refused_traffic_operation_is_reported_failed() -> None:
+    fake = FakeEndpoint({"blue": 100}, {"blue": M1, "green": M2})
+    t = canary_target()
+    progress = t.shift({"green": 10, "blue": 90}, None)
+    fake.fail_next_traffic = True
+    failed = t.shift({"green": 10, "blue": 90}, progress.operation)
+    assert failed.state == "failed"
+    assert "traffic refused" in (failed.detail or "")
+    assert fake.traffic == {"blue": 100}

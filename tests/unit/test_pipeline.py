@@ -253,7 +253,7 @@ class TestTraining:
         ((_, later, delay),) = w.outbox.take()
         assert isinstance(later, TrackRun)
         assert later.poll == msg.poll + 1
-        assert delay >= w.retrainer._timing.call_bound  # a start in flight has landed by then
+        assert delay >= w.retrainer._ctx.timing.call_bound  # a start in flight has landed by then
         assert w.retrainer.on_track_run(later) == "started"
         assert w.jobs.started == ["job1"]
         assert w.run()["state"] == "running"
@@ -642,7 +642,7 @@ class TestSweep:
         assert w.retrainer.sweep()["runs"] == 1
         ((_, message, delay),) = w.outbox.sent
         assert isinstance(message, TrackRun)
-        timing = w.retrainer._timing
+        timing = w.retrainer._ctx.timing
         assert delay >= (timing.call_bound if state == "submitted" else timedelta(seconds=2))
 
     def test_awaiting_approval_is_not_stalled(self) -> None:
@@ -708,7 +708,7 @@ class TestDeployLease:
         ((_, again, delay),) = w.outbox.take()
         assert isinstance(again, EvaluateRun)
         assert again.lease == held
-        assert delay == w.retrainer._timing.deploy_lease
+        assert delay == w.retrainer._ctx.timing.deploy_lease
         # Expiry is never read off a clock: even with no time passing here (another instance's
         # clock may run behind), the copy that waited a lease on the queue takes over.
         assert w.retrainer.on_evaluate(again, delivery=Delivery("m-3")) == "promoted"
@@ -763,7 +763,7 @@ class TestDeployLease:
 
     def test_no_call_is_started_when_the_lease_is_nearly_spent(self) -> None:
         w, msg = self.trained()
-        lease = w.retrainer._timing.deploy_lease
+        lease = w.retrainer._ctx.timing.deploy_lease
 
         def slow_preflight() -> list[str]:
             w.clock.advance(seconds=lease.total_seconds())  # the first promotion's checks
@@ -1046,7 +1046,7 @@ class TestAStartWithNoAnswer:
         assert w.deliver() == ["retry"]
         ((_, again, delay),) = w.outbox.sent[-1:]
         assert isinstance(again, TrackRun)
-        assert delay >= w.retrainer._timing.call_bound
+        assert delay >= w.retrainer._ctx.timing.call_bound
         assert w.deliver() == ["started"]  # status first: running, so not started again
         assert w.jobs.started == ["job1"]
 
@@ -1055,7 +1055,7 @@ class TestAStartWithNoAnswer:
         w.jobs.errors["start"] = TransientRemoteError("BES start: HTTP 503", status=503)
         assert w.deliver() == ["retry"]
         ((_, _, delay),) = w.outbox.sent[-1:]
-        assert delay < w.retrainer._timing.call_bound
+        assert delay < w.retrainer._ctx.timing.call_bound
 
 
 class TestRetrainNowRefusesVersionsInFlight:
@@ -1138,7 +1138,7 @@ def test_the_lease_leaves_room_for_every_call_of_a_deploy() -> None:
         w.deliver()
     w.evaluation("Root Mean Squared Error\n2.5\n")
     ((_, msg, _),) = w.outbox.take()
-    timing = w.retrainer._timing
+    timing = w.retrainer._ctx.timing
     spare = timing.deploy_lease - timing.call_bound * DEPLOY_CALLS
 
     def slow_preflight() -> list[str]:

@@ -28,7 +28,7 @@ def world() -> World:
     w = World()
     w.store = ResolvingStore()
     w.ledger.store = w.store
-    w.retrainer._ledger = w.ledger
+    w.retrainer._ctx.ledger = w.ledger
     return w
 
 

@@ -180,7 +180,7 @@ def test_a_failed_run_stores_logs_and_announces_no_signature(
     from tests.harness import World
 
     w = World(jobs=FakeJobs([JobState.FAILED], details=f"cannot read {URL_WITH_SAS}; {SAS}"))
-    w.retrainer._places = Places("data", "artifacts", "quarantine", "jobs", "evals", "events")
+    w.retrainer._ctx.places = Places("data", "artifacts", "quarantine", "jobs", "evals", "events")
     caplog.set_level("DEBUG")
     w.drop("housing/a.csv")
     events: list[RunEvent] = []

@@ -135,6 +135,7 @@ NOT_RUN_STATES = {
     ("retrain/ports.py", "failed"): "a training job's Phase",
     ("retrain/azureml/lro.py", "failed"): "an operation's Progress.state",
     ("retrain/targets/online_endpoint.py", "failed"): "a target's Progress.state",
+    ("retrain/pipeline/canary.py", "failed"): "a target's Progress.state",
 }
 
 

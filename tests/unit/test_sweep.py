@@ -14,7 +14,7 @@ from retrain.cli import main
 from retrain.errors import InputRejected, PermanentRemoteError
 from retrain.ledger import arrival_key, model_key
 from retrain.messages import CheckBatch, RunEvent
-from retrain.pipeline import AlreadyTrained, Places, Retrainer, Timing
+from retrain.pipeline import AlreadyTrained, Context, Places, Retrainer, Timing
 from tests.harness import World
 
 GOOD = "Root Mean Squared Error\n2.5\n"
@@ -37,7 +37,7 @@ def promoted(w: World, name: str = "housing/a.csv") -> dict[str, Any]:
 
 def with_events(w: World) -> World:
     """The same world, with the events queue configured."""
-    w.retrainer = Retrainer(
+    context = Context(
         models={"housing": w.spec},
         ledger=w.ledger,
         data=w.data,
@@ -48,6 +48,7 @@ def with_events(w: World) -> World:
         timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
         clock=w.clock,
     )
+    w.retrainer = Retrainer(context)
     return w
 
 

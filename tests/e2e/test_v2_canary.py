@@ -1,0 +1,138 @@
+"""Canary steps on Azure ML v2 end to end: the function app under the local runner, the v2
+emulator and Azurite. A second model takes 10 %, then 50 %, then all traffic, each step held by
+a delayed message; a step the service refuses puts the saved map back."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from localdev import stack, v2stack
+from localdev.azureml_v2 import Emulator, EmulatorServer
+from localdev.runner import LocalRunner
+from localdev.sample import housing_csv
+
+pytestmark = pytest.mark.e2e
+
+ENDPOINTS = "/onlineEndpoints/housing"
+"""A fault's path matches by substring: the endpoint's PUTs and its deployments' PUTs."""
+
+
+@dataclass
+class CanaryStack:
+    runner: LocalRunner
+    emulator: Emulator
+    settings: dict[str, str]
+    blobs: BlobServiceClient
+
+    def upload(self, name: str, data: str) -> None:
+        container = self.blobs.get_container_client(self.settings["RETRAIN_DATA_CONTAINER"])
+        if not container.exists():
+            container.create_container()
+        container.upload_blob(name, data, overwrite=True)
+
+    def _doc(self, key: str) -> dict[str, Any]:
+        client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)
+        found: dict[str, Any] = json.loads(client.download_blob().readall())
+        return found
+
+    def runs(self) -> list[dict[str, Any]]:
+        container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        names = sorted(b.name for b in container.list_blobs(name_starts_with="runs/housing/"))
+        return [self._doc(n) for n in names]
+
+    def champion(self) -> str:
+        return str(self._doc("models/housing.json")["champion"]["run_id"])
+
+    def puts(self) -> list[dict[str, int]]:
+        """The traffic maps the endpoint was PUT with, in order."""
+        return [
+            traffic for name, traffic in self.emulator.serving.traffic_puts if name == "housing"
+        ]
+
+    def traffic(self) -> dict[str, int]:
+        return dict(self.emulator.serving.endpoints["housing"].traffic)
+
+
+@pytest.fixture
+def canary_stack(azurite_connection: str) -> Iterator[CanaryStack]:
+    suffix = "-" + uuid.uuid4().hex[:8]
+    emulator = Emulator(
+        v2stack.emulator_config(azurite_connection, f"retrain-artifacts{suffix}", ["housing"])
+    )
+    emulator.faults.job_seconds = 1
+    emulator.faults.provisioning_seconds = 1
+    with EmulatorServer(emulator) as server:
+        spec = v2stack.model_spec(server.url)
+        spec["target"]["canary"] = {"steps": [10, 50], "hold": "PT2S", "smoke_each_step": True}
+        settings = stack.app_settings(azurite_connection, [spec], suffix=suffix)
+        settings["RETRAIN_POLL_FIRST_DELAY"] = "PT1S"
+        settings["RETRAIN_POLL_MAX_DELAY"] = "PT2S"
+        runner = LocalRunner(stack.load_app(settings), env=settings)
+        yield CanaryStack(
+            runner, emulator, settings, BlobServiceClient.from_connection_string(azurite_connection)
+        )
+
+
+def first_champion(s: CanaryStack) -> dict[str, Any]:
+    s.upload("housing/2026-12-01.csv", housing_csv(60, seed=1, noise=40))
+    s.runner.run_until_idle(timeout=120)
+    (first,) = s.runs()
+    assert first["state"] == "promoted", first.get("error")
+    assert s.puts() == [{"blue": 100}]  # no traffic before: nothing to try the model against
+    return first
+
+
+class TestV2Canary:
+    def test_a_better_model_takes_traffic_in_steps_then_all_of_it(
+        self, canary_stack: CanaryStack
+    ) -> None:
+        s = canary_stack
+        first_champion(s)
+        s.upload("housing/2026-12-02.csv", housing_csv(400, seed=2, noise=1))
+        s.runner.run_until_idle(timeout=120)
+        _, second = s.runs()
+        assert second["state"] == "promoted", second.get("error")
+        assert s.puts() == [
+            {"blue": 100},
+            {"green": 10, "blue": 90},
+            {"green": 50, "blue": 50},
+            {"green": 100},
+        ]
+        assert s.traffic() == {"green": 100}
+        assert s.champion() == second["run_id"]
+        # The smoke request before the first step, then one at the end of each hold.
+        assert s.emulator.serving.scored.count(("housing", "green")) == 3
+        canary = second["deployment"]["canary"]
+        assert (canary["saved"], canary["shares"]) == ({"blue": 100}, [10, 50, 100])
+        assert s.emulator.violations == []
+
+    def test_a_step_the_service_refuses_puts_the_saved_map_back(
+        self, canary_stack: CanaryStack
+    ) -> None:
+        s = canary_stack
+        first = first_champion(s)
+        # The deployment PUT (green) and step 1 go through; step 2 is refused.
+        s.emulator.faults.http += [
+            {"method": "PUT", "path": ENDPOINTS, "delay": 0},
+            {"method": "PUT", "path": ENDPOINTS, "delay": 0},
+            {"method": "PUT", "path": ENDPOINTS, "status": 400},
+        ]
+        s.upload("housing/2026-12-02.csv", housing_csv(400, seed=2, noise=1))
+        s.runner.run_until_idle(timeout=120)
+        _, second = s.runs()
+        assert second["state"] == "failed"
+        assert "canary stopped at step 2 of 3 (50 % to green)" in second["error"]
+        assert "traffic restored to {'blue': 100}" in second["error"]
+        assert s.puts() == [{"blue": 100}, {"green": 10, "blue": 90}, {"blue": 100}]
+        assert s.traffic() == {"blue": 100}
+        assert s.champion() == first["run_id"]
+        assert s.emulator.count("PUT", r"/deployments/green$") == 1
+        assert s.emulator.count("PUT", r"/onlineEndpoints/housing$", 400) == 1
+        assert s.emulator.violations == []
