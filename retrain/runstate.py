@@ -31,8 +31,9 @@ TERMINAL: Final = frozenset(
 TRAINING: Final = frozenset({RunState.QUEUED, RunState.SUBMITTED, RunState.RUNNING})
 """States the train step (the jobs queue) drives; the others belong to the evaluations queue."""
 
-INITIAL: Final = frozenset({RunState.QUEUED, RunState.PROMOTING})
-"""What a new record starts in: a sealed batch's run queues; a rollback or restore promotes."""
+INITIAL: Final = frozenset({RunState.QUEUED, RunState.PROMOTING, RunState.SUPERSEDED})
+"""What a new record starts in: a sealed batch's run queues; a rollback or restore promotes; a
+batch sealed with no file (each arrival that claimed it joined another batch) ends at once."""
 
 _LIVE = frozenset(RunState) - TERMINAL
 

@@ -14,7 +14,6 @@ from retrain.pipeline.batches import Batches
 from retrain.pipeline.context import Context, dims
 from retrain.pipeline.records import (
     batch_id,
-    claim_batch,
     file_entry,
     holds,
     iso,
@@ -50,9 +49,9 @@ class Arrivals:
         A new arrival on a warm instance costs four storage requests, whatever the size of its
         batch and however many instances take part: read the blob's first bytes, create its
         arrival record, create its member record in the batch, read the model document to
-        confirm the batch was still open. Opening a batch adds one write and the batch's check.
-        The arrival record names the batch *before* the member is written, so a redelivery
-        can tell exactly where the first delivery got.
+        confirm the batch was still open. Opening a batch adds two writes and the batch's
+        check. The arrival record names the batch *before* the member is written, so a
+        redelivery can tell exactly where the first delivery got.
         """
         ctx = self._ctx
         refused = _unreferenceable(name)
@@ -79,11 +78,11 @@ class Arrivals:
         file = file_entry(name, head.etag, head.size, now, head.last_modified)
         state = ctx.ledger.known(model_key(spec.name)) or ctx.ledger.get(model_key(spec.name)) or {}
         open_batch = state.get("batch")
-        claim = open_batch["id"] if open_batch else batch_id(now)
+        claim = open_batch["id"] if open_batch else None
         record.update(status=Arrival.ACCEPTED.value, batch_id=claim)
         if not self._record_arrival(key, record):
             return self._arrived_again(spec, key, file, now)
-        joined, _ = self.join(spec, key, file, claim, fresh=open_batch is None, now=now)
+        joined, _ = self.join(spec, key, file, claim, now=now)
         log.info(
             "arrival %s/%s: joined batch %s of %s",
             container,
@@ -142,30 +141,30 @@ class Arrivals:
         spec: ModelSpec,
         key: str,
         file: Doc,
-        claim: str,
+        claim: str | None,
         *,
-        fresh: bool,
         now: datetime,
         replace: bool = False,
         check: bool = True,
     ) -> tuple[str, bool]:
-        """Put `file` in batch `claim`, which its arrival record (`key`) names; returns the
-        batch it is in for good and whether this call wrote its member record.
+        """Put `file` in batch `claim`, which its arrival record (`key`) names (None: no batch
+        yet); returns the batch it is in for good and whether this call wrote its member.
 
-        `fresh`: `claim` is a new id, to open a batch with when none is open. `replace`:
-        overwrite a member record already there (a retrain-now's marks). `check`: a batch
-        opened here sends its check (a retrain-now sends its own). The member counts
-        if the batch was still open when it was written (read after the write): the seal
-        lists members only after it closed the batch. Otherwise the sealed batch's run record
-        says whether the member made it in; if not, the record moves to the open batch (or a
-        new one) and the file joins that.
+        The arrival record decides where the file goes: a member is written only in the batch
+        the record names, and the record moves on only by a conditional change from the batch
+        it named, either from none to a batch that is open, or from a sealed batch whose run
+        record (fixed once made) does not hold the file. So two deliveries of one arrival
+        never put it in two batches whatever their order. The member counts if the batch was
+        still open when it was written (read after the write): the seal lists members only
+        after it closed the batch. `replace`: overwrite a member record already there (a
+        retrain-now's marks). `check`: a batch opened here sends its check (a retrain-now
+        sends its own).
         """
         ctx, mkey = self._ctx, model_key(spec.name)
+        state: Doc = {}
         for _ in range(MAX_REJOINS):
-            if fresh and not self._open(spec, key, claim, now, check=check):
-                state = ctx.ledger.known(mkey) or {}
-                claim, fresh = self._next_claim(state.get("batch"), now)
-                ctx.ledger.update(key, functools.partial(claim_batch, claim))
+            if claim is None:
+                claim = self.claim(spec, key, None, state.get("batch"), now, check=check)
                 continue
             added = ctx.ledger.put_entry(member_key(spec.name, claim, key), file, replace=replace)
             state = ctx.ledger.get(mkey) or {}
@@ -178,55 +177,60 @@ class Arrivals:
                 run = ctx.ledger.get(run_key(spec.name, claim), remember=False)
             if run is not None and holds(run.get("files") or [], file):
                 return claim, added
-            # Written after the seal's listing: the file belongs to the next batch.
-            claim, fresh = self._next_claim(batch, now)
-            ctx.ledger.update(key, functools.partial(claim_batch, claim))
+            # Written after the seal's listing (or the record names a batch an earlier release
+            # never opened): the file belongs to the next batch.
+            claim = self.claim(spec, key, claim, batch, now, check=check)
         raise StateConflict(f"{key}: batch of {spec.name} kept changing under the arrival")
 
-    @staticmethod
-    def _next_claim(batch: Doc | None, now: datetime) -> tuple[str, bool]:
-        """The batch to claim next: the open one, or a new id to open one with."""
-        return (batch["id"], False) if batch else (batch_id(now), True)
+    def claim(
+        self,
+        spec: ModelSpec,
+        key: str,
+        expected: str | None,
+        batch: Doc | None,
+        now: datetime,
+        *,
+        check: bool,
+    ) -> str | None:
+        """Move the arrival record from batch `expected` to the open batch (`batch`, or one
+        opened now); returns the batch the record names after (another delivery's choice if
+        it moved the record first)."""
+        target = batch["id"] if batch is not None else self.open(spec, key, now, check=check)
+        record, _ = self._ctx.ledger.update(
+            key, lambda r: {**r, "batch_id": target} if r.get("batch_id") == expected else None
+        )
+        found = record.get("batch_id")
+        return str(found) if found else None
 
-    def _open(self, spec: ModelSpec, key: str, claim: str, now: datetime, *, check: bool) -> bool:
-        """Open batch `claim` (and send its check) unless another batch is open; True when
-        `claim` is open or was sealed since (a concurrent delivery of this arrival opened it)."""
-
-        def opening(d: Doc) -> Doc | None:
-            if (d.get("sealed") or {}).get("id") == claim:
-                return None
-            return open_batch(d, claim, now, key)
-
+    def open(self, spec: ModelSpec, key: str, now: datetime, *, check: bool = True) -> str:
+        """The model's open batch: the one open, or one opened now by arrival `key` (which
+        then sends its check, unless `check` is False)."""
         ctx = self._ctx
-        state, opened = ctx.ledger.update(model_key(spec.name), opening, initial=new_model(spec))
-        if opened:
-            if check:
-                ctx.schedule_check(spec, state["batch"], now)
-            return True
-        batch, sealed = state.get("batch"), state.get("sealed") or {}
-        return (batch is not None and batch["id"] == claim) or sealed.get("id") == claim
+        state, opened = ctx.ledger.update(
+            model_key(spec.name),
+            functools.partial(open_batch, new_id=batch_id(now), now=now, opener=key),
+            initial=new_model(spec),
+        )
+        if opened and check:
+            ctx.schedule_check(spec, state["batch"], now)
+        return str(state["batch"]["id"])
 
     def _arrived_again(self, spec: ModelSpec, key: str, file: Doc, now: datetime) -> str:
         """A second delivery of a recorded arrival: finish what the first one may not have."""
         ctx = self._ctx
         existing = ctx.ledger.get(key) or {}
         claim = existing.get("batch_id")
-        if existing.get("status") == Arrival.REJECTED or not claim:
+        if existing.get("status") == Arrival.REJECTED:
             return "duplicate"
         state = ctx.ledger.get(model_key(spec.name)) or {}
-        batch, sealed = state.get("batch"), state.get("sealed") or {}
-        if batch is not None and batch["id"] == claim and holds(batch.get("files") or [], file):
-            return "duplicate"  # in a batch listed on the model document (earlier releases)
-        opened = (batch is not None and batch["id"] == claim) or sealed.get("id") == claim
-        if not opened:
-            # Never opened, or sealed long ago (its run record says so).
-            opened = ctx.ledger.get(run_key(spec.name, claim), remember=False) is not None
-        joined, added = self.join(spec, key, file, claim, fresh=not opened, now=now)
-        current = (ctx.ledger.known(model_key(spec.name)) or {}).get("batch")
-        if opened and current and current["id"] == joined and current.get("opened_by") == key:
+        batch = state.get("batch")
+        if batch is not None and batch.get("opened_by") == key:
             # Opening a batch sends its check after the write; the first delivery may have
             # died in between. A second check is harmless (the first to act wins).
-            ctx.schedule_check(spec, current, now)
+            ctx.schedule_check(spec, batch, now)
+        if batch is not None and batch["id"] == claim and holds(batch.get("files") or [], file):
+            return "duplicate"  # in a batch listed on the model document (earlier releases)
+        joined, added = self.join(spec, key, file, claim, now=now)
         if not added and joined == claim:
             log.info("arrival %s@%s: duplicate event ignored", file["name"], file["etag"])
             return "duplicate"
@@ -240,10 +244,12 @@ class Arrivals:
         return "batched"
 
     def claimed_files(
-        self, spec: ModelSpec, state: Doc, claim: str, cache: dict[str, list[Doc] | None]
+        self, spec: ModelSpec, state: Doc, claim: str | None, cache: dict[str, list[Doc] | None]
     ) -> list[Doc] | None:
         """The files of batch `claim`: its members while open or just sealed, else its run's;
         None if it never opened. `cache` keeps what was read across calls."""
+        if not claim:
+            return None
         if claim not in cache:
             batch, sealed = state.get("batch") or {}, state.get("sealed") or {}
             run = self._ctx.ledger.get(run_key(spec.name, claim), remember=False)

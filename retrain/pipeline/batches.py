@@ -56,11 +56,10 @@ class Batches:
             if now < check_due(spec, batch):
                 return self._wait(spec, batch, check_due(spec, batch), now)
             files = self.members(spec, batch)
-            if not files:
-                # Opened by an arrival that died before its member record: its redelivery (or
-                # the sweep) brings the file; a run of nothing is never sealed.
-                return self._wait(spec, batch, now + spec.quiet_period, now)
-            if now < check_due(spec, batch, files):
+            # A batch still empty at its quiet end lost every claimant to another batch (or its
+            # opener died before joining it): it is sealed like any other and its run, holding
+            # no file, ends at once, so nothing waits on it; a late claimant moves on.
+            if files and now < check_due(spec, batch, files):
                 return self._wait(spec, batch, check_due(spec, batch, files), now)
         if state.get("active_run"):
             log.info(
@@ -115,7 +114,8 @@ class Batches:
             return found
         run = new_run(spec, sealed, self.members(spec, sealed), now)
         if ctx.ledger.create(key, run):
-            ctx.emit(spec, run, run["history"][0]["note"])
+            if run["files"]:
+                ctx.emit(spec, run, run["history"][0]["note"])
             log.info(
                 "run %s of %s: sealed %d file(s)",
                 run["run_id"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from retrain.messages import CheckBatch, EvaluateRun
 from retrain.pipeline.arrivals import Arrival, Arrivals
 from retrain.pipeline.batches import Batches
 from retrain.pipeline.context import dims
-from retrain.pipeline.records import batch_id, claim_batch, file_entry, holds, new_model
+from retrain.pipeline.records import file_entry, holds, new_model
 from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef
 from retrain.runstate import RunState, is_terminal
@@ -162,23 +161,20 @@ class Operations(RunStep):
         )
         now = ctx.clock.now()
         file = file_entry(blob, head.etag, head.size, now, head.last_modified, **mark)
-        if waiting_in is not None:
-            claim, fresh = waiting_in, False
-        else:
+        claim: str | None = waiting_in
+        if waiting_in is None:
             # A new entry: in the open batch, or one opened for it, unless a sealed batch
-            # (on the same read) still trains it.
+            # (on the same read) still trains it. The version's record follows it into that
+            # batch, so a second request sees it in flight (and, once a job has trained it,
+            # by whom); of two requests racing, the one that moves the record decides.
             state = ctx.ledger.get(model_key(name)) or {}
             sealed = state.get("sealed")
             if sealed and sealed.get("id") == state.get("active_run"):
                 in_flight(state, self._batches.run_of(spec, sealed, now)["files"], blob, head.etag)
-            batch = state.get("batch")
-            claim, fresh = (batch["id"], False) if batch else (batch_id(now), True)
-            # The version's record follows it into this batch, so a second request sees it
-            # in flight (and, once a job has trained it, by whom).
-            ctx.ledger.update(key, functools.partial(claim_batch, claim))
-        joined, _ = self._arrivals.join(
-            spec, key, file, claim, fresh=fresh, now=now, replace=True, check=False
-        )
+            claim = self._arrivals.claim(
+                spec, key, record.get("batch_id"), state.get("batch"), now, check=False
+            )
+        joined, _ = self._arrivals.join(spec, key, file, claim, now=now, replace=True, check=False)
         self._force(spec, joined, blob, head.etag)
         log.info(
             "retrain of %s requested on %s (%s%s)",
@@ -234,7 +230,7 @@ class Operations(RunStep):
         ctx = self._ctx
         state = ctx.ledger.get(model_key(spec.name)) or {}
         open_batch = state.get("batch") or {}
-        if open_batch.get("id") == record.get("batch_id"):
+        if record.get("batch_id") and open_batch.get("id") == record.get("batch_id"):
             # It waits in the open batch (its record names the batch it is in): seal that now.
             return {"requested": reason}, None, str(open_batch["id"])
         taken = str(record.get("batch_id") or "?")

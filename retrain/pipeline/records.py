@@ -45,11 +45,6 @@ def holds(files: list[Doc], file: Doc) -> bool:
     return any(f["name"] == file["name"] and normalize_etag(f["etag"]) == etag for f in files)
 
 
-def claim_batch(batch_id: str, record: Doc) -> Doc:
-    """The arrival record, now naming batch `batch_id`."""
-    return {**record, "batch_id": batch_id}
-
-
 def note_trained(run_id: str, record: Doc) -> Doc | None:
     """The arrival record, now naming run `run_id` among those that trained its version;
     None if it already does."""
@@ -82,7 +77,7 @@ def check_due(spec: ModelSpec, batch: Doc, files: list[Doc] | None = None) -> da
     return min(quiet_end, hard_end)
 
 
-def open_batch(doc: Doc, new_id: str, now: datetime, opener: str) -> Doc | None:
+def open_batch(doc: Doc, *, new_id: str, now: datetime, opener: str) -> Doc | None:
     """Open batch `new_id` on the model document; None when a batch is open already."""
     if doc.get("batch") is not None:
         return None
@@ -112,13 +107,20 @@ def file_entry(
 
 
 def new_run(spec: ModelSpec, batch: Doc, files: list[Doc], now: datetime) -> Doc:
-    """The run of sealed batch `batch` holding `files`, queued for training."""
+    """The run of sealed batch `batch` holding `files`, queued for training (or superseded at
+    once when no file is in it)."""
     # Each file is a full dataset: the newest one of the batch is what the model trains on.
-    newest, why = training_file(files)
+    newest, why = training_file(files) if files else (None, "no file")
+    state = RunState.QUEUED if files else RunState.SUPERSEDED
+    note = (
+        f"batch of {len(files)} file(s)"
+        if files
+        else "closed with no file: every arrival that claimed it joined another batch"
+    )
     return {
         "run_id": batch["id"],
         "model": spec.name,
-        "state": RunState.QUEUED.value,
+        "state": state.value,
         "created_at": iso(now),
         "deadline_at": iso(now + spec.job_deadline),
         "files": files,
@@ -131,13 +133,7 @@ def new_run(spec: ModelSpec, batch: Doc, files: list[Doc], now: datetime) -> Doc
         "metrics": None,
         "decision": None,
         "error": None,
-        "history": [
-            {
-                "state": RunState.QUEUED.value,
-                "at": iso(now),
-                "note": f"batch of {len(files)} file(s)",
-            }
-        ],
+        "history": [{"state": state.value, "at": iso(now), "note": note}],
     }
 
 
@@ -172,7 +168,7 @@ def champion_run(champion: Doc, found: Doc | None) -> Doc:
     return found or {"run_id": champion["run_id"], "outputs": {"model": champion["model"]}}
 
 
-def training_file(files: list[Doc]) -> tuple[Doc, str]:
+def training_file(files: list[Doc]) -> tuple[Doc | None, str]:
     """The file a batch trains on, and why: a requested one, else the newest by the blob's own
     Last-Modified (then by name); entries recorded without it fall back to delivery order."""
     count = f"{len(files)} file(s)"

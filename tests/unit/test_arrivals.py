@@ -74,9 +74,10 @@ class TestRedelivery:
     def test_died_before_opening_the_batch_the_redelivery_opens_it(self) -> None:
         w = World()
         _crash(w, "create", "models/", "housing/a.csv")
-        claimed = _arrival(w, "housing/a.csv")["batch_id"]
+        assert _arrival(w, "housing/a.csv")["batch_id"] is None  # recorded in no batch yet
         assert w.outbox.sent == []
         assert w.retrainer.on_blob("data", "housing/a.csv") == "batched"
+        claimed = _arrival(w, "housing/a.csv")["batch_id"]
         assert _batch(w)["id"] == claimed
         assert w.batch_files() == ["housing/a.csv"]
         ((_, check, _),) = w.outbox.sent
@@ -171,9 +172,9 @@ class TestRememberedVersions:
             Ledger(store).update("missing", lambda d: d)
 
 
-def test_a_concurrent_delivery_that_finds_its_fresh_batch_sealed_opens_no_second() -> None:
-    """Two deliveries of one arrival: the first opened batch X and X was sealed before the
-    second's write. The second must see the file in X, not open another batch named X."""
+def test_a_concurrent_delivery_that_finds_its_batch_sealed_opens_no_second() -> None:
+    """Two deliveries of one arrival: the first joined batch X and X was sealed before the
+    second's write. The second must see the file in X, not put it in another batch."""
     w = World()
     w.drop("housing/a.csv")
     record = _arrival(w, "housing/a.csv")
@@ -191,7 +192,6 @@ def test_a_concurrent_delivery_that_finds_its_fresh_batch_sealed_opens_no_second
         arrival_key("data", "housing/a.csv", head.etag),
         file,
         record["batch_id"],
-        fresh=True,
         now=w.clock.now(),
     )
     assert (joined, added) == (record["batch_id"], False)

@@ -67,19 +67,26 @@ class TestTheSealRace:
         assert other.on_check_batch(check) == "resent"
         assert len(w.retrainer.runs("housing")) == 1
 
-    def test_a_batch_whose_opener_died_before_its_member_is_not_sealed_empty(self) -> None:
+    def test_a_batch_whose_opener_died_before_joining_it_closes_empty(self) -> None:
+        """Nothing waits on a batch no file joined: at its quiet end it is sealed with no
+        file, its run ends at once (superseded, never trained), and the opener's
+        redelivery joins the next batch."""
         w = World()
         w.store.crash_before = ("put_entry", "batches/")
         with pytest.raises(RuntimeError, match="crashed"):
             w.drop("housing/a.csv")
         check = _check(w)
         w.clock.advance(seconds=61)
-        assert w.retrainer.on_check_batch(check) == "waiting"
-        assert w.store.keys("runs/") == []
+        assert w.retrainer.on_check_batch(check) == "sealed"
+        (empty,) = w.retrainer.runs("housing")
+        assert (empty["state"], empty["files"], empty["job_id"]) == ("superseded", [], None)
+        assert w.deliver() == ["superseded"]  # its train message frees the model
         assert w.retrainer.on_blob("data", "housing/a.csv") == "batched"  # the redelivery
         w.clock.advance(seconds=61)
         assert w.deliver()[0] == "sealed"
-        assert _file_names(w.run()) == ["housing/a.csv"]
+        run = w.retrainer.runs("housing")[-1]
+        assert run["run_id"] != empty["run_id"]
+        assert _file_names(run) == ["housing/a.csv"]
 
 
 class TestCheckCost:
