@@ -5,6 +5,8 @@ machine. Writes a markdown table (default docs/benchmarks.md).
 
     python -m localdev.bench [--out docs/benchmarks.md] [--big-mib 1024]
     python -m localdev.bench --only-v2-import   # just the cold import with a v2 model configured
+    python -m localdev.bench --only-scale-out [--scale-files 1000 --scale-procs 1,2,4,8 ...]
+                                                # just the scale-out benchmark (localdev/scalebench)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from localdev import stack
+from localdev import scalebench, stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -527,6 +529,10 @@ def memory(connection: str, big_mib: int) -> dict[str, Any]:
     }
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def main() -> int:
     """Run the benchmarks and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -538,10 +544,19 @@ def main() -> int:
         action="store_true",
         help="measure only the cold import with a v2 model configured and print it",
     )
+    parser.add_argument(
+        "--only-scale-out",
+        action="store_true",
+        help="run only the scale-out benchmark (K processes per burst) and print its tables",
+    )
+    scalebench.add_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.only_v2_import:
         print(json.dumps(cold_import_v2(args.import_runs), indent=2))
+        return 0
+    if args.only_scale_out:
+        print("\n".join(scalebench.report(args)))
         return 0
     results: dict[str, Any] = {
         "cold import": cold_import(args.import_runs),
@@ -566,6 +581,14 @@ def main() -> int:
         for key, value in figures.items():
             lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
         lines.append("")
+    lines += [
+        "## scale-out (K processes per burst)",
+        "",
+        f"Every figure, as JSON: `{_shown(args.scale_json)}`.",
+        "",
+        *scalebench.report(args),
+        "",
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))

@@ -45,11 +45,18 @@ def _answers(port: int) -> bool:
 @contextlib.contextmanager
 def azurite() -> Iterator[str]:
     """Start Azurite (in memory, loopback, free ports); yield its connection string."""
+    with azurite_process() as (connection, _):
+        yield connection
+
+
+@contextlib.contextmanager
+def azurite_process() -> Iterator[tuple[str, int]]:
+    """`azurite`, yielding its process id too (the benchmark reads the CPU it spent)."""
     if not AZURITE.exists():
         raise RuntimeError(f"{AZURITE} is missing: run 'npm ci' first")
     ports = [_free_port() for _ in range(3)]
-    with serve([str(AZURITE), *azurite_args(ports)], ports[:2]):
-        yield connection_string(ports[0], ports[1])
+    with serve([str(AZURITE), *azurite_args(ports)], ports[:2]) as proc:
+        yield connection_string(ports[0], ports[1]), proc.pid
 
 
 def azurite_args(ports: list[int]) -> list[str]:
@@ -75,8 +82,11 @@ def azurite_args(ports: list[int]) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve(argv: list[str], ports: list[int], env: dict[str, str] | None = None) -> Iterator[None]:
-    """Run a server until the block ends; enter the block once every one of `ports` answers."""
+def serve(
+    argv: list[str], ports: list[int], env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server until the block ends; enter the block (with its process) once every one of
+    `ports` answers."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 30
@@ -87,7 +97,7 @@ def serve(argv: list[str], ports: list[int], env: dict[str, str] | None = None) 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{argv[0]} did not answer within 30 s")
             time.sleep(0.05)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
