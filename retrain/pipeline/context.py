@@ -183,3 +183,17 @@ class Context:
                 exc_info=True,
                 extra=dims(spec.name, run["run_id"]),
             )
+
+
+def log_retry(
+    spec: ModelSpec, run_id: str, problem: Exception, delay: timedelta, job_id: str | None = None
+) -> None:
+    """Say that a run's step met a transient problem and goes on after `delay`."""
+    log.warning(
+        "run %s of %s: %s; trying again in %s",
+        run_id,
+        spec.name,
+        problem,
+        delay,
+        extra=dims(spec.name, run_id, job_id),
+    )

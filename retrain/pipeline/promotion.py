@@ -20,6 +20,7 @@ from retrain.pipeline.context import (
     delivery_doc,
     dims,
     is_redelivery,
+    log_retry,
 )
 from retrain.pipeline.gate import Gate
 from retrain.pipeline.records import iso, parse
@@ -67,13 +68,9 @@ class Deployment(RunStep):
         """Gate the trained model; promote it through the model's target when it is better."""
         ctx = self._ctx
         spec = ctx.spec(msg.model)
-        run = ctx.ledger.get(run_key(spec.name, msg.run_id))
-        if run is None:
-            log.warning("run %s of %s does not exist; message dropped", msg.run_id, spec.name)
-            return "unknown"
-        if is_terminal(run["state"]):
-            self._slot.release(spec, msg.run_id)
-            return str(run["state"])
+        run = self.live_run(spec, msg.run_id)
+        if isinstance(run, str):
+            return run
         if run["state"] == RunState.TRAINED:
             run = self._gate.judge(spec, run, ctx.clock.now())
         if run["state"] != RunState.PROMOTING:
@@ -90,14 +87,7 @@ class Deployment(RunStep):
             # failing the invocation and waiting out the queue's visibility timeout.
             poll = msg.poll + 1 if step.polled else msg.poll
             delay = max(timedelta(seconds=exc.retry_after or 0), MIN_POLL_GAP)
-            log.warning(
-                "run %s of %s: %s; trying again in %s",
-                msg.run_id,
-                spec.name,
-                exc,
-                delay,
-                extra=dims(spec.name, msg.run_id),
-            )
+            log_retry(spec, msg.run_id, exc, delay)
             ctx.outbox.send(
                 ctx.places.evaluations_queue,
                 EvaluateRun(model=spec.name, run_id=msg.run_id, poll=poll, retries=msg.retries + 1),

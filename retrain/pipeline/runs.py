@@ -141,3 +141,16 @@ class RunStep:
     _ctx: Context
     _runs: RunMover
     _slot: ModelSlot
+
+    def live_run(self, spec: ModelSpec, run_id: str) -> Doc | str:
+        """The run a message is about, or what the step answers when it has nothing to do:
+        'unknown' for a run that does not exist, the state of one that ended (and the model
+        is released: a run that ended holds it no longer)."""
+        run = self._ctx.ledger.get(run_key(spec.name, run_id))
+        if run is None:
+            log.warning("run %s of %s does not exist; message dropped", run_id, spec.name)
+            return "unknown"
+        if is_terminal(run["state"]):
+            self._slot.release(spec, run_id)
+            return str(run["state"])
+        return run

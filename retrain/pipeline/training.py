@@ -23,11 +23,12 @@ from retrain.pipeline.context import (
     Step,
     delivery_doc,
     dims,
+    log_retry,
 )
 from retrain.pipeline.records import iso, note_trained, parse
 from retrain.pipeline.runs import RunStep
 from retrain.ports import ModelRef, Phase, TrainingBackend, TrainingRequest
-from retrain.runstate import TRAINING, RunState, is_terminal
+from retrain.runstate import TRAINING, RunState
 from retrain.settings import ModelSpec
 from retrain.storage import BlobVersion
 
@@ -81,14 +82,9 @@ class Training(RunStep):
         """
         ctx = self._ctx
         spec = ctx.spec(msg.model)
-        key = run_key(spec.name, msg.run_id)
-        run = ctx.ledger.get(key)
-        if run is None:
-            log.warning("run %s of %s does not exist; message dropped", msg.run_id, spec.name)
-            return "unknown"
-        if is_terminal(run["state"]):
-            self._slot.release(spec, msg.run_id)
-            return str(run["state"])
+        run = self.live_run(spec, msg.run_id)
+        if isinstance(run, str):
+            return run
         if run["state"] not in TRAINING:
             return str(run["state"])
         track = _Track(spec, ctx.training_for(spec), msg, delivery)
@@ -98,7 +94,7 @@ class Training(RunStep):
         except TransientRemoteError as exc:
             return self._retry(track, step.run or run, exc, step)
         except PermanentError as exc:  # a refused call, an unusable answer or reference
-            current = ctx.ledger.get(key) or step.run or run
+            current = ctx.ledger.get(run_key(spec.name, msg.run_id)) or step.run or run
             if current.get("job_id") and current["state"] in (
                 RunState.SUBMITTED,
                 RunState.RUNNING,
@@ -159,14 +155,7 @@ class Training(RunStep):
             self._ctx.timing.call_bound if step.starting and exc.status is None else MIN_POLL_GAP,
             MIN_POLL_GAP,
         )
-        log.warning(
-            "run %s of %s: %s; trying again in %s",
-            msg.run_id,
-            spec.name,
-            exc,
-            delay,
-            extra=dims(spec.name, msg.run_id, run.get("job_id")),
-        )
+        log_retry(spec, msg.run_id, exc, delay, run.get("job_id"))
         self._ctx.outbox.send(
             self._ctx.places.jobs_queue,
             TrackRun(model=spec.name, run_id=msg.run_id, poll=poll),
