@@ -289,7 +289,7 @@ def test_instances_sharing_a_burst_never_conflict(azurite_connection: str, name:
 
     from retrain.clock import ManualClock
     from retrain.messages import CheckBatch
-    from retrain.pipeline import Places, Retrainer, Timing
+    from retrain.pipeline import Context, Places, Retrainer, Timing
     from tests.fakes import FakeTarget, FakeTraining, MemoryOutbox
     from tests.harness import spec as harness_spec
 
@@ -308,15 +308,17 @@ def test_instances_sharing_a_burst_never_conflict(azurite_connection: str, name:
 
     def instance() -> Retrainer:
         return Retrainer(
-            models={"housing": harness_spec()},
-            ledger=Ledger(BlobDocumentStore(service, name + "-state")),
-            data=BlobData(service),
-            outbox=outbox,
-            training_for=lambda _: FakeTraining(),
-            target_for=lambda _: FakeTarget(),
-            places=Places(name, name + "-artifacts", name + "-q", "jobs", "evals"),
-            timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
-            clock=clock,
+            Context(
+                models={"housing": harness_spec()},
+                ledger=Ledger(BlobDocumentStore(service, name + "-state")),
+                data=BlobData(service),
+                outbox=outbox,
+                training_for=lambda _: FakeTraining(),
+                target_for=lambda _: FakeTarget(),
+                places=Places(name, name + "-artifacts", name + "-q", "jobs", "evals"),
+                timing=Timing(timedelta(seconds=30), timedelta(minutes=10)),
+                clock=clock,
+            )
         )
 
     instances = [instance() for _ in range(3)]
