@@ -134,6 +134,13 @@ class Deployment(Record):
     deployed: bool = False
 
 
+class StartClaim(Record):
+    """A delivery's claim on starting a run's job (see `Training._claim_start`)."""
+
+    claim: str = Field(pattern=r"^[0-9a-f]{16}$")
+    by: dict[str, Any] | None = None
+
+
 class Run(Record):
     """One training run of a batch, or one re-deploy (a rollback or a restore)."""
 
@@ -151,6 +158,7 @@ class Run(Record):
     forced: bool | None = None
     job_id: str | None = None
     polls: int = Field(default=0, ge=0)
+    start: StartClaim | None = None
     outputs: dict[str, Model] | None = None
     metrics: dict[str, dict[str, float] | None] | None = None
     decision: dict[str, Any] | None = None

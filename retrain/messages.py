@@ -56,6 +56,9 @@ class TrackRun(_Message):
     kind: Literal["track-run"] = "track-run"
     run_id: RunId
     poll: int = Field(default=0, ge=0, le=MAX_POLLS)
+    start: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    """The start claim this copy saw on the run, one start lease ago (or its own holder's, given
+    back): if that same claim is still there with the job not started, this copy takes over."""
 
 
 class EvaluateRun(_Message):

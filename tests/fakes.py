@@ -204,6 +204,8 @@ class FakeJobs:
         self.started: list[str] = []
         self.cancelled: list[str] = []
         self.polls: list[str] = []
+        self.second_starts: list[str] = []
+        """Starts of a job already started: refused (409), and a breach of the contract."""
         self.errors: dict[str, RemoteError] = {}
 
     def _maybe_fail(self, op: str) -> None:
@@ -231,6 +233,7 @@ class FakeJobs:
 
     def start(self, job_id: str) -> None:
         if job_id in self.started:
+            self.second_starts.append(job_id)
             raise PermanentRemoteError(
                 f"BES start {job_id}: HTTP 409: the job was started", status=409
             )

@@ -88,6 +88,12 @@ class Timing:
         return self.call_bound * (DEPLOY_CALLS + 2) + timedelta(seconds=10)
 
     @property
+    def start_lease(self) -> timedelta:
+        """How long a delivery holds the right to start a run's job: its status call, then the
+        start sent within one call bound of its claim and landed within another, 10 s to spare."""
+        return self.call_bound * 2 + timedelta(seconds=10)
+
+    @property
     def deploy_reserve(self) -> timedelta:
         """What must be left of the lease to start the deploy: its calls' worst case."""
         return self.call_bound * DEPLOY_CALLS
@@ -107,6 +113,8 @@ class Step:
     """It claimed its message's poll number, so a retry must use the next one."""
     starting: bool = False
     """It was starting a job: a start with no answer may still be acted on by the service."""
+    start_claim: str | None = None
+    """The run's start claim it holds: a retry it sends carries it (the claim is given back)."""
     run: Doc | None = None
     """The run record as it last wrote it, if it wrote one."""
 

@@ -252,7 +252,10 @@ class Recovery:
             return 0
         if run["state"] in TRAINING:
             message: BaseModel = TrackRun(
-                model=spec.name, run_id=run_id, poll=run.get("polls", 0) + 1
+                model=spec.name,
+                run_id=run_id,
+                poll=run.get("polls", 0) + 1,
+                start=(run.get("start") or {}).get("claim"),
             )
             queue = ctx.places.jobs_queue
         else:
@@ -266,10 +269,11 @@ class Recovery:
         # that is alive may have just polled, or a start may be on its way to the service. The
         # re-sent message keeps the chain's pace (its status call comes at least a second after
         # any other) and, for a job that may be starting, waits until that start must have
-        # landed.
+        # landed: it carries the start claim it saw and takes over only if that claim is still
+        # there one start lease later.
         delay = max(ctx.timing.first_delay, 2 * MIN_POLL_GAP)
         if run["state"] == RunState.SUBMITTED:
-            delay = max(delay, ctx.timing.call_bound)
+            delay = max(delay, ctx.timing.start_lease)
         log.warning(
             "sweep: run %s of %s stalled in %s since %s; re-driven in %s",
             run_id,

@@ -105,11 +105,20 @@ class RunMover:
         return RunState.FAILED.value
 
     def claim_poll(
-        self, key: str, section: str | None, poll: int, delivery: Delivery | None
+        self,
+        key: str,
+        section: str | None,
+        poll: int,
+        delivery: Delivery | None,
+        *,
+        also: Callable[[Doc, bool], bool] | None = None,
     ) -> str:
         """Claim poll number `poll` of the run's chain for this delivery: "first", "again"
         (a redelivery, a later attempt of the very message that claimed it, after a failure),
-        or "" (refused: a duplicate or stale copy; one chain per run, whatever the copies)."""
+        or "" (refused: a duplicate or stale copy; one chain per run, whatever the copies).
+
+        `also`, given the run and whether the claim is a redelivery's, is a further condition
+        checked in the same conditional write; it may add to the run what the claim takes."""
         mine = delivery_doc(delivery)
         again = False
 
@@ -123,6 +132,8 @@ class RunMover:
                 return None
             again = made == poll
             if again and not is_redelivery(mine, holder.get("poll_by")):
+                return None
+            if also is not None and not also(d, again):
                 return None
             holder["polls"] = poll
             holder["poll_by"] = mine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -110,25 +111,18 @@ class Training(RunStep):
         if run["state"] == RunState.QUEUED:
             if now >= parse(run["deadline_at"]):
                 return self._runs.fail(spec, run, "the job deadline passed before it was submitted")
-            run, persisted = self._submit(track, run, now)
+            began = self._ctx.clock.monotonic()
+            token = secrets.token_hex(8)
+            run, persisted = self._submit(track, run, now, token)
             step.run = run
             if not persisted:
                 return "conflict"
-            step.polled = True  # the job id's write took the chain's poll for this delivery
-            return self._start(track, run, now, step, known_unstarted=True)
-        if run["state"] == RunState.SUBMITTED:
-            # Starting is part of the one chain: of several copies, one asks and starts.
-            claim = self._runs.claim_poll(key, None, msg.poll, track.delivery)
-            if not claim:
-                return "duplicate"
+            # The job id's write took the chain's poll and the start claim for this delivery.
             step.polled = True
-            if claim == "again":
-                # The failed attempt may have asked for the job's status, or started it with
-                # the answer still on its way: look (and maybe start) in the chain's next poll,
-                # once a start it made must have reached the service.
-                self._poll_later(spec, msg.run_id, msg.poll + 1, self._ctx.timing.call_bound)
-                return "resent"
-            return self._start(track, run, now, step, known_unstarted=False)
+            step.start_claim = token
+            return self._start(track, run, now, step, began, known_unstarted=True)
+        if run["state"] == RunState.SUBMITTED:
+            return self._claim_start(track, run, now, step)
         poll_claim = self._runs.claim_poll(key, None, msg.poll, track.delivery)
         if not poll_claim:
             return "duplicate"
@@ -140,6 +134,57 @@ class Training(RunStep):
             self._poll_later(spec, msg.run_id, msg.poll + 1)
             return "resent"
         return self._poll(track, run, now)
+
+    def _claim_start(self, track: _Track, run: Doc, now: datetime, step: Step) -> str:
+        """Claim the chain's poll and the run's start claim, then look at the job and start it
+        if it is not started yet.
+
+        Starting is part of the one chain, and under a claim on the run: a process can stand
+        still (paused, swapped out) anywhere between its status call and its start, so a copy
+        that finds another delivery's claim never asks at once. It sends itself again one start
+        lease later and takes over only if that very claim is still there then (the queue
+        service times the wait: no clock another instance wrote is read). The holder sends its
+        start only while the start's worst case still fits in its lease, timed on its own clock.
+        """
+        spec, msg = track.spec, track.msg
+        mine = delivery_doc(track.delivery)
+        began = self._ctx.clock.monotonic()
+        token = secrets.token_hex(8)
+        seen: str | None = None
+        held_by_another = False
+
+        def take(d: Doc, again: bool) -> bool:
+            nonlocal seen, held_by_another
+            seen = (d.get("start") or {}).get("claim")
+            if again:
+                return True  # the failed attempt's claim stands: see below
+            if seen and msg.start != seen:
+                held_by_another = True
+                return False
+            d["start"] = {"claim": token, "by": mine}
+            return True
+
+        key = run_key(spec.name, msg.run_id)
+        claim = self._runs.claim_poll(key, None, msg.poll, track.delivery, also=take)
+        lease = self._ctx.timing.start_lease
+        if held_by_another:
+            self._ctx.outbox.send(
+                self._ctx.places.jobs_queue,
+                TrackRun(model=spec.name, run_id=msg.run_id, poll=msg.poll, start=seen),
+                delay=lease,
+            )
+            return "waiting"
+        if not claim:
+            return "duplicate"
+        step.polled = True
+        if claim == "again":
+            # The failed attempt may have asked for the job's status, or started it with the
+            # answer still on its way, and may not even be gone (a process that stood still):
+            # the chain's next poll takes over from its claim once that claim's lease is over.
+            self._poll_later(spec, msg.run_id, msg.poll + 1, lease, start=seen)
+            return "resent"
+        step.start_claim = token
+        return self._start(track, run, now, step, began, known_unstarted=False)
 
     def _retry(self, track: _Track, run: Doc, exc: TransientRemoteError, step: Step) -> str:
         """Send the message again after the service's hint or the chain's backoff."""
@@ -158,19 +203,28 @@ class Training(RunStep):
         log_retry(spec, msg.run_id, exc, delay, run.get("job_id"))
         self._ctx.outbox.send(
             self._ctx.places.jobs_queue,
-            TrackRun(model=spec.name, run_id=msg.run_id, poll=poll),
+            # A claim this delivery held goes with the retry: it starts nothing more itself.
+            TrackRun(model=spec.name, run_id=msg.run_id, poll=poll, start=step.start_claim),
             delay=delay,
         )
         return "retry"
 
     def _start(
-        self, track: _Track, run: Doc, now: datetime, step: Step, *, known_unstarted: bool
+        self,
+        track: _Track,
+        run: Doc,
+        now: datetime,
+        step: Step,
+        began: float,
+        *,
+        known_unstarted: bool,
     ) -> str:
         """Start the persisted job once, then begin the run's one poll chain.
 
         A job id found persisted by an earlier delivery may have been started already (its
         answer lost): ask the backend first and start only a job not started yet; a 409 on start
-        means another delivery started it.
+        means another delivery started it. `began` is when this delivery's start claim was
+        taken, on its own clock: a start that could land after the claim's lease is not sent.
         """
         spec, jobs = track.spec, track.jobs
         job_id = run["job_id"]
@@ -178,6 +232,21 @@ class Training(RunStep):
         if not known_unstarted:
             already = jobs.status(job_id).phase is not Phase.NOT_STARTED
         if not already:
+            timing = self._ctx.timing
+            left = timing.start_lease - timedelta(seconds=self._ctx.clock.monotonic() - began)
+            if left < timing.call_bound:
+                # This delivery stood still too long: a copy may be taking over. Give the claim
+                # to the chain's next poll, which looks again before it starts anything.
+                log.warning(
+                    "run %s of %s: too little of the start lease left (%s); not starting job %s",
+                    run["run_id"],
+                    spec.name,
+                    left,
+                    job_id,
+                    extra=dims(spec.name, run["run_id"], job_id),
+                )
+                self._poll_later(spec, run["run_id"], track.msg.poll + 1, start=step.start_claim)
+                return "resent"
             step.starting = True
             try:
                 jobs.start(job_id)
@@ -201,8 +270,9 @@ class Training(RunStep):
         self._poll_later(spec, run["run_id"], moved_run.get("polls", 0) + 1)
         return "started"
 
-    def _submit(self, track: _Track, run: Doc, now: datetime) -> tuple[Doc, bool]:
-        """Submit, then persist the job id; only a persisted job is ever started."""
+    def _submit(self, track: _Track, run: Doc, now: datetime, token: str) -> tuple[Doc, bool]:
+        """Submit, then persist the job id with this delivery's start claim `token`; only a
+        persisted job is ever started."""
         spec, jobs = track.spec, track.jobs
         request = training_request(self._ctx, spec, run)
         self._freeze(run, request)
@@ -218,6 +288,7 @@ class Training(RunStep):
             polls=track.msg.poll,
             poll_by=delivery_doc(track.delivery),
             polled_at=iso(now),
+            start={"claim": token, "by": delivery_doc(track.delivery)},
             outputs={
                 **jobs.outputs(request),
                 "input": f"{request.input_container}/{request.input_name}",
@@ -298,11 +369,17 @@ class Training(RunStep):
         return RunState.RUNNING.value
 
     def _poll_later(
-        self, spec: ModelSpec, run_id: str, poll: int, at_least: timedelta = MIN_POLL_GAP
+        self,
+        spec: ModelSpec,
+        run_id: str,
+        poll: int,
+        at_least: timedelta = MIN_POLL_GAP,
+        *,
+        start: str | None = None,
     ) -> None:
         self._ctx.outbox.send(
             self._ctx.places.jobs_queue,
-            TrackRun(model=spec.name, run_id=run_id, poll=poll),
+            TrackRun(model=spec.name, run_id=run_id, poll=poll, start=start),
             delay=max(self._ctx.timing.delay(poll), at_least),
         )
 
