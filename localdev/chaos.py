@@ -70,6 +70,8 @@ CONNECT_TIMEOUT = 1.0
 READ_TIMEOUT = 1.0
 CALL_BOUND = worst_call(CONNECT_TIMEOUT, READ_TIMEOUT)
 DEPLOY_LEASE = CALL_BOUND * 4 + 10
+START_LEASE = CALL_BOUND * 2 + 10
+"""What a copy that finds another delivery's start claim waits before it takes over."""
 """The app's deploy lease with these timeouts (retrain.pipeline.Timing.deploy_lease)."""
 VISIBILITY = 20.0
 """How long a message a worker received stays invisible: a killed worker's messages reappear
@@ -455,6 +457,7 @@ class Scenario:
             + act_until
             + 90
             + DEPLOY_LEASE
+            + START_LEASE
             + 3 * self.skew_range
             + VISIBILITY
             + (DEPLOY_LEASE + 10 if pause_wanted else 0)
