@@ -232,20 +232,7 @@ class Training(RunStep):
         if not known_unstarted:
             already = jobs.status(job_id).phase is not Phase.NOT_STARTED
         if not already:
-            timing = self._ctx.timing
-            left = timing.start_lease - timedelta(seconds=self._ctx.clock.monotonic() - began)
-            if left < timing.call_bound:
-                # This delivery stood still too long: a copy may be taking over. Give the claim
-                # to the chain's next poll, which looks again before it starts anything.
-                log.warning(
-                    "run %s of %s: too little of the start lease left (%s); not starting job %s",
-                    run["run_id"],
-                    spec.name,
-                    left,
-                    job_id,
-                    extra=dims(spec.name, run["run_id"], job_id),
-                )
-                self._poll_later(spec, run["run_id"], track.msg.poll + 1, start=step.start_claim)
+            if self._stood_still(track, run, step, began):
                 return "resent"
             step.starting = True
             try:
@@ -269,6 +256,26 @@ class Training(RunStep):
         # starts share one count, so no copy of an earlier message can poll it again).
         self._poll_later(spec, run["run_id"], moved_run.get("polls", 0) + 1)
         return "started"
+
+    def _stood_still(self, track: _Track, run: Doc, step: Step, began: float) -> bool:
+        """Whether too little of the start lease is left for the start's worst case: a copy may
+        be taking over. The claim then goes to the chain's next poll, which looks again before
+        it starts anything."""
+        timing = self._ctx.timing
+        left = timing.start_lease - timedelta(seconds=self._ctx.clock.monotonic() - began)
+        if left >= timing.call_bound:
+            return False
+        spec = track.spec
+        log.warning(
+            "run %s of %s: too little of the start lease left (%s); not starting job %s",
+            run["run_id"],
+            spec.name,
+            left,
+            run["job_id"],
+            extra=dims(spec.name, run["run_id"], run["job_id"]),
+        )
+        self._poll_later(spec, run["run_id"], track.msg.poll + 1, start=step.start_claim)
+        return True
 
     def _submit(self, track: _Track, run: Doc, now: datetime, token: str) -> tuple[Doc, bool]:
         """Submit, then persist the job id with this delivery's start claim `token`; only a
