@@ -48,6 +48,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -60,6 +61,7 @@ from localdev import stack
 from localdev.amlemu import Emulator, EmulatorServer
 from localdev.sample import housing_csv
 from retrain.http import worst_call
+from retrain.pipeline import Timing
 from retrain.ports import ModelRef
 from retrain.runstate import TERMINAL
 from retrain.storage import BlobDocumentStore, normalize_etag
@@ -69,10 +71,13 @@ log = logging.getLogger("chaos")
 CONNECT_TIMEOUT = 1.0
 READ_TIMEOUT = 1.0
 CALL_BOUND = worst_call(CONNECT_TIMEOUT, READ_TIMEOUT)
-DEPLOY_LEASE = CALL_BOUND * 4 + 10
-START_LEASE = CALL_BOUND * 2 + 10
+_LEASES = Timing(
+    timedelta(seconds=1), timedelta(seconds=4), call_bound=timedelta(seconds=CALL_BOUND)
+)
+DEPLOY_LEASE = _LEASES.deploy_lease.total_seconds()
+"""The app's deploy lease with these timeouts: a pause longer than this outlives it."""
+START_LEASE = _LEASES.start_lease.total_seconds()
 """What a copy that finds another delivery's start claim waits before it takes over."""
-"""The app's deploy lease with these timeouts (retrain.pipeline.Timing.deploy_lease)."""
 VISIBILITY = 20.0
 """How long a message a worker received stays invisible: a killed worker's messages reappear
 after this (the host renews it while a function runs; the emulated one does not)."""

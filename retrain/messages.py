@@ -8,9 +8,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    model_serializer,
 )
 
 from retrain.errors import MessageError
@@ -59,6 +62,17 @@ class TrackRun(_Message):
     start: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     """The start claim this copy saw on the run, one start lease ago (or its own holder's, given
     back): if that same claim is still there with the job not started, this copy takes over."""
+
+    @model_serializer(mode="wrap")
+    def _without_empty_start(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """No `start` key when there is no claim: the message an older release (which rejects
+        unknown fields) can read, as long as none is carried."""
+        data: dict[str, Any] = handler(self)
+        if data.get("start") is None:
+            data.pop("start", None)
+        return data
 
 
 class EvaluateRun(_Message):

@@ -113,13 +113,9 @@ class Training(RunStep):
                 return self._runs.fail(spec, run, "the job deadline passed before it was submitted")
             began = self._ctx.clock.monotonic()
             token = secrets.token_hex(8)
-            run, persisted = self._submit(track, run, now, token)
-            step.run = run
+            run, persisted = self._submit(track, run, now, token, step)
             if not persisted:
                 return "conflict"
-            # The job id's write took the chain's poll and the start claim for this delivery.
-            step.polled = True
-            step.start_claim = token
             return self._start(track, run, now, step, began, known_unstarted=True)
         if run["state"] == RunState.SUBMITTED:
             return self._claim_start(track, run, now, step)
@@ -155,10 +151,11 @@ class Training(RunStep):
 
         def take(d: Doc, again: bool) -> bool:
             nonlocal seen, held_by_another
+            held_by_another = False  # the ledger may call this again on a fresher copy
             seen = (d.get("start") or {}).get("claim")
             if again:
                 return True  # the failed attempt's claim stands: see below
-            if seen and msg.start != seen:
+            if seen and seen not in (msg.start, token):  # token: this write landed, answer lost
                 held_by_another = True
                 return False
             d["start"] = {"claim": token, "by": mine}
@@ -204,7 +201,12 @@ class Training(RunStep):
         self._ctx.outbox.send(
             self._ctx.places.jobs_queue,
             # A claim this delivery held goes with the retry: it starts nothing more itself.
-            TrackRun(model=spec.name, run_id=msg.run_id, poll=poll, start=step.start_claim),
+            TrackRun(
+                model=spec.name,
+                run_id=msg.run_id,
+                poll=poll,
+                start=step.start_claim if claimed else msg.start,
+            ),
             delay=delay,
         )
         return "retry"
@@ -230,6 +232,12 @@ class Training(RunStep):
         job_id = run["job_id"]
         already = False
         if not known_unstarted:
+            # The status GET (and its retries) must also end before a copy may take over, or
+            # it could come within a second of that copy's own.
+            if self._stood_still(
+                track, run, step, began, self._ctx.timing.call_bound + MIN_POLL_GAP
+            ):
+                return "resent"
             already = jobs.status(job_id).phase is not Phase.NOT_STARTED
         if not already:
             if self._stood_still(track, run, step, began):
@@ -257,13 +265,15 @@ class Training(RunStep):
         self._poll_later(spec, run["run_id"], moved_run.get("polls", 0) + 1)
         return "started"
 
-    def _stood_still(self, track: _Track, run: Doc, step: Step, began: float) -> bool:
+    def _stood_still(
+        self, track: _Track, run: Doc, step: Step, began: float, need: timedelta | None = None
+    ) -> bool:
         """Whether too little of the start lease is left for the start's worst case: a copy may
         be taking over. The claim then goes to the chain's next poll, which looks again before
         it starts anything."""
         timing = self._ctx.timing
         left = timing.start_lease - timedelta(seconds=self._ctx.clock.monotonic() - began)
-        if left >= timing.call_bound:
+        if left >= (need or timing.call_bound):
             return False
         spec = track.spec
         log.warning(
@@ -277,9 +287,12 @@ class Training(RunStep):
         self._poll_later(spec, run["run_id"], track.msg.poll + 1, start=step.start_claim)
         return True
 
-    def _submit(self, track: _Track, run: Doc, now: datetime, token: str) -> tuple[Doc, bool]:
+    def _submit(
+        self, track: _Track, run: Doc, now: datetime, token: str, step: Step
+    ) -> tuple[Doc, bool]:
         """Submit, then persist the job id with this delivery's start claim `token`; only a
-        persisted job is ever started."""
+        persisted job is ever started. The write takes the chain's poll and the start claim for
+        this delivery (`step` says so at once, so a retry after a later error goes on from them)."""
         spec, jobs = track.spec, track.jobs
         request = training_request(self._ctx, spec, run)
         self._freeze(run, request)
@@ -301,7 +314,13 @@ class Training(RunStep):
                 "input": f"{request.input_container}/{request.input_name}",
             },
         )
+        # A write whose answer was lost (the store's retry then refused) landed all the same: the
+        # claim on the run is this delivery's own token.
+        persisted = persisted or (run.get("start") or {}).get("claim") == token
+        step.run = run
         if persisted:
+            step.polled = True
+            step.start_claim = token
             # The version's own record says which run trained it, whichever batch it was in
             # (a retrain-now puts a version in a batch other than its arrival's).
             training = run["training_file"]
