@@ -22,7 +22,13 @@ promoted, the target serves the champion the pointer names, the emulator recorde
 violation, no secret in any captured output, and no error but a transient one escaping a
 function.
 
+A scenario runs a classic model (BES, a Classic endpoint or New web service) or, for a third of
+the seeds, an Azure ML v2 one (a job, an online endpoint, maybe canary steps) against the v2
+emulator (`localdev.chaos_v2`): the same checks, plus the emulator's refusals and the endpoint's
+traffic map against the champion. `--kinds` picks the kinds.
+
     python -m localdev.chaos --scenarios 12 --seed 1          # make chaos
+    python -m localdev.chaos --scenarios 6 --seed 9 --kinds v2
     python -m localdev.chaos --scenarios 3 --seed 7 --json out.json
     python -m localdev.chaos --merge out-*.json               # add up parallel shards
 """
@@ -57,7 +63,8 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueServiceClient
 
-from localdev import stack
+from localdev import azureml_v2 as v2emu
+from localdev import chaos_v2, stack, v2stack
 from localdev.amlemu import Emulator, EmulatorServer
 from localdev.sample import housing_csv
 from retrain.http import worst_call
@@ -117,6 +124,12 @@ ODDS = {
     "overwrite": 0.5,
     "lost response": 0.5,
 }
+KINDS = ("classic", "v2")
+"""The kinds of model a scenario runs: classic (BES training, a Classic or New web service) or
+v2 (an Azure ML job, an online endpoint, see localdev.chaos_v2)."""
+V2_SHARE = 1 / 3
+"""The share of v2 scenarios when both kinds run. The kind is drawn from its own stream of the
+seed, so a seed drawn classic runs the same classic scenario as with `--kinds classic`."""
 EXPECTED_KINDS = {"transient"}
 """Kinds of error (localdev.chaosworker.error_kind) a function may let escape: a transient one
 is the host's to retry. A permanent error should have failed its run, a usage error should
@@ -126,6 +139,7 @@ SECRETS = (
     "local-endpoint-key",
     "local-arm-token",
     "local-new-key",
+    v2stack.SCORE_KEY,
     stack.DEV_KEY,
 )
 _SIG = re.compile(r"(?i)\bsig(=|%3d)(?!<redacted>)[A-Za-z0-9%+/]")
@@ -155,6 +169,7 @@ class Result:
 
     seed: int
     faults: list[str]
+    kind: str = "classic"
     figures: Counter[str] = field(default_factory=Counter)
     skews: list[float] = field(default_factory=list)
     states: Counter[str] = field(default_factory=Counter)
@@ -191,7 +206,7 @@ class Result:
         }
         skew = f" skew={min(self.skews):+.0f}..{max(self.skews):+.0f}s" if any(self.skews) else ""
         return (
-            f"  scenario {index:>3} seed {self.seed}: {self.seconds:5.1f}s "
+            f"  scenario {index:>3} seed {self.seed}: {self.seconds:5.1f}s {self.kind} "
             f"faults={','.join(self.faults) or '-'} {shown}{skew} runs={dict(self.states)} "
             f"violations={self.total}" + (f" {dict(self.violations)}" if self.total else "")
         )
@@ -295,16 +310,26 @@ class Scenario:
     """One seeded scenario against the Azurite at `connection`."""
 
     def __init__(
-        self, connection: str, seed: int, workdir: Path, faults: list[str] | None = None
+        self,
+        connection: str,
+        seed: int,
+        workdir: Path,
+        faults: list[str] | None = None,
+        kind: str = "classic",
     ) -> None:
         self.connection = connection
         self.seed = seed
+        self.kind = kind
         self.rng = random.Random(seed)
         rng = self.rng
-        drawn = sorted(f for f in FAULTS if rng.random() < ODDS.get(f, 0.3))
+        if kind == "v2":
+            odds = {**ODDS, **chaos_v2.ODDS}
+            drawn = sorted(f for f in chaos_v2.FAULTS if rng.random() < odds.get(f, 0.3))
+        else:
+            drawn = sorted(f for f in FAULTS if rng.random() < ODDS.get(f, 0.3))
         faults = drawn if faults is None else sorted(faults)
         self.faults = faults
-        self.result = Result(seed, faults)
+        self.result = Result(seed, faults, kind)
         self.dir = workdir / f"scenario-{seed}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.settings_path = self.dir / "settings.json"
@@ -350,14 +375,15 @@ class Scenario:
                 http.append({"lose_response": True, **calls[call]})
         return http
 
-    def _observe(self, emulator: Emulator) -> None:
+    def _observe(self, emulator: Emulator | v2emu.Emulator) -> None:
         """Count the faults the emulator hands out, and the requests it holds."""
         take, slow = emulator.take_fault, emulator.slow
+        call_kind = chaos_v2.call_kind if self.kind == "v2" else _call_kind
 
         def take_fault(method: str, path: str) -> dict[str, Any] | None:
             fault = take(method, path)
             if fault is not None:
-                self.result.figures[f"{_fault_kind(fault)} on {_call_kind(method, path)}"] += 1
+                self.result.figures[f"{_fault_kind(fault)} on {call_kind(method, path)}"] += 1
             return fault
 
         def held(seconds: float) -> None:
@@ -375,65 +401,73 @@ class Scenario:
     # ------------------------------------------------------------------ run
 
     def run(self) -> Result:
-        rng, faults = self.rng, self.faults
         started = time.monotonic()
-        emulator = Emulator(stack.emulator_config())
-        self._observe(emulator)
-        with EmulatorServer(emulator) as server:
-            emulator.faults.http = self._http_faults()
-            emulator.faults.fail_jobs = 1 if "job fails" in faults else 0
-            emulator.faults.hang_jobs = "job hangs" in faults
-            emulator.faults.job_seconds = rng.choice([0, 0.5, 1.5])
-            suffix = "-" + uuid.uuid4().hex[:8]
-            spec = stack.model_spec(
-                server.url,
-                job_deadline=20 + 2 * self.skew_range,
-                quiet_period=2,
-                promotion="manual" if "manual" in faults else "auto",
-            )
-            if "new target" in faults:
-                spec["target"] = stack.new_target(server.url)
-            settings = stack.app_settings(self.connection, [spec], suffix=suffix)
-            settings.update(
-                RETRAIN_HTTP_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
-                RETRAIN_HTTP_READ_TIMEOUT=str(READ_TIMEOUT),
-                RETRAIN_SWEEP_STALL="PT1S",
-            )
-            self.settings = settings
-            self.settings_path.write_text(json.dumps(settings), encoding="utf-8")
-            self.env = {**os.environ, **settings}
-            blobs = BlobServiceClient.from_connection_string(self.connection)
-            data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
-            data.create_container()
-            count = rng.randint(2, 3)
-            self.result.skews = [
-                round(rng.uniform(-self.skew_range, self.skew_range)) if i else 0.0
-                for i in range(count)
-            ]
-            workers = [Worker(i, skew, self) for i, skew in enumerate(self.result.skews)]
-            for w in workers:
-                w.start()
-            settled = False
-            try:
-                settled = self._drive(workers, blobs, data, emulator)
-            finally:
-                for w in workers:
-                    w.stop()
-                for c in self.cli:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        c.proc.wait(30)
-            if not settled:
-                self.result.violate("not settled", self._unsettled(blobs, data))
-            self._check(blobs, data, emulator, workers)
+        suffix = "-" + uuid.uuid4().hex[:8]
+        overrides: dict[str, Any] = {
+            "job_deadline": 20 + 2 * self.skew_range,
+            "quiet_period": 2,
+            "promotion": "manual" if "manual" in self.faults else "auto",
+        }
+        if self.kind == "v2":
+            v2 = chaos_v2.emulator(self.connection, f"retrain-artifacts{suffix}")
+            self._observe(v2)
+            with v2emu.EmulatorServer(v2) as server:
+                chaos_v2.configure(v2, self.rng, self.faults)
+                spec = chaos_v2.model_spec(server.url, self.rng, self.faults, **overrides)
+                self._play(spec, suffix, v2)
+        else:
+            emulator = Emulator(stack.emulator_config())
+            self._observe(emulator)
+            with EmulatorServer(emulator) as server:
+                emulator.faults.http = self._http_faults()
+                emulator.faults.fail_jobs = 1 if "job fails" in self.faults else 0
+                emulator.faults.hang_jobs = "job hangs" in self.faults
+                emulator.faults.job_seconds = self.rng.choice([0, 0.5, 1.5])
+                spec = stack.model_spec(server.url, **overrides)
+                if "new target" in self.faults:
+                    spec["target"] = stack.new_target(server.url)
+                self._play(spec, suffix, emulator)
         self.result.seconds = time.monotonic() - started
         return self.result
 
+    def _play(self, spec: dict[str, Any], suffix: str, emulator: Emulator | v2emu.Emulator) -> None:
+        """Run the workers on `spec` until the scenario settles (or its deadline), then check."""
+        rng = self.rng
+        settings = stack.app_settings(self.connection, [spec], suffix=suffix)
+        settings.update(
+            RETRAIN_HTTP_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
+            RETRAIN_HTTP_READ_TIMEOUT=str(READ_TIMEOUT),
+            RETRAIN_SWEEP_STALL="PT1S",
+        )
+        self.settings = settings
+        self.settings_path.write_text(json.dumps(settings), encoding="utf-8")
+        self.env = {**os.environ, **settings}
+        blobs = BlobServiceClient.from_connection_string(self.connection)
+        data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
+        data.create_container()
+        count = rng.randint(2, 3)
+        self.result.skews = [
+            round(rng.uniform(-self.skew_range, self.skew_range)) if i else 0.0
+            for i in range(count)
+        ]
+        workers = [Worker(i, skew, self) for i, skew in enumerate(self.result.skews)]
+        for w in workers:
+            w.start()
+        settled = False
+        try:
+            settled = self._drive(workers, blobs, data)
+        finally:
+            for w in workers:
+                w.stop()
+            for c in self.cli:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    c.proc.wait(30)
+        if not settled:
+            self.result.violate("not settled", self._unsettled(blobs, data))
+        self._check(blobs, data, emulator, workers)
+
     def _drive(
-        self,
-        workers: list[Worker],
-        blobs: BlobServiceClient,
-        data: ContainerClient,
-        emulator: Emulator,
+        self, workers: list[Worker], blobs: BlobServiceClient, data: ContainerClient
     ) -> bool:
         rng, faults = self.rng, self.faults
         act_until = 25.0
@@ -446,6 +480,11 @@ class Scenario:
             plan += [(rng.uniform(3, act_until), "cli") for _ in range(rng.randint(1, 3))]
         if self.lost_message:
             plan += [(rng.uniform(2, act_until), "lose message")]
+        if "canary" in faults:
+            # A second wave once the first model is likely crowned: a better model's promotion
+            # then moves traffic in steps (the first one takes all traffic at once).
+            wave = rng.uniform(act_until + 5, act_until + 15)
+            plan += [(wave + j, f"upload {MODEL}/wave-{j}.csv") for j in range(rng.randint(1, 2))]
         plan.sort()
         overwrites = (
             [
@@ -669,7 +708,7 @@ class Scenario:
         self,
         blobs: BlobServiceClient,
         data: ContainerClient,
-        emulator: Emulator,
+        emulator: Emulator | v2emu.Emulator,
         workers: list[Worker],
     ) -> None:
         res = self.result
@@ -678,18 +717,14 @@ class Scenario:
         arrivals = _docs(states, "arrivals/")
         res.states = Counter(r["state"] for r in runs.values())
         res.figures["runs"] += len(runs)
-        for v in emulator.violations:
-            res.violate(f"emulator: {v['kind']}", f"job {v['job']}: {v['detail']}")
         for r in runs.values():
             if r["state"] not in TERMINAL:
                 res.violate("run not terminal", f"{r['run_id']} is {r['state']}")
-        # At most one started job per batch.
-        started = Counter(
-            rid for _, outs in emulator.started for o in outs if (rid := _run_of(o)) is not None
-        )
-        for started_run, n in started.items():
-            if n > 1:
-                res.violate("extra jobs started", f"run {started_run}: {n} jobs started")
+        if isinstance(emulator, v2emu.Emulator):
+            trained = chaos_v2.trained(emulator)
+        else:
+            trained = emulator.trained
+            self._check_classic_jobs(emulator)
         # Each version trained in one run, exactly the validated bytes.
         by_version: dict[tuple[str, str], set[str]] = {}
         uploads = {(u.name, u.etag): u for u in self.uploads}
@@ -697,7 +732,7 @@ class Scenario:
             (a["name"], normalize_etag(a["etag"])) for a in arrivals if a["status"] == "rejected"
         }
         data_prefix = data.container_name + "/"
-        for t in emulator.trained:
+        for t in trained:
             run_id = _run_of(t["blob"])
             source, etag = t["version"]
             name = str(source).removeprefix(data_prefix)
@@ -750,6 +785,27 @@ class Scenario:
         # The target serves what the champion pointer names.
         model = _doc(states, f"models/{MODEL}.json") or {}
         pointer = (model.get("champion") or {}).get("model")
+        if isinstance(emulator, v2emu.Emulator):
+            chaos_v2.check(res, emulator, pointer, _run_of)
+        else:
+            self._check_classic_target(emulator, pointer)
+        self._check_outputs(workers)
+
+    def _check_classic_jobs(self, emulator: Emulator) -> None:
+        """The emulator's contract violations; at most one started job per batch."""
+        res = self.result
+        for v in emulator.violations:
+            res.violate(f"emulator: {v['kind']}", f"job {v['job']}: {v['detail']}")
+        started = Counter(
+            rid for _, outs in emulator.started for o in outs if (rid := _run_of(o)) is not None
+        )
+        for started_run, n in started.items():
+            if n > 1:
+                res.violate("extra jobs started", f"run {started_run}: {n} jobs started")
+
+    def _check_classic_target(self, emulator: Emulator, pointer: dict[str, Any] | None) -> None:
+        """The Classic endpoint or New web service serves the champion."""
+        res = self.result
         champion = str(ModelRef.load(pointer)) if pointer else None
         served = _served(emulator)
         if served != champion:
@@ -760,7 +816,6 @@ class Scenario:
         # Patches per run, for the record (a retried PATCH of the same model is not a breach).
         patches = Counter(_run_of(p) for p in _patched(emulator))
         res.figures["most PATCHes of one model"] = max(patches.values(), default=0)
-        self._check_outputs(workers)
 
     def _check_outputs(self, workers: list[Worker]) -> None:
         res = self.result
@@ -890,17 +945,37 @@ def _served(emulator: Emulator) -> str | None:
     return None
 
 
+def draw_kind(seed: int, kinds: tuple[str, ...] = KINDS) -> str:
+    """The kind of model the scenario of `seed` runs, among `kinds`. Drawn from a stream of its
+    own, so the rest of the scenario (its faults, their timing) comes from the seed as before."""
+    if unknown := set(kinds) - set(KINDS):
+        raise ValueError(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    if len(kinds) == 1:
+        return kinds[0]
+    return "v2" if random.Random(f"kind {seed}").random() < V2_SHARE else "classic"
+
+
 def run_scenario(
-    connection: str, seed: int, workdir: Path | None = None, *, faults: list[str] | None = None
+    connection: str,
+    seed: int,
+    workdir: Path | None = None,
+    *,
+    faults: list[str] | None = None,
+    kind: str | None = None,
 ) -> Result:
     """One seeded scenario against the Azurite at `connection`; `faults` replaces the mix the
-    seed would draw (each fault's timing and details still come from the seed)."""
-    if faults is not None and (unknown := set(faults) - set(FAULTS)):
-        raise ValueError(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    seed would draw (each fault's timing and details still come from the seed), `kind`
+    ("classic" or "v2") the kind of model it would draw."""
+    kind = kind or draw_kind(seed)
+    known = chaos_v2.FAULTS if kind == "v2" else FAULTS
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
+    if faults is not None and (unknown := set(faults) - set(known)):
+        raise ValueError(f"unknown {kind} faults {sorted(unknown)}; known: {', '.join(known)}")
     if workdir is not None:
-        return Scenario(connection, seed, workdir, faults).run()
+        return Scenario(connection, seed, workdir, faults, kind).run()
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        return Scenario(connection, seed, Path(tmp), faults).run()
+        return Scenario(connection, seed, Path(tmp), faults, kind).run()
 
 
 def summarize(
@@ -912,7 +987,9 @@ def summarize(
     states: Counter[str] = Counter()
     exceptions: Counter[str] = Counter()
     faults: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
     for r in results:
+        kinds[r.kind] += 1
         figures.update(r.figures)
         violations.update(r.violations)
         states.update(r.states)
@@ -923,6 +1000,7 @@ def summarize(
     return {
         "scenarios": len(results),
         "seeds": [seed],
+        "scenarios_by_kind": dict(sorted(kinds.items())),
         "seconds": round(sum(r.seconds for r in results), 1),
         "longest_scenario_seconds": round(max((r.seconds for r in results), default=0), 1),
         "scenarios_with_fault": dict(sorted(faults.items())),
@@ -998,6 +1076,12 @@ def main() -> int:
     parser.add_argument(
         "--first", type=int, default=0, help="index of the first scenario (to rerun one seed)"
     )
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help="kinds of model to run, comma-separated: classic, v2 (default both: a third of "
+        "the seeds run v2; `--kinds classic` runs every seed as before v2 existed)",
+    )
     parser.add_argument("--json", type=str, help="also write the summary to this file")
     parser.add_argument(
         "--keep", type=str, help="keep each scenario's worker and CLI output under this folder"
@@ -1011,12 +1095,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.merge:
         return _merge(args.merge)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    draw_kind(0, kinds)  # refuses an unknown kind before anything starts
     # SIGTERM (e.g. `kill`, or a stopped make) unwinds like Ctrl-C: the scenario stops its
     # workers (a paused one is resumed first) and Azurite is stopped.
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.CRITICAL)
     print(
-        f"chaos: {args.scenarios} scenario(s) from seed {args.seed}, worker processes, "
+        f"chaos: {args.scenarios} scenario(s) from seed {args.seed} ({', '.join(kinds)}), "
+        "worker processes, "
         f"deploy lease {DEPLOY_LEASE:.0f} s",
         flush=True,
     )
@@ -1026,7 +1113,7 @@ def main() -> int:
         for i in range(args.first, args.first + args.scenarios):
             seed = args.seed * 100_000 + i
             try:
-                result = run_scenario(connection, seed, workdir)
+                result = run_scenario(connection, seed, workdir, kind=draw_kind(seed, kinds))
             except Exception as exc:  # noqa: BLE001 - any harness failure is reported below
                 # The harness itself failed: say so and go on; the run does not pass.
                 errors.append(f"seed {seed}: {type(exc).__name__}: {exc}"[:300])

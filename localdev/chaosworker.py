@@ -26,16 +26,17 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel
 
 from localdev.runner import LocalRunner, log_handler
+from retrain.backends.bes import BesTraining
 from retrain.bes import BatchJobs, BlobRef, JobStatus
 from retrain.clock import SystemClock
-from retrain.deploy import DeployTarget, Progress
+from retrain.deploy import DeployTarget, Progress, TrafficTarget
 from retrain.errors import PermanentError, TransientError, UsageError
-from retrain.ports import ModelRef
+from retrain.ports import ModelRef, TrainingBackend, TrainingRequest, TrainingResult, TrainingStatus
 from retrain.storage import DocumentStore, Outbox, Versioned
 from retrain.wiring import PortWrappers
 
@@ -162,8 +163,49 @@ class CrashingJobs:
         return self._inner.probe()
 
 
+class CrashingTraining:
+    """A training backend whose submit is the service call itself (Azure ML v2: the job PUT),
+    crashing after a submit and after a result (which registers the model version)."""
+
+    def __init__(self, inner: TrainingBackend, crasher: Crasher) -> None:
+        self._inner = inner
+        self._crasher = crasher
+        self.what = inner.what
+
+    def submit(self, request: TrainingRequest) -> str:
+        job = self._inner.submit(request)
+        self._crasher.after("job PUT")
+        return job
+
+    def outputs(self, request: TrainingRequest) -> dict[str, str]:
+        return self._inner.outputs(request)
+
+    def start(self, job_id: str) -> None:
+        self._inner.start(job_id)
+
+    def status(self, job_id: str) -> TrainingStatus:
+        return self._inner.status(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        self._inner.cancel(job_id)
+
+    def probe(self) -> str:
+        return self._inner.probe()
+
+    def result(self, request: TrainingRequest, job_id: str) -> TrainingResult:
+        found = self._inner.result(request, job_id)
+        self._crasher.after("model version PUT")
+        return found
+
+
+def _crashing_training(inner: TrainingBackend, crasher: Crasher) -> TrainingBackend:
+    """BES crashes inside its service client (`CrashingJobs`); any other backend here."""
+    return inner if isinstance(inner, BesTraining) else CrashingTraining(inner, crasher)
+
+
 class CrashingTarget:
-    """A deploy target, crashing after a deploy call (the PATCH)."""
+    """A deploy target, crashing after a deploy call (the PATCH, or a deployment or traffic
+    PUT) and after a canary step's traffic change."""
 
     def __init__(self, inner: DeployTarget, crasher: Crasher) -> None:
         self._inner = inner
@@ -183,6 +225,19 @@ class CrashingTarget:
     def preflight(self) -> list[str]:
         return self._inner.preflight()
 
+    # A target with traffic (the online endpoint): what canary steps call.
+
+    def traffic(self) -> dict[str, int]:
+        return cast("TrafficTarget", self._inner).traffic()
+
+    def shift(self, traffic: dict[str, int], operation: str | None) -> Progress:
+        progress = cast("TrafficTarget", self._inner).shift(traffic, operation)
+        self._crasher.after("traffic shift")
+        return progress
+
+    def smoke(self, deployment: str) -> str | None:
+        return cast("TrafficTarget", self._inner).smoke(deployment)
+
 
 class CrashingOutbox:
     """The queues, crashing after each message sent (not after a kept message is replayed)."""
@@ -200,11 +255,12 @@ class CrashingOutbox:
 
 
 def crashing(crasher: Crasher) -> PortWrappers:
-    """Ports that may crash right after a ledger write, a BES submit or start, a deploy call or
-    an enqueue."""
+    """Ports that may crash right after a ledger write, a BES submit or start, an Azure ML job
+    PUT or model registration, a deploy call, a canary's traffic change or an enqueue."""
     return PortWrappers(
         store=lambda port: CrashingStore(port, crasher),
         jobs=lambda port: CrashingJobs(port, crasher),
+        training=lambda port: _crashing_training(port, crasher),
         target=lambda port: CrashingTarget(port, crasher),
         outbox=lambda port: CrashingOutbox(port, crasher),
     )

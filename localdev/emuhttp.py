@@ -39,7 +39,8 @@ class Faults:
     fail_provisioning: int = 0
     """The next n provisioning operations fail."""
     http: list[dict[str, Any]] = field(default_factory=list)
-    """One-shot faults, each matching an optional "method" and a "path" substring:
+    """One-shot faults, each matching an optional "method", a "path" substring and an "ends"
+    (the path ends with it, e.g. an endpoint but not its deployments):
     {"status": 429, "retry_after": 1}: answer that instead, doing nothing;
     {"drop": true}: close the connection without answering, doing nothing;
     {"delay": s}: hold the request s seconds, then handle and answer it;
@@ -110,7 +111,11 @@ class Recording:
         """The next one-shot HTTP fault matching this request, removed from the list."""
         with self.lock:
             for i, fault in enumerate(self.faults.http):
-                if fault.get("method", method) == method and fault.get("path", "") in path:
+                if (
+                    fault.get("method", method) == method
+                    and fault.get("path", "") in path
+                    and path.endswith(fault.get("ends", ""))
+                ):
                     return self.faults.http.pop(i)
         return None
 

@@ -55,12 +55,14 @@ def _as_is(port: P) -> P:
 class PortWrappers:
     """How each port is wrapped as it is built, one typed hook per port; unchanged by default.
     Fault injection (localdev/chaosworker.py) wraps ports to crash right after a side effect.
-    `jobs` wraps the BES service client inside the BES training adapter."""
+    `jobs` wraps the BES service client inside the BES training adapter, `training` each
+    model's training backend."""
 
     store: Callable[[DocumentStore], DocumentStore] = _as_is
     data: Callable[[DataStore], DataStore] = _as_is
     outbox: Callable[[Outbox], Outbox] = _as_is
     jobs: Callable[[BatchJobs], BatchJobs] = _as_is
+    training: Callable[[TrainingBackend], TrainingBackend] = _as_is
     target: Callable[[DeployTarget], DeployTarget] = _as_is
 
 
@@ -182,7 +184,7 @@ def build(
     )
 
     def training_for(spec: ModelSpec) -> TrainingBackend:
-        return TRAINING[spec.training.kind](spec, shared)
+        return decorate.training(TRAINING[spec.training.kind](spec, shared))
 
     def target_for(spec: ModelSpec) -> DeployTarget:
         return decorate.target(TARGETS[spec.target.kind](spec, shared))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import uuid
@@ -81,7 +82,10 @@ class Training:
         self.emu = emu
         self.jobs: dict[str, Job] = {}
         self.trained: list[dict[str, Any]] = []
-        """One per job that read its input: {"job", "uri", "rows"}."""
+        """One per job that read its input: {"job", "uri", "rows"}, and for a uri_file the blob
+        read ("blob": its path in the datastore, "sha256" of its bytes) and the data version it
+        holds ("version": (source, etag) from the copy's `retrain_source` metadata, else the
+        blob's own (path, etag))."""
 
     # ---- ARM
 
@@ -185,16 +189,37 @@ class Training:
             self._finish(job)
 
     def _read_input(self, job: Job) -> None:
+        record: dict[str, Any] = {"job": job.name}
         try:
             uri = _data_input(job.props)[1]
-            job.data = self.emu.read_text(uri)
+            record["uri"] = uri
+            if uri.endswith("/"):
+                job.data = self.emu.read_text(uri)
+            else:
+                job.data = self._read_file(uri, record)
         except ArmError as exc:
             job.error = f"{exc.code}: {exc}"
             return
         except Exception as exc:  # noqa: BLE001 - any read failure fails the job, as on Azure
             job.error = f"DataAccessError: cannot read {uri}: {type(exc).__name__}"
             return
-        self.trained.append({"job": job.name, "uri": uri, "rows": job.data.count("\n") - 1})
+        record["rows"] = job.data.count("\n") - 1
+        self.trained.append(record)
+
+    def _read_file(self, uri: str, record: dict[str, Any]) -> str:
+        """A uri_file's text; which blob and which data version the job read go to `record`."""
+        store, path = self.emu.datastore_path(uri)
+        download = store.client().download_blob(path)
+        data: bytes = download.readall()
+        etag = str(download.properties.etag).strip('"')
+        metadata = download.properties.metadata or {}
+        source, source_etag = metadata.get("retrain_source"), metadata.get("retrain_source_etag")
+        record["blob"] = path
+        record["sha256"] = hashlib.sha256(data).hexdigest()
+        record["version"] = (
+            (source, source_etag.strip('"')) if source and source_etag else (path, etag)
+        )
+        return data.decode("utf-8-sig")
 
     def _finish(self, job: Job) -> None:
         try:
