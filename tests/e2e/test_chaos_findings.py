@@ -50,8 +50,9 @@ def test_two_deliveries_of_a_submitted_run_make_one_status_call_and_one_start(
     st.emulator.slow = hold  # type: ignore[method-assign]
     st.emulator.faults.http = [{"delay": 0.5, "method": "GET", "path": "/jobs/"}]
     app = wiring.retrainer()
-    # The failed start re-sent the chain's next message (poll 1); two copies of it now.
-    message = TrackRun(model="housing", run_id=run["run_id"], poll=1)
+    # The failed start re-sent the chain's next message (poll 1, handing on its start claim);
+    # two copies of it now.
+    message = TrackRun(model="housing", run_id=run["run_id"], poll=1, start=run["start"]["claim"])
     first = threading.Thread(
         target=app.on_track_run, args=(message,), kwargs={"delivery": Delivery("copy-1")}
     )
