@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class OAuthAzurite:
     blob_url: str
     queue_url: str
     cert: Path
+    account_key: str = field(repr=False)
+    """The account's own key. The app is never given it; only a stand-in for a service that
+    holds the key of its linked storage account (a New web service) reads with it."""
 
     def identity_settings(self) -> dict[str, str]:
         """The app settings of an identity connection to this Azurite."""
@@ -146,4 +149,5 @@ def oauth_azurite(workdir: Path) -> Iterator[OAuthAzurite]:
             blob_url=f"https://127.0.0.1:{ports[0]}/{stack.DEV_ACCOUNT}",
             queue_url=f"https://127.0.0.1:{ports[1]}/{stack.DEV_ACCOUNT}",
             cert=cert,
+            account_key=secret_key,
         )

@@ -5,14 +5,63 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueClient
 
+from localdev import stack, v2stack
 from localdev.amlemu import Emulator
-from localdev.runner import LocalRunner
+from localdev.azureml_v2 import Emulator as V2Emulator
+from localdev.runner import LocalRunner, storage_connection
+from retrain.connection import PREFIX
+from tests.identity_support import FakeTokenCredential
+
+STORAGE_MODES = ["key", pytest.param("identity", marks=pytest.mark.identity)]
+"""Both storage modes, as the params of a module's `storage_mode` fixture; the identity
+variants carry the `identity` marker (`-m "not identity"` leaves them out)."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage connection a stack uses: its app settings, and the credential that goes with
+    them (None with a connection string)."""
+
+    mode: str
+    """"key" (a connection string) or "identity" (OAuth tokens, user-delegation SAS)."""
+    settings: dict[str, str]
+    credential: FakeTokenCredential | None
+    service_key: str | None = field(default=None, repr=False)
+    """Identity: the account key a service linked to the account holds (the app holds none)."""
+
+    def blobs(self) -> BlobServiceClient:
+        """The blob service, reached as the app reaches it."""
+        return storage_connection(self.settings).clients(self.credential)[0]
+
+    def queue(self, name: str) -> QueueClient:
+        """A queue, its messages sent and read as the raw text they are."""
+        return storage_connection(self.settings).clients(self.credential)[1].get_queue_client(name)
+
+    def app_settings(self, models: list[dict[str, Any]], *, suffix: str) -> dict[str, str]:
+        """A local run's app settings with this storage connection."""
+        settings = stack.app_settings("", models, suffix=suffix)
+        del settings[PREFIX]
+        return settings | self.settings
+
+    def v2_emulator(self, container: str, **options: Any) -> V2Emulator:
+        """The Azure ML v2 emulator (see `localdev.v2stack`) with its datastore over
+        `container`: through the account's connection string, or (identity) through its blob
+        endpoint with a token credential, as an identity-based datastore is read."""
+        config = v2stack.emulator_config("", container, ["housing"])
+        config["datastores"]["retrain"] = (
+            {"connection_string": self.settings[PREFIX], "container": container}
+            if self.credential is None
+            else {"account_url": self.settings[f"{PREFIX}__blobServiceUri"], "container": container}
+        )
+        return V2Emulator(config, credential=self.credential, **options)
 
 
 @dataclass
@@ -24,8 +73,16 @@ class Stack:
     emulator_url: str
     settings: dict[str, str]
     blobs: BlobServiceClient
-    storage_mode: str = "key"
-    """"key" (a connection string) or "identity" (OAuth tokens, user-delegation SAS)."""
+    storage: Storage
+
+    @property
+    def storage_mode(self) -> str:
+        """ "key" (a connection string) or "identity" (OAuth tokens, user-delegation SAS)."""
+        return self.storage.mode
+
+    def queue(self, name: str) -> QueueClient:
+        """One of the app's queues (or a poison queue), reached as the app reaches it."""
+        return self.storage.queue(name)
 
     def upload(self, name: str, data: str | bytes) -> None:
         """Drop a file into the data container (created if no blob trigger made it)."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from azure.storage.blob import ContainerClient
 
 from localdev.emuhttp import Faults as BaseFaults
 from localdev.emuhttp import HttpError, Recording
 from retrain.clock import Clock
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
 
 log = logging.getLogger("amlemu.v2")
 
@@ -44,14 +47,30 @@ class Faults(BaseFaults):
 
 @dataclass(frozen=True)
 class Datastore:
-    """A blob datastore: a container of an Azurite account."""
+    """A blob datastore: a container of an Azurite account, reached with the account's
+    connection string or, for an identity-based datastore (no key), its blob service URL and
+    the workspace's token credential."""
 
-    connection_string: str
     container: str
+    connection_string: str | None = None
+    account_url: str | None = None
+    credential: TokenCredential | None = field(default=None, repr=False)
 
     def client(self) -> ContainerClient:
         """The container."""
-        return ContainerClient.from_connection_string(self.connection_string, self.container)
+        if self.connection_string is not None:
+            return ContainerClient.from_connection_string(self.connection_string, self.container)
+        return ContainerClient(str(self.account_url), self.container, credential=self.credential)
+
+
+def _datastore(name: str, config: dict[str, Any], credential: TokenCredential | None) -> Datastore:
+    if config.get("connection_string"):
+        return Datastore(config["container"], connection_string=config["connection_string"])
+    if not config.get("account_url") or credential is None:
+        raise ValueError(
+            f"datastore {name!r}: give a connection_string, or an account_url and a credential"
+        )
+    return Datastore(config["container"], account_url=config["account_url"], credential=credential)
 
 
 _SHORT = re.compile(r"azureml://datastores/([^/]+)/paths/(.*)")
@@ -65,12 +84,19 @@ class Emulator(Recording):
     """The emulator's state; the HTTP server is a thin layer over it.
 
     Config: {"subscription", "resource_group", "workspace", "location", "token",
-    "datastores": {name: {"connection_string", "container"}},
+    "datastores": {name: {"connection_string" or "account_url", "container"}} (a datastore
+    with an account_url is identity-based: it is reached with `credential`),
     "endpoints": [{"name", "auth_mode": "Key"|"AMLToken", "key"}],
     "assets": [ARM id of a code, environment or component version, or of a compute]}.
     """
 
-    def __init__(self, config: dict[str, Any], *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        clock: Clock | None = None,
+        credential: TokenCredential | None = None,
+    ) -> None:
         from localdev.azureml_v2.serving import Serving
         from localdev.azureml_v2.training import Training
 
@@ -82,7 +108,7 @@ class Emulator(Recording):
         self.location: str = config.get("location", "westeurope")
         self.token: str = config.get("token", "local-arm-token")
         self.datastores = {
-            name: Datastore(d["connection_string"], d["container"])
+            name: _datastore(name, d, credential)
             for name, d in (config.get("datastores") or {}).items()
         }
         self.faults: Faults = Faults()

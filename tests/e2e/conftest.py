@@ -9,14 +9,12 @@ runs in both modes by overriding `storage_mode` with a parametrised fixture.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,12 +23,10 @@ import pytest
 
 from localdev import stack
 from localdev.amlemu import Emulator, EmulatorServer
-from localdev.runner import LocalRunner, storage_connection
-from retrain import wiring
-from retrain.connection import PREFIX
-from retrain.settings import get_settings
+from localdev.runner import LocalRunner
+from retrain.connection import PREFIX, StorageConnection
 from tests.identity_support import TOKEN_HEADER, FakeTokenCredential, OAuthAzurite
-from tests.stack_support import MakeStack, Stack
+from tests.stack_support import MakeStack, Stack, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -88,44 +84,36 @@ def storage_mode() -> str:
     return "key"
 
 
-@dataclass(frozen=True)
-class _Storage:
-    """The app settings of a storage connection, and the credential that goes with them."""
-
-    settings: dict[str, str]
-    credential: FakeTokenCredential | None
-
-
-def _storage(
-    request: pytest.FixtureRequest, mode: str, monkeypatch: pytest.MonkeyPatch
-) -> _Storage:
-    """Key: a connection string. Identity: the OAuth Azurite's endpoints, trusted through
-    REQUESTS_CA_BUNDLE by everything in this process (the app, the runner and the emulator,
-    which reads and writes blobs through the SAS URLs it is handed), and the app's Retrainer
-    built with a token credential in place of DefaultAzureCredential."""
+@pytest.fixture
+def storage(
+    request: pytest.FixtureRequest, storage_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> Storage:
+    """The storage connection of `storage_mode`. Key: a connection string. Identity: the OAuth
+    Azurite's endpoints, trusted through REQUESTS_CA_BUNDLE by everything in this process (the
+    app, the runner and the emulators, which read and write blobs through the SAS URLs they are
+    handed or, for an Azure ML datastore, with the credential), and a token credential in place
+    of DefaultAzureCredential wherever the app connects."""
     for name in [k for k in os.environ if k.startswith(PREFIX)]:
         monkeypatch.delenv(name)  # a previous stack's connection must not linger
-    if mode == "key":
-        return _Storage({PREFIX: request.getfixturevalue("azurite_connection")}, None)
-    if mode != "identity":
-        raise AssertionError(f"storage_mode is 'key' or 'identity', not {mode!r}")
+    if storage_mode == "key":
+        return Storage("key", {PREFIX: request.getfixturevalue("azurite_connection")}, None)
+    if storage_mode != "identity":
+        raise AssertionError(f"storage_mode is 'key' or 'identity', not {storage_mode!r}")
     oauth: OAuthAzurite = request.getfixturevalue("oauth_storage")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(oauth.cert))
     credential = FakeTokenCredential()
-    built = functools.cache(lambda: wiring.build(get_settings(), credential=credential))
-    monkeypatch.setattr(wiring, "retrainer", built)
-    return _Storage(oauth.identity_settings(), credential)
+    # Every client the app builds on the identity connection (the Retrainer, `check`) gets this
+    # credential in place of the one the settings name: no DefaultAzureCredential is ever built.
+    monkeypatch.setattr(StorageConnection, "credential", lambda _: credential)
+    return Storage("identity", oauth.identity_settings(), credential, oauth.account_key)
 
 
 @pytest.fixture
-def make_stack(
-    request: pytest.FixtureRequest, storage_mode: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[MakeStack]:
+def make_stack(storage: Storage) -> Iterator[MakeStack]:
     """Build a stack with per-test model spec overrides and emulator options, connected to
     storage as `storage_mode` says."""
     servers: list[EmulatorServer] = []
     logging.getLogger("azure").setLevel(logging.WARNING)
-    storage = _storage(request, storage_mode, monkeypatch)
 
     def make(
         *,
@@ -139,7 +127,10 @@ def make_stack(
         `classic` overrides fields of the Classic target."""
         config = stack.emulator_config(champion_endpoint=champion_endpoint)
         if storage.credential is not None:
-            config["account_key"] = None  # no key to the account: results keep the app's SAS
+            # The app holds no key. A New web service reads its model with the key of the
+            # storage account linked to it (its definition's uri carries no SAS), as Azure ML
+            # Studio (classic) does; BES keeps the app's SAS for its results.
+            config["account_key"] = storage.service_key if new is not None else None
         config["web_services"][0].update(web_service or {})
         emulator = Emulator(config)
         server = EmulatorServer(emulator).__enter__()
@@ -149,9 +140,7 @@ def make_stack(
             spec["target"] = stack.new_target(server.url, **new)
         if classic is not None:
             spec["target"] = stack.model_spec(server.url)["target"] | classic
-        settings = stack.app_settings("", [stack.model_spec(server.url, **spec)], suffix=suffix)
-        del settings[PREFIX]
-        settings.update(storage.settings)
+        settings = storage.app_settings([stack.model_spec(server.url, **spec)], suffix=suffix)
         app = stack.load_app(settings)
         runner = LocalRunner(
             app,
@@ -159,8 +148,7 @@ def make_stack(
             failure_visibility=timedelta(seconds=1),
             credential=storage.credential,
         )
-        blobs, _ = storage_connection(settings).clients(storage.credential)
-        return Stack(runner, emulator, server.url, settings, blobs, storage_mode)
+        return Stack(runner, emulator, server.url, settings, storage.blobs(), storage)
 
     yield make
     for server in servers:

@@ -15,9 +15,15 @@ from localdev.sample import housing_csv
 from retrain import wiring
 from retrain.messages import TrackRun
 from retrain.pipeline import Delivery
-from tests.stack_support import MakeStack
+from tests.stack_support import STORAGE_MODES, MakeStack
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(params=STORAGE_MODES)
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a connection string and on an identity connection."""
+    return str(request.param)
 
 
 def test_two_deliveries_of_a_submitted_run_make_one_status_call_and_one_start(

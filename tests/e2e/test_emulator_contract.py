@@ -16,6 +16,7 @@ from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_b
 from localdev import stack
 from localdev.amlemu import AUTH_FAILED, Emulator, EmulatorServer
 from retrain.clock import ManualClock
+from tests.stack_support import STORAGE_MODES, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -106,11 +107,20 @@ class Service:
     """The emulator on a manual clock (a started job reads its input at once and runs 60 s of
     that clock), and a container in Azurite to put job inputs in."""
 
-    def __init__(self, url: str, emulator: Emulator, blobs: BlobServiceClient) -> None:
+    def __init__(
+        self, url: str, emulator: Emulator, blobs: BlobServiceClient, *, delegated: bool
+    ) -> None:
         self.url, self.emulator, self.clock = url, emulator, emulator.clock
         self.blobs = blobs
         self.container = "emu-" + uuid.uuid4().hex[:12]
         blobs.create_container(self.container)
+        now = datetime.now(UTC)
+        # As the app signs in each storage mode: a user delegation key, or the account key.
+        self.signing: dict[str, Any] = (
+            {"user_delegation_key": blobs.get_user_delegation_key(now, now + timedelta(hours=2))}
+            if delegated
+            else {"account_key": stack.DEV_KEY}
+        )
 
     def put(self, name: str, data: bytes, metadata: dict[str, str] | None = None) -> str:
         """Upload a blob; its ETag."""
@@ -125,9 +135,9 @@ class Service:
             stack.DEV_ACCOUNT,
             self.container,
             name,
-            account_key=stack.DEV_KEY,
             permission=BlobSasPermissions(read=True),
             expiry=datetime.now(UTC) + timedelta(hours=1),
+            **self.signing,
         )
         return {
             "ConnectionString": None,
@@ -156,13 +166,19 @@ class Service:
         return [(v["kind"], v["job"]) for v in self.emulator.violations]
 
 
+@pytest.fixture(params=STORAGE_MODES)
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """The tests that read blobs run with account-key SAS and with user-delegation SAS."""
+    return str(request.param)
+
+
 @pytest.fixture
-def service(azurite_connection: str) -> Iterator[Service]:
+def service(storage: Storage) -> Iterator[Service]:
     emulator = Emulator(stack.emulator_config(), clock=ManualClock())
     emulator.faults.job_seconds = 60
     with EmulatorServer(emulator) as server:
         yield Service(
-            server.url, emulator, BlobServiceClient.from_connection_string(azurite_connection)
+            server.url, emulator, storage.blobs(), delegated=storage.credential is not None
         )
 
 

@@ -1,4 +1,5 @@
-"""Operating the app: approval, rollback, events and webhooks, poison, the sweep, the CLI."""
+"""Operating the app: approval, rollback, events and webhooks, poison, the sweep, the CLI; with
+a connection string and with an identity connection (see the `storage_mode` fixture)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from azure.storage.queue import QueueClient
 
 from localdev.sample import housing_csv
+from retrain import wiring
 from retrain.cli import main
-from retrain.wiring import retrainer
-from tests.stack_support import MakeStack, Stack
+from tests.stack_support import STORAGE_MODES, MakeStack, Stack
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(params=STORAGE_MODES)
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a connection string and on an identity connection."""
+    return str(request.param)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any]:
@@ -109,6 +115,7 @@ class TestRollback:
         assert state["previous_champion"]["run_id"] == second["run_id"]
         sas = parse_qs(endpoint(s).patches[-1]["SasBlobToken"].lstrip("?"))
         assert sas["sp"] == ["r"]
+        assert ("skoid" in sas) == (s.storage_mode == "identity")  # a user delegation SAS
         assert datetime.fromisoformat(sas["se"][0].replace("Z", "+00:00")) > datetime.now(UTC)
         code, err = cli(capsys, "rollback", "housing", "--to", first["run_id"])
         assert code == 2
@@ -183,17 +190,15 @@ class TestPoison:
         assert (code, len(result["replayed"])) == (0, 1)
         s.runner.run_until_idle()
         (run,) = s.runs()
-        assert run["state"] == "promoted"
+        assert run["state"] == "promoted", (run["error"], run["history"][-4:])
         assert "revived to replay its poisoned message" in [h["note"] for h in run["history"]]
 
     def test_undecodable_message_is_kept_with_its_reason(self, make_stack: MakeStack) -> None:
         s = make_stack()
         jobs = s.settings["RETRAIN_JOBS_QUEUE"]
-        QueueClient.from_connection_string(
-            s.settings["AzureWebJobsStorage"], jobs + "-poison"
-        ).send_message("bm90IGpzb24=")
+        s.queue(jobs + "-poison").send_message("bm90IGpzb24=")
         s.runner.run_until_idle()
-        (kept,) = retrainer().poisoned()
+        (kept,) = wiring.retrainer().poisoned()
         assert kept["queue"] == jobs
         assert kept["reason"].startswith("the message cannot be parsed")
 
@@ -207,10 +212,7 @@ class TestSweep:
         s.emulator.faults.job_seconds = 1
         s.upload("housing/a.csv", housing_csv(100, seed=49))
         s.step_until_running()
-        jobs = QueueClient.from_connection_string(
-            s.settings["AzureWebJobsStorage"], s.settings["RETRAIN_JOBS_QUEUE"]
-        )
-        jobs.clear_messages()  # the poll message is lost
+        s.queue(s.settings["RETRAIN_JOBS_QUEUE"]).clear_messages()  # the poll message is lost
         assert s.runner.pending() == 0
         for _ in range(400):
             if s.runs()[0]["state"] == "promoted":
@@ -238,10 +240,8 @@ class TestSweep:
         s.emulator.faults.hang_jobs = True
         s.upload("housing/a.csv", housing_csv(100, seed=51))
         s.step_until_running()
-        QueueClient.from_connection_string(
-            s.settings["AzureWebJobsStorage"], s.settings["RETRAIN_JOBS_QUEUE"]
-        ).clear_messages()
-        app = retrainer()
+        s.queue(s.settings["RETRAIN_JOBS_QUEUE"]).clear_messages()
+        app = wiring.retrainer()
         counts: list[dict[str, int]] = []
         barrier = threading.Barrier(2)
         deadline = time.monotonic() + 60
@@ -323,7 +323,12 @@ class TestCli:
         assert any(n.startswith("send to retrain-jobs") for n in names), names
         assert all(c["ok"] for c in checks), checks
         (mode,) = [c["detail"] for c in checks if c["check"] == "storage mode"]
-        assert mode.startswith("connection string (AzureWebJobsStorage)")
+        if s.storage_mode == "identity":
+            assert mode.startswith("identity: ")
+            assert "SAS tokens signed with user delegation keys" in mode
+            assert any(n == "user delegation key" for n in names), names
+        else:
+            assert mode.startswith("connection string (AzureWebJobsStorage)")
 
     def test_errors_say_what_to_do_with_nonzero_exit_codes(
         self, make_stack: MakeStack, capsys: pytest.CaptureFixture[str]

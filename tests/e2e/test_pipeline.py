@@ -12,14 +12,14 @@ import pytest
 
 from localdev.sample import housing_csv
 from localdev.stack import DEV_KEY
-from tests.stack_support import MakeStack
+from tests.stack_support import STORAGE_MODES, MakeStack
 
 pytestmark = pytest.mark.e2e
 
 ROWS = [[3.0, 20.0, 5.0], [6.0, 40.0, 12.0]]
 
 
-@pytest.fixture(params=["key", "identity"])
+@pytest.fixture(params=STORAGE_MODES)
 def storage_mode(request: pytest.FixtureRequest) -> str:
     """Every test here runs on a connection string and on an identity connection."""
     return str(request.param)

@@ -13,9 +13,15 @@ from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 from localdev.sample import housing_csv
 from localdev.stack import DEV_KEY
 from retrain.cli import main
-from tests.stack_support import MakeStack
+from tests.stack_support import STORAGE_MODES, MakeStack
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(params=STORAGE_MODES)
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a connection string and on an identity connection."""
+    return str(request.param)
 
 
 def test_failed_job_whose_details_echo_the_input_sas_leaks_it_nowhere(
@@ -31,13 +37,21 @@ def test_failed_job_whose_details_echo_the_input_sas_leaks_it_nowhere(
     caplog.set_level(logging.DEBUG)
     s = make_stack()
     container = s.settings["RETRAIN_DATA_CONTAINER"]
+    now = datetime.now(UTC)
+    # Signed as the app signs in this storage mode: with the account key, or (identity) with a
+    # user delegation key, whose token also carries the skoid/sktid/skt/ske/sks/skv fields.
+    signing: dict[str, Any] = (
+        {"user_delegation_key": s.blobs.get_user_delegation_key(now, now + timedelta(hours=1))}
+        if s.storage_mode == "identity"
+        else {"account_key": DEV_KEY}
+    )
     sas = generate_blob_sas(
         "devstoreaccount1",
         container,
         "housing/a.csv",
-        account_key=DEV_KEY,
         permission=BlobSasPermissions(read=True),
-        expiry=datetime.now(UTC) + timedelta(hours=1),
+        expiry=now + timedelta(hours=1),
+        **signing,
     )
     signature = next(p for p in sas.split("&") if p.startswith("sig=")).removeprefix("sig=")
     blob_url = s.blobs.get_blob_client(container, "housing/a.csv").url

@@ -1,6 +1,7 @@
 """Canary steps on Azure ML v2 end to end: the function app under the local runner, the v2
-emulator and Azurite. A second model takes 10 %, then 50 %, then all traffic, each step held by
-a delayed message; a step the service refuses puts the saved map back."""
+emulator and Azurite, with a connection string and with an identity connection. A second model
+takes 10 %, then 50 %, then all traffic, each step held by a delayed message; a step the
+service refuses puts the saved map back."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from localdev import stack, v2stack
 from localdev.azureml_v2 import Emulator, EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
+from tests.stack_support import STORAGE_MODES, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -60,24 +62,26 @@ class CanaryStack:
         return dict(self.emulator.serving.endpoints["housing"].traffic)
 
 
+@pytest.fixture(params=STORAGE_MODES)
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a connection string and on an identity connection."""
+    return str(request.param)
+
+
 @pytest.fixture
-def canary_stack(azurite_connection: str) -> Iterator[CanaryStack]:
+def canary_stack(storage: Storage) -> Iterator[CanaryStack]:
     suffix = "-" + uuid.uuid4().hex[:8]
-    emulator = Emulator(
-        v2stack.emulator_config(azurite_connection, f"retrain-artifacts{suffix}", ["housing"])
-    )
+    emulator = storage.v2_emulator(f"retrain-artifacts{suffix}")
     emulator.faults.job_seconds = 1
     emulator.faults.provisioning_seconds = 1
     with EmulatorServer(emulator) as server:
         spec = v2stack.model_spec(server.url)
         spec["target"]["canary"] = {"steps": [10, 50], "hold": "PT2S", "smoke_each_step": True}
-        settings = stack.app_settings(azurite_connection, [spec], suffix=suffix)
+        settings = storage.app_settings([spec], suffix=suffix)
         settings["RETRAIN_POLL_FIRST_DELAY"] = "PT1S"
         settings["RETRAIN_POLL_MAX_DELAY"] = "PT2S"
-        runner = LocalRunner(stack.load_app(settings), env=settings)
-        yield CanaryStack(
-            runner, emulator, settings, BlobServiceClient.from_connection_string(azurite_connection)
-        )
+        runner = LocalRunner(stack.load_app(settings), env=settings, credential=storage.credential)
+        yield CanaryStack(runner, emulator, settings, storage.blobs())
 
 
 def first_champion(s: CanaryStack) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The pipeline on Azure ML v2 end to end: the function app under the local runner, the v2
-emulator and Azurite. Drop -> Azure ML job -> registered version -> blue/green promotion on the
-online endpoint; a worse model rejected; a rollback moving traffic back."""
+emulator and Azurite, with a connection string and with an identity connection. Drop -> Azure
+ML job -> registered version -> blue/green promotion on the online endpoint; a worse model
+rejected; a rollback moving traffic back."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from localdev.azureml_v2 import Emulator, EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
 from retrain.cli import main
+from tests.stack_support import STORAGE_MODES, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -77,34 +79,34 @@ class V2Stack:
 
 @contextlib.contextmanager
 def open_v2_stack(
-    azurite_connection: str, *, duplicates: float = 0.0, **overrides: Any
+    storage: Storage, *, duplicates: float = 0.0, **overrides: Any
 ) -> Iterator[V2Stack]:
     """The app under the local runner on the v2 emulator; `overrides` change the model spec,
     `duplicates` is the chance the runner delivers a message twice."""
     suffix = "-" + uuid.uuid4().hex[:8]
-    emulator = Emulator(
-        v2stack.emulator_config(azurite_connection, f"retrain-artifacts{suffix}", ["housing"])
-    )
+    emulator = storage.v2_emulator(f"retrain-artifacts{suffix}")
     emulator.faults.job_seconds = 1
     emulator.faults.provisioning_seconds = 1
     with EmulatorServer(emulator) as server:
-        settings = stack.app_settings(
-            azurite_connection, [v2stack.model_spec(server.url, **overrides)], suffix=suffix
+        settings = storage.app_settings(
+            [v2stack.model_spec(server.url, **overrides)], suffix=suffix
         )
         app = stack.load_app(settings)
-        runner = LocalRunner(app, env=settings, duplicates=duplicates)
-        yield V2Stack(
-            runner,
-            emulator,
-            server.url,
-            settings,
-            BlobServiceClient.from_connection_string(azurite_connection),
+        runner = LocalRunner(
+            app, env=settings, duplicates=duplicates, credential=storage.credential
         )
+        yield V2Stack(runner, emulator, server.url, settings, storage.blobs())
+
+
+@pytest.fixture(params=STORAGE_MODES)
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a connection string and on an identity connection."""
+    return str(request.param)
 
 
 @pytest.fixture
-def v2_stack(azurite_connection: str) -> Iterator[V2Stack]:
-    with open_v2_stack(azurite_connection) as s:
+def v2_stack(storage: Storage) -> Iterator[V2Stack]:
+    with open_v2_stack(storage) as s:
         yield s
 
 
@@ -192,9 +194,9 @@ class TestV2Pipeline:
         assert s.traffic() == {}
 
     def test_a_job_past_its_deadline_is_cancelled_once_and_its_run_fails_saying_so(
-        self, azurite_connection: str
+        self, storage: Storage
     ) -> None:
-        with open_v2_stack(azurite_connection, job_deadline=2) as s:
+        with open_v2_stack(storage, job_deadline=2) as s:
             s.emulator.faults.hang_jobs = True
             s.upload("housing/2026-12-01.csv", housing_csv(60, seed=14))
             s.runner.run_until_idle(timeout=30)
@@ -209,9 +211,9 @@ class TestV2Pipeline:
             assert s.emulator.violations == []
 
     def test_every_message_delivered_twice_still_makes_one_job_one_version_one_promotion(
-        self, azurite_connection: str
+        self, storage: Storage
     ) -> None:
-        with open_v2_stack(azurite_connection, duplicates=1.0) as s:
+        with open_v2_stack(storage, duplicates=1.0) as s:
             s.upload("housing/2026-12-01.csv", housing_csv(60, seed=15, noise=40))
             s.runner.run_until_idle()
             (run,) = s.runs()
