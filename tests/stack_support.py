@@ -23,6 +23,12 @@ from tests.identity_support import FakeTokenCredential
 STORAGE_MODES = ["key", pytest.param("identity", marks=pytest.mark.identity)]
 """Both storage modes, as the params of a module's `storage_mode` fixture; the identity
 variants carry the `identity` marker (`-m "not identity"` leaves them out)."""
+STORAGE_MODES_EXTENDED = [
+    "key",
+    pytest.param("identity", marks=[pytest.mark.identity, pytest.mark.identity_extended]),
+]
+"""The same, for modules whose identity variants run in `make test-identity` rather than in
+`make test` (CI's time budget): they also carry the `identity_extended` marker."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from localdev import stack, v2stack
 from localdev.azureml_v2 import Emulator, EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
-from tests.stack_support import STORAGE_MODES, Storage
+from tests.stack_support import STORAGE_MODES_EXTENDED, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ class CanaryStack:
         return dict(self.emulator.serving.endpoints["housing"].traffic)
 
 
-@pytest.fixture(params=STORAGE_MODES)
+@pytest.fixture(params=STORAGE_MODES_EXTENDED)
 def storage_mode(request: pytest.FixtureRequest) -> str:
     """Every test here runs on a connection string and on an identity connection."""
     return str(request.param)

@@ -21,7 +21,7 @@ from localdev.azureml_v2 import Emulator, EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
 from retrain.cli import main
-from tests.stack_support import STORAGE_MODES, Storage
+from tests.stack_support import STORAGE_MODES_EXTENDED, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +98,7 @@ def open_v2_stack(
         yield V2Stack(runner, emulator, server.url, settings, storage.blobs())
 
 
-@pytest.fixture(params=STORAGE_MODES)
+@pytest.fixture(params=STORAGE_MODES_EXTENDED)
 def storage_mode(request: pytest.FixtureRequest) -> str:
     """Every test here runs on a connection string and on an identity connection."""
     return str(request.param)
