@@ -1,7 +1,7 @@
 # The two commands the README names: `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-identity lint infra-check emulator run clean chaos chaos-long bench
+.PHONY: setup demo test test-extended lint infra-check emulator run clean chaos chaos-long bench
 
 setup: .venv/.installed node_modules/.installed .venv-infra/.installed
 
@@ -29,11 +29,12 @@ demo: setup
 COVERAGE := --cov=retrain --cov-report=term-missing:skip-covered --cov-fail-under=93
 
 test: setup
-	$(PY) -m pytest $(COVERAGE) -m "not identity_extended"
+	$(PY) -m pytest $(COVERAGE) -m "not extended"
 
-# The identity-mode variants of the e2e modules that CI's time budget leaves out (about 4 min).
-test-identity: setup
-	$(PY) -m pytest -m identity_extended
+# What CI's time budget leaves out of `test` (about 7 min): the identity-mode variants of the
+# operations, New web service, v2 and chaos-findings e2e modules, and the v2 canary chaos mix.
+test-extended: setup
+	$(PY) -m pytest -m extended
 
 lint: setup
 	.venv/bin/ruff check .

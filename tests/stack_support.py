@@ -25,10 +25,10 @@ STORAGE_MODES = ["key", pytest.param("identity", marks=pytest.mark.identity)]
 variants carry the `identity` marker (`-m "not identity"` leaves them out)."""
 STORAGE_MODES_EXTENDED = [
     "key",
-    pytest.param("identity", marks=[pytest.mark.identity, pytest.mark.identity_extended]),
+    pytest.param("identity", marks=[pytest.mark.identity, pytest.mark.extended]),
 ]
-"""The same, for modules whose identity variants run in `make test-identity` rather than in
-`make test` (CI's time budget): they also carry the `identity_extended` marker."""
+"""The same, for modules whose identity variants run in `make test-extended` rather than in
+`make test` (CI's time budget): they also carry the `extended` marker."""
 
 
 @dataclass(frozen=True)
