@@ -93,23 +93,7 @@ TICK = 0.25
 MODEL = "housing"
 
 FAULTS = (
-    "duplicates",
-    "reorder",
-    "crash",
-    "kill",
-    "pause",
-    "skew",
-    "cli",
-    "overwrite",
-    "429",
-    "5xx",
-    "drop",
-    "late act",
-    "late answer",
-    "lost response",
-    "job fails",
-    "job hangs",
-    "lost message",
+    *chaos_v2.PROCESS_FAULTS,
     "new target",
     "manual",
 )

@@ -22,7 +22,7 @@ from retrain.ports import ModelRef
 if TYPE_CHECKING:
     from localdev.chaos import Result
 
-FAULTS = (
+PROCESS_FAULTS = (
     "duplicates",
     "reorder",
     "crash",
@@ -40,6 +40,11 @@ FAULTS = (
     "job fails",
     "job hangs",
     "lost message",
+)
+"""The faults both kinds of scenario draw first, in this order (a seed's draws depend on it)."""
+
+FAULTS = (
+    *PROCESS_FAULTS,
     "manual",
     "canary",
     "not responding",

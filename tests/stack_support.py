@@ -159,3 +159,34 @@ class Stack:
 
 
 MakeStack = Callable[..., Stack]
+
+
+@dataclass
+class V2Stack:
+    """The app under the local runner on the Azure ML v2 emulator, with the reads the v2 tests
+    check: run records, the model document, the endpoint's traffic map."""
+
+    runner: LocalRunner
+    emulator: V2Emulator
+    settings: dict[str, str]
+    blobs: BlobServiceClient
+    url: str = ""
+
+    def upload(self, name: str, data: str) -> None:
+        container = self.blobs.get_container_client(self.settings["RETRAIN_DATA_CONTAINER"])
+        if not container.exists():
+            container.create_container()
+        container.upload_blob(name, data, overwrite=True)
+
+    def doc(self, key: str) -> dict[str, Any]:
+        client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)
+        found: dict[str, Any] = json.loads(client.download_blob().readall())
+        return found
+
+    def runs(self) -> list[dict[str, Any]]:
+        container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        names = sorted(b.name for b in container.list_blobs(name_starts_with="runs/housing/"))
+        return [self.doc(n) for n in names]
+
+    def traffic(self) -> dict[str, int]:
+        return dict(self.emulator.serving.endpoints["housing"].traffic)

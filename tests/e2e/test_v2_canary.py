@@ -5,20 +5,18 @@ service refuses puts the saved map back."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from azure.storage.blob import BlobServiceClient
 
 from localdev import stack, v2stack
-from localdev.azureml_v2 import Emulator, EmulatorServer
+from localdev.azureml_v2 import EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
-from tests.stack_support import STORAGE_MODES_EXTENDED, Storage
+from tests.stack_support import STORAGE_MODES_EXTENDED, Storage, V2Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -27,39 +25,15 @@ ENDPOINTS = "/onlineEndpoints/housing"
 
 
 @dataclass
-class CanaryStack:
-    runner: LocalRunner
-    emulator: Emulator
-    settings: dict[str, str]
-    blobs: BlobServiceClient
-
-    def upload(self, name: str, data: str) -> None:
-        container = self.blobs.get_container_client(self.settings["RETRAIN_DATA_CONTAINER"])
-        if not container.exists():
-            container.create_container()
-        container.upload_blob(name, data, overwrite=True)
-
-    def _doc(self, key: str) -> dict[str, Any]:
-        client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)
-        found: dict[str, Any] = json.loads(client.download_blob().readall())
-        return found
-
-    def runs(self) -> list[dict[str, Any]]:
-        container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
-        names = sorted(b.name for b in container.list_blobs(name_starts_with="runs/housing/"))
-        return [self._doc(n) for n in names]
-
+class CanaryStack(V2Stack):
     def champion(self) -> str:
-        return str(self._doc("models/housing.json")["champion"]["run_id"])
+        return str(self.doc("models/housing.json")["champion"]["run_id"])
 
     def puts(self) -> list[dict[str, int]]:
         """The traffic maps the endpoint was PUT with, in order."""
         return [
             traffic for name, traffic in self.emulator.serving.traffic_puts if name == "housing"
         ]
-
-    def traffic(self) -> dict[str, int]:
-        return dict(self.emulator.serving.endpoints["housing"].traffic)
 
 
 @pytest.fixture(params=STORAGE_MODES_EXTENDED)

@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 import requests
-from azure.storage.blob import BlobServiceClient
 
 from localdev import stack, v2stack
-from localdev.azureml_v2 import Emulator, EmulatorServer
+from localdev.azureml_v2 import EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
 from retrain.cli import main
-from tests.stack_support import STORAGE_MODES_EXTENDED, Storage
+from tests.stack_support import STORAGE_MODES_EXTENDED, Storage, V2Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -31,34 +30,9 @@ ROWS = [[3.0, 20.0, 5.0], [6.0, 40.0, 12.0]]
 
 
 @dataclass
-class V2Stack:
-    runner: LocalRunner
-    emulator: Emulator
-    url: str
-    settings: dict[str, str]
-    blobs: BlobServiceClient
-
-    def upload(self, name: str, data: str) -> None:
-        container = self.blobs.get_container_client(self.settings["RETRAIN_DATA_CONTAINER"])
-        if not container.exists():
-            container.create_container()
-        container.upload_blob(name, data, overwrite=True)
-
-    def _doc(self, key: str) -> dict[str, Any]:
-        client = self.blobs.get_blob_client(self.settings["RETRAIN_STATE_CONTAINER"], key)
-        found: dict[str, Any] = json.loads(client.download_blob().readall())
-        return found
-
-    def runs(self) -> list[dict[str, Any]]:
-        container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
-        names = sorted(b.name for b in container.list_blobs(name_starts_with="runs/housing/"))
-        return [self._doc(n) for n in names]
-
+class PipelineStack(V2Stack):
     def model_state(self) -> dict[str, Any]:
-        return self._doc("models/housing.json")
-
-    def traffic(self) -> dict[str, int]:
-        return dict(self.emulator.serving.endpoints["housing"].traffic)
+        return self.doc("models/housing.json")
 
     def deployed(self, name: str) -> str | None:
         found = self.emulator.serving.endpoints["housing"].deployments.get(name)
@@ -80,7 +54,7 @@ class V2Stack:
 @contextlib.contextmanager
 def open_v2_stack(
     storage: Storage, *, duplicates: float = 0.0, **overrides: Any
-) -> Iterator[V2Stack]:
+) -> Iterator[PipelineStack]:
     """The app under the local runner on the v2 emulator; `overrides` change the model spec,
     `duplicates` is the chance the runner delivers a message twice."""
     suffix = "-" + uuid.uuid4().hex[:8]
@@ -95,7 +69,7 @@ def open_v2_stack(
         runner = LocalRunner(
             app, env=settings, duplicates=duplicates, credential=storage.credential
         )
-        yield V2Stack(runner, emulator, server.url, settings, storage.blobs())
+        yield PipelineStack(runner, emulator, settings, storage.blobs(), server.url)
 
 
 @pytest.fixture(params=STORAGE_MODES_EXTENDED)
@@ -105,7 +79,7 @@ def storage_mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def v2_stack(storage: Storage) -> Iterator[V2Stack]:
+def v2_stack(storage: Storage) -> Iterator[PipelineStack]:
     with open_v2_stack(storage) as s:
         yield s
 
@@ -118,7 +92,7 @@ def version_id(run: dict[str, Any]) -> str:
 
 class TestV2Pipeline:
     def test_drop_train_promote_reject_and_roll_back(
-        self, v2_stack: V2Stack, capsys: pytest.CaptureFixture[str]
+        self, v2_stack: PipelineStack, capsys: pytest.CaptureFixture[str]
     ) -> None:
         s = v2_stack
         s.upload("housing/2026-12-01.csv", housing_csv(60, seed=1, noise=40))
@@ -166,7 +140,7 @@ class TestV2Pipeline:
         assert s.emulator.violations == []
 
     def test_a_deployment_that_fails_to_provision_leaves_the_champion_serving(
-        self, v2_stack: V2Stack
+        self, v2_stack: PipelineStack
     ) -> None:
         s = v2_stack
         s.upload("housing/2026-12-01.csv", housing_csv(60, seed=11, noise=40))
@@ -183,7 +157,7 @@ class TestV2Pipeline:
         assert s.model_state()["champion"]["run_id"] == first["run_id"]
         assert s.emulator.count("PUT", r"/onlineEndpoints/housing$") == 1  # traffic never moved
 
-    def test_a_failed_job_fails_its_run_with_the_reason(self, v2_stack: V2Stack) -> None:
+    def test_a_failed_job_fails_its_run_with_the_reason(self, v2_stack: PipelineStack) -> None:
         s = v2_stack
         s.emulator.faults.fail_jobs = 1
         s.upload("housing/2026-12-01.csv", housing_csv(60, seed=13))
