@@ -47,6 +47,56 @@ def key_of(w: World) -> str:
 
 
 class TestStartClaimSchedules:
+    def test_a_delivery_that_stood_still_before_its_start_does_not_start_the_job_again(
+        self,
+    ) -> None:
+        """Found by the long chaos run (seeds 3100014, 3200038: "second start"). A delivery asked
+        the job's status (NotStarted) and then stood still (a paused worker); the sweep judged
+        the run stalled and its re-driven copy asked and started the job; the first delivery
+        then woke and started it again."""
+        w = sealed()
+        retry = first_start_refused(w)
+        assert w.run()["state"] == "submitted"
+        other = other_instance(w)
+        answers: list[str] = []
+        real_status = w.jobs.status
+
+        def status_then_stand_still(job_id: str) -> JobStatus:
+            seen = real_status(job_id)
+            if len(w.jobs.polls) == 1:  # the first delivery's status call: it stands still
+                w.clock.advance(hours=1)
+                assert other.sweep()["runs"] == 1
+                ((_, redriven, delay),) = w.outbox.take()
+                assert isinstance(redriven, TrackRun)
+                assert delay >= w.retrainer._ctx.timing.start_lease
+                w.clock.advance(seconds=delay.total_seconds())
+                answers.append(other.on_track_run(redriven, delivery=Delivery("m-3")))
+            return seen
+
+        w.jobs.status = status_then_stand_still  # type: ignore[method-assign]
+        assert w.retrainer.on_track_run(retry, delivery=Delivery("m-2")) in ("resent", "duplicate")
+        assert answers == ["started"]  # the re-driven copy took over and started the job
+        assert w.jobs.started == ["job1"]
+        assert w.jobs.second_starts == []  # the one that stood still did not start it again
+        assert w.run()["state"] == "running"
+
+    def test_a_copy_that_finds_another_delivery_starting_waits_one_start_lease(self) -> None:
+        w = sealed()
+        retry = first_start_refused(w)
+        claim = w.run()["start"]["claim"]
+        assert retry.start == claim  # the retry carries the claim its delivery gave back
+        stranger = retry.model_copy(update={"start": None, "poll": retry.poll + 1})
+        assert w.retrainer.on_track_run(stranger, delivery=Delivery("m-9")) == "waiting"
+        assert w.jobs.polls == []  # it did not ask: the claim's holder may be starting
+        ((_, later, delay),) = w.outbox.take()
+        assert isinstance(later, TrackRun)
+        assert (later.start, later.poll) == (claim, stranger.poll)
+        assert delay == w.retrainer._ctx.timing.start_lease
+        # Whoever comes first with the claim it saw takes it over; the other copy is a duplicate.
+        assert w.retrainer.on_track_run(later, delivery=Delivery("m-10")) == "started"
+        assert w.retrainer.on_track_run(retry, delivery=Delivery("m-2")) == "duplicate"
+        assert (w.jobs.started, w.jobs.second_starts) == (["job1"], [])
+
     def test_a_holder_that_stood_still_before_its_status_call_does_not_poll_beside_the_taker(
         self,
     ) -> None:
