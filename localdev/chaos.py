@@ -68,6 +68,7 @@ from localdev import chaos_v2, stack, v2stack
 from localdev.amlemu import Emulator, EmulatorServer
 from localdev.sample import housing_csv
 from retrain.http import worst_call
+from retrain.ledger import log_key
 from retrain.pipeline import Timing
 from retrain.ports import ModelRef
 from retrain.runstate import TERMINAL
@@ -578,9 +579,12 @@ class Scenario:
     ) -> None:
         model = _doc(states, f"models/{MODEL}.json") or {}
         open_id = (model.get("batch") or {}).get("id")
-        members = BlobDocumentStore.over(states).entries(f"batches/{MODEL}/{open_id}/")
+        store = BlobDocumentStore.over(states)
+        members = [entry for _, entry in store.entries(f"batches/{MODEL}/{open_id}/")]
+        logged = store.read_log(log_key(MODEL, open_id)) if open_id else None
+        members += logged.entries if logged else []
         names = {
-            "open": [entry["name"] for _, entry in members] if open_id else [],
+            "open": sorted({entry["name"] for entry in members}) if open_id else [],
             "sealed": [
                 r["training_file"]["name"]
                 for r in runs

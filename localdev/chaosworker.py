@@ -37,7 +37,7 @@ from retrain.clock import SystemClock
 from retrain.deploy import DeployTarget, Progress, TrafficTarget
 from retrain.errors import PermanentError, TransientError, UsageError
 from retrain.ports import ModelRef, TrainingBackend, TrainingRequest, TrainingResult, TrainingStatus
-from retrain.storage import DocumentStore, Outbox, Versioned
+from retrain.storage import Appended, DocumentStore, Log, Outbox, Versioned
 from retrain.wiring import PortWrappers
 
 ErrorKind = Literal["transient", "permanent", "usage", "unexpected"]
@@ -127,6 +127,24 @@ class CrashingStore:
 
     def entries(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         return self._inner.entries(prefix)
+
+    def start_log(self, key: str) -> bool:
+        started = self._inner.start_log(key)
+        self._crasher.after("ledger write")
+        return started
+
+    def append(self, key: str, entry: dict[str, Any]) -> Appended:
+        appended = self._inner.append(key, entry)
+        self._crasher.after("ledger write")
+        return appended
+
+    def seal_log(self, key: str) -> bool:
+        sealed = self._inner.seal_log(key)
+        self._crasher.after("ledger write")
+        return sealed
+
+    def read_log(self, key: str) -> Log | None:
+        return self._inner.read_log(key)
 
 
 class CrashingJobs:

@@ -63,9 +63,11 @@ class FileVersion(Record):
 class Batch(Record):
     """Files that arrive together and train as one run (its id is the run's).
 
-    The model document holds only this pointer: each file that joins writes a member record of
-    its own under `batches/{model}/{id}/`, and the run record lists the files the seal found
-    there. `files` is read from documents written before member records (kept as they are).
+    The model document holds only this pointer: each file that joins appends an entry to the
+    batch's log (`logs/{model}/{id}/`, when `log` is set), and the run record lists the files
+    the log held when the seal sealed it. Member records under `batches/{model}/{id}/` (one
+    per file, written by the previous release) and `files` (the release before) are read as
+    they are.
     """
 
     id: str = Field(min_length=1)
@@ -76,6 +78,8 @@ class Batch(Record):
     check_at: Moment | None = None
     files: list[FileVersion] = []
     force: bool | None = None
+    log: bool = False
+    """Its members append to its log (created before the batch was opened)."""
 
 
 class StoredModel(Record):
@@ -201,6 +205,7 @@ SCHEMAS: dict[str, type[Record]] = {
     "arrivals/": Arrival,
     "poison/": PoisonRecord,
     "batches/": FileVersion,
+    "logs/": FileVersion,
 }
 """Which model a document under each key prefix has (others, e.g. sweep notes, are free-form)."""
 

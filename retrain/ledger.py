@@ -11,7 +11,7 @@ from typing import Any
 
 from retrain.documents import check_write
 from retrain.errors import DocumentMissing, PermanentError, StateConflict
-from retrain.storage import DocumentStore, Versioned, normalize_etag
+from retrain.storage import Appended, DocumentStore, Log, Versioned, normalize_etag
 
 Doc = dict[str, Any]
 Mutation = Callable[[Doc], Doc | None]
@@ -50,6 +50,12 @@ def members_prefix(model: str, batch_id: str) -> str:
 def member_key(model: str, batch_id: str, arrival: str) -> str:
     """The member record of the version whose arrival record is `arrival` (an arrival_key)."""
     return members_prefix(model, batch_id) + arrival.removeprefix("arrivals/")
+
+
+def log_key(model: str, batch_id: str, segment: int = 0) -> str:
+    """Segment `segment` of a batch's membership log: each file version that joins the batch
+    appends itself; when a segment is full the next one takes over."""
+    return f"logs/{model}/{batch_id}/{segment:05d}.jsonl"
 
 
 class Ledger:
@@ -121,6 +127,23 @@ class Ledger:
     def entries(self, prefix: str) -> list[Doc]:
         """Every small record under `prefix`, from one listing."""
         return [entry for _, entry in self.store.entries(prefix)]
+
+    def start_log(self, key: str) -> bool:
+        """Create the empty log `key` unless it exists; False when it did."""
+        return self.store.start_log(key)
+
+    def append(self, key: str, entry: Doc) -> Appended:
+        """Add `entry` (checked like a document under `key`) at the end of log `key`."""
+        check_write(key, None, entry)
+        return self.store.append(key, entry)
+
+    def seal_log(self, key: str) -> bool:
+        """Make log `key` read-only for good; False when there is none."""
+        return self.store.seal_log(key)
+
+    def read_log(self, key: str) -> Log | None:
+        """Log `key` as it is now (not remembered), or None."""
+        return self.store.read_log(key)
 
     def update(self, key: str, mutate: Mutation, *, initial: Doc | None = None) -> tuple[Doc, bool]:
         """Apply `mutate` atomically; returns the resulting document and whether it changed.

@@ -9,10 +9,12 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
 from azure.core.exceptions import (
     AzureError,
+    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
@@ -23,6 +25,7 @@ from pydantic import BaseModel
 
 from retrain.bes import BlobRef
 from retrain.errors import (
+    DocumentInvalid,
     PermanentRemoteError,
     StateConflict,
     TransientRemoteError,
@@ -42,8 +45,38 @@ class Versioned(NamedTuple):
     etag: str
 
 
+LOG_BLOCKS = 50_000
+"""The most blocks an append blob holds (Azure Storage's limit): a log takes one entry per block,
+so a log segment is full at this many entries and the next one takes over."""
+
+
+class Appended(StrEnum):
+    """What an append to a log did."""
+
+    APPENDED = "appended"
+    SEALED = "sealed"
+    """The log is sealed: nothing joins it any more."""
+    MISSING = "missing"
+    """There is no such log."""
+    FULL = "full"
+    """The log holds as many entries as it can; the next segment takes over."""
+
+
+class Log(NamedTuple):
+    """A log's entries in the order they were appended, and whether it is full."""
+
+    entries: list[dict[str, Any]]
+    full: bool
+
+
 class DocumentStore(Protocol):
-    """JSON documents with optimistic concurrency: every write is conditional."""
+    """JSON documents with optimistic concurrency: every write is conditional.
+
+    Logs are append-only lists of small entries (an append blob each): an append needs no
+    condition, so any number of writers add to one log without conflicts, and a seal makes the
+    log read-only for good (an append after it is refused). That is what batch membership is
+    made of: whatever a log held when it was sealed is the batch.
+    """
 
     def read(self, key: str) -> Versioned | None: ...
 
@@ -64,6 +97,22 @@ class DocumentStore(Protocol):
 
     def entries(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         """Every small record under `prefix` with its content, from one listing."""
+        ...
+
+    def start_log(self, key: str) -> bool:
+        """Create the empty log `key` unless it exists; False when it did."""
+        ...
+
+    def append(self, key: str, entry: dict[str, Any]) -> Appended:
+        """Add `entry` at the end of log `key` (one request, no condition)."""
+        ...
+
+    def seal_log(self, key: str) -> bool:
+        """Make log `key` read-only for good (again: no change); False when there is none."""
+        ...
+
+    def read_log(self, key: str) -> Log | None:
+        """Log `key` as it is now, or None when there is none."""
         ...
 
 
@@ -278,6 +327,68 @@ class BlobDocumentStore:
         except AzureError as exc:
             raise storage_error(f"list {prefix}", exc) from exc
         return found
+
+    def start_log(self, key: str) -> bool:
+        self._ensure()
+        try:
+            self._container.get_blob_client(key).create_append_blob(if_none_match="*")
+        except ResourceExistsError:
+            return False
+        except AzureError as exc:
+            raise storage_error(f"create log {key}", exc) from exc
+        return True
+
+    def append(self, key: str, entry: dict[str, Any]) -> Appended:
+        try:
+            self._container.get_blob_client(key).append_block(_dump(entry) + b"\n")
+        except ResourceNotFoundError:
+            return Appended.MISSING
+        except HttpResponseError as exc:
+            refused = _LOG_REFUSALS.get(str(getattr(exc, "error_code", None) or ""))
+            if refused is None:
+                raise storage_error(f"append to {key}", exc) from exc
+            return refused
+        except AzureError as exc:
+            raise storage_error(f"append to {key}", exc) from exc
+        return Appended.APPENDED
+
+    def seal_log(self, key: str) -> bool:
+        try:
+            self._container.get_blob_client(key).seal_append_blob()
+        except ResourceNotFoundError:
+            return False
+        except AzureError as exc:
+            raise storage_error(f"seal log {key}", exc) from exc
+        return True
+
+    def read_log(self, key: str) -> Log | None:
+        try:
+            stream = self._container.download_blob(key)
+            body = stream.readall()
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise storage_error(f"read log {key}", exc) from exc
+        blocks = stream.properties.append_blob_committed_block_count or 0
+        return Log(parse_log(key, body), blocks >= LOG_BLOCKS)
+
+
+_LOG_REFUSALS = {"BlobIsSealed": Appended.SEALED, "BlockCountExceedsLimit": Appended.FULL}
+"""The error codes of an Append Block refused for what the log is, not for the request."""
+
+
+def parse_log(key: str, body: bytes) -> list[dict[str, Any]]:
+    """A log's entries, one JSON object per line; a line that is not one is named."""
+    entries: list[dict[str, Any]] = []
+    for number, line in enumerate(body.splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise DocumentInvalid(f"{key}: line {number} is not a JSON object; fix or remove it")
+        entries.append(entry)
+    return entries
 
 
 ENTRY_FIELD = "entry"

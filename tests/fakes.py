@@ -26,7 +26,17 @@ from retrain.ports import (
     TrainingResult,
     TrainingStatus,
 )
-from retrain.storage import HEAD_BYTES, BlobHead, BlobUnreadable, BlobVersion, Listed, Versioned
+from retrain.storage import (
+    HEAD_BYTES,
+    LOG_BLOCKS,
+    Appended,
+    BlobHead,
+    BlobUnreadable,
+    BlobVersion,
+    Listed,
+    Log,
+    Versioned,
+)
 
 
 class MemoryDocumentStore:
@@ -34,6 +44,10 @@ class MemoryDocumentStore:
 
     def __init__(self) -> None:
         self.docs: dict[str, tuple[dict[str, Any], str]] = {}
+        self.logs: dict[str, tuple[list[dict[str, Any]], bool]] = {}
+        """Each log's entries and whether it is sealed."""
+        self.log_blocks = LOG_BLOCKS
+        """How many entries a log holds before an append to it is refused as full."""
         self._etags = itertools.count(1)
         self.calls: list[tuple[str, str]] = []
         """Every request as (operation, key), as a storage account would count them."""
@@ -81,6 +95,39 @@ class MemoryDocumentStore:
     def entries(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         self._call("entries", prefix)
         return [(k, copy.deepcopy(self.docs[k][0])) for k in self.keys(prefix)]
+
+    def start_log(self, key: str) -> bool:
+        self._call("start_log", key)
+        if key in self.logs:
+            return False
+        self.logs[key] = ([], False)
+        return True
+
+    def append(self, key: str, entry: dict[str, Any]) -> Appended:
+        self._call("append", key)
+        if key not in self.logs:
+            return Appended.MISSING
+        entries, sealed = self.logs[key]
+        if sealed:
+            return Appended.SEALED
+        if len(entries) >= self.log_blocks:
+            return Appended.FULL
+        entries.append(copy.deepcopy(entry))
+        return Appended.APPENDED
+
+    def seal_log(self, key: str) -> bool:
+        self._call("seal_log", key)
+        if key not in self.logs:
+            return False
+        self.logs[key] = (self.logs[key][0], True)
+        return True
+
+    def read_log(self, key: str) -> Log | None:
+        self._call("read_log", key)
+        if key not in self.logs:
+            return None
+        entries = self.logs[key][0]
+        return Log(copy.deepcopy(entries), len(entries) >= self.log_blocks)
 
 
 class FakeData:

@@ -21,7 +21,7 @@ from retrain.pipeline.records import (
     open_batch,
 )
 from retrain.settings import ModelSpec
-from retrain.storage import BlobHead, BlobUnreadable
+from retrain.storage import Appended, BlobHead, BlobUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ class Arrivals:
     def on_blob(self, container: str, name: str) -> str:
         """Handle a blob arrival; returns what happened ('batched', 'rejected', 'duplicate', …).
 
-        A new arrival on a warm instance costs four storage requests, whatever the size of its
+        A new arrival on a warm instance costs three storage requests, whatever the size of its
         batch and however many instances take part: read the blob's first bytes, create its
-        arrival record, create its member record in the batch, read the model document to
-        confirm the batch was still open. Opening a batch adds two writes and the batch's
-        check. The arrival record names the batch *before* the member is written, so a
-        redelivery can tell exactly where the first delivery got.
+        arrival record, append its entry to the batch's log. Opening a batch adds three writes
+        (the log, the model document, the arrival record's claim) and the batch's check. The
+        arrival record names the batch *before* the entry is appended, so a redelivery can
+        tell where the first delivery may have got.
         """
         ctx = self._ctx
         refused = _unreferenceable(name)
@@ -148,17 +148,17 @@ class Arrivals:
         check: bool = True,
     ) -> tuple[str, bool]:
         """Put `file` in batch `claim`, which its arrival record (`key`) names (None: no batch
-        yet); returns the batch it is in for good and whether this call wrote its member.
+        yet); returns the batch it is in for good and whether this call added it.
 
-        The arrival record decides where the file goes: a member is written only in the batch
+        The arrival record decides where the file goes: the file is appended only to the batch
         the record names, and the record moves on only by a conditional change from the batch
         it named, either from none to a batch that is open, or from a sealed batch whose run
         record (fixed once made) does not hold the file. So two deliveries of one arrival
-        never put it in two batches whatever their order. The member counts if the batch was
-        still open when it was written (read after the write): the seal lists members only
-        after it closed the batch. `replace`: overwrite a member record already there (a
-        retrain-now's marks). `check`: a batch opened here sends its check (a retrain-now
-        sends its own).
+        never put it in two batches whatever their order. An append the log took is in the
+        batch for good (the seal seals the log before it reads it); one refused because the
+        log is sealed joins the next batch, unless an earlier attempt got in before the seal.
+        `replace`: the entry's marks win over an entry already there (a retrain-now's).
+        `check`: a batch opened here sends its check (a retrain-now sends its own).
         """
         ctx, mkey = self._ctx, model_key(spec.name)
         state: Doc = {}
@@ -166,21 +166,50 @@ class Arrivals:
             if claim is None:
                 claim = self.claim(spec, key, None, state.get("batch"), now, check=check)
                 continue
-            added = ctx.ledger.put_entry(member_key(spec.name, claim, key), file, replace=replace)
+            appended = self._batches.add(spec, claim, file, replace=replace)
+            if appended is Appended.APPENDED:
+                return claim, True
             state = ctx.ledger.get(mkey) or {}
-            batch, sealed = state.get("batch"), state.get("sealed") or {}
-            if batch is not None and batch["id"] == claim:
-                return claim, added
-            if sealed.get("id") == claim:
-                run: Doc | None = self._batches.run_of(spec, sealed, now)
-            else:
-                run = ctx.ledger.get(run_key(spec.name, claim), remember=False)
-            if run is not None and holds(run.get("files") or [], file):
-                return claim, added
-            # Written after the seal's listing (or the record names a batch an earlier release
+            batch = state.get("batch")
+            if appended is Appended.MISSING and batch is not None and batch["id"] == claim:
+                if batch.get("log"):
+                    self._batches.start_log(spec, claim)  # open without its log: made again
+                    continue
+                state, added = self._join_listed(spec, key, file, claim, replace=replace)
+                batch = state.get("batch")
+                if batch is not None and batch["id"] == claim:
+                    return claim, added
+            if self._sealed_with(spec, state, claim, file, now):
+                return claim, False  # an earlier attempt got in before the seal
+            # Sealed before the file got in (or the record names a batch an earlier release
             # never opened): the file belongs to the next batch.
             claim = self.claim(spec, key, claim, batch, now, check=check)
         raise StateConflict(f"{key}: batch of {spec.name} kept changing under the arrival")
+
+    def _join_listed(
+        self, spec: ModelSpec, key: str, file: Doc, claim: str, *, replace: bool
+    ) -> tuple[Doc, bool]:
+        """Join batch `claim`, opened by an earlier release (no log), the way that release
+        did: a member record, which counts if the batch was still open when it was written
+        (read after the write; that release's seal lists members after it closed the batch).
+        Returns the model document read after the write and whether the record was new."""
+        ledger = self._ctx.ledger
+        added = ledger.put_entry(member_key(spec.name, claim, key), file, replace=replace)
+        return ledger.get(model_key(spec.name)) or {}, added
+
+    def _sealed_with(
+        self, spec: ModelSpec, state: Doc, claim: str | None, file: Doc, now: datetime
+    ) -> bool:
+        """Whether batch `claim`, no longer open on `state`, was sealed with `file` in it (its
+        run record, made here from the sealed log if no one made it yet)."""
+        if claim is None:
+            return False
+        sealed = state.get("sealed") or {}
+        if sealed.get("id") == claim:
+            run: Doc | None = self._batches.run_of(spec, sealed, now)
+        else:
+            run = self._ctx.ledger.get(run_key(spec.name, claim), remember=False)
+        return run is not None and holds(run.get("files") or [], file)
 
     def claim(
         self,
@@ -206,9 +235,12 @@ class Arrivals:
         """The model's open batch: the one open, or one opened now by arrival `key` (which
         then sends its check, unless `check` is False)."""
         ctx = self._ctx
+        new_id = batch_id(now)
+        # The log first: an arrival that finds the batch open finds its log.
+        self._batches.start_log(spec, new_id)
         state, opened = ctx.ledger.update(
             model_key(spec.name),
-            functools.partial(open_batch, new_id=batch_id(now), now=now, opener=key),
+            functools.partial(open_batch, new_id=new_id, now=now, opener=key),
             initial=new_model(spec),
         )
         if opened and check:
@@ -228,12 +260,18 @@ class Arrivals:
             # Opening a batch sends its check after the write; the first delivery may have
             # died in between. A second check is harmless (the first to act wins).
             ctx.schedule_check(spec, batch, now)
-        if batch is not None and batch["id"] == claim and holds(batch.get("files") or [], file):
-            return "duplicate"  # in a batch listed on the model document (earlier releases)
-        joined, added = self.join(spec, key, file, claim, now=now)
-        if not added and joined == claim:
+        if batch is not None and batch["id"] == claim:
+            if holds(self._batches.members(spec, batch), file):
+                log.info("arrival %s@%s: duplicate event ignored", file["name"], file["etag"])
+                return "duplicate"
+        elif self._sealed_with(spec, state, claim, file, now):
             log.info("arrival %s@%s: duplicate event ignored", file["name"], file["etag"])
             return "duplicate"
+        elif claim is not None:
+            # Its batch was sealed without it: it moves to the open batch before it is added
+            # anywhere (a log left unsealed by an earlier release's seal takes no more).
+            claim = self.claim(spec, key, claim, batch, now, check=True)
+        joined, _ = self.join(spec, key, file, claim, now=now)
         log.warning(
             "arrival %s@%s: redelivered before it reached a batch; added to %s",
             file["name"],

@@ -1,13 +1,19 @@
 """Batches: a model's open batch is sealed into a run once it has been quiet long enough.
 
-A batch is a pointer on the model document (id, when it opened, who opened it) and one member
-record per file version under `batches/{model}/{id}/`, which each arrival writes for itself: no
-arrival rewrites a document another arrival writes too. The check reads the members in one
-listing. Sealing is two steps: the model document's pointer moves from `batch` to `sealed`
-(one conditional write: from then on no arrival counts itself in), then a listing made after
-that write becomes the run record, created once. Whoever creates the run record first decides
-the batch's files for good; an arrival whose member came too late finds itself missing from it
-and joins the next batch (see arrivals.py).
+A batch is a pointer on the model document (id, when it opened, who opened it) and a log under
+`logs/{model}/{id}/` (an append blob, created before the pointer is published) to which each
+arriving file version appends one entry: no arrival rewrites a document another arrival writes
+too, and an append needs no condition, so instances never conflict over a batch. The check
+reads the log. Sealing is two steps: the model document's pointer moves from `batch` to
+`sealed` (one conditional write: new arrivals go to the next batch), then the log is sealed
+(an append after that is refused, so its writer joins the next batch) and what it holds
+becomes the run record, created once. A log holds 50,000 entries; a full one hands over to the
+next segment, and the seal seals each segment up to the first one that is not full (creating
+it sealed if no arrival did), so no segment is left open behind it.
+
+Batches opened by earlier releases have no log: their files are member records under
+`batches/{model}/{id}/` (one listing) or a list on the pointer, read as they are (arrivals.py
+joins such a batch the way that release did).
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from retrain.ledger import Doc, members_prefix, model_key, run_key
+from retrain.ledger import Doc, log_key, members_prefix, model_key, run_key
 from retrain.messages import CheckBatch, TrackRun
 from retrain.pipeline.context import Context, dims
-from retrain.pipeline.records import check_due, iso, merge_files, new_run, parse
+from retrain.pipeline.records import check_due, fold_log, iso, merge_files, new_run, parse
 from retrain.settings import ModelSpec
+from retrain.storage import Appended
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +38,60 @@ class Batches:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
+        self._segments: dict[str, tuple[str, int]] = {}
+        """Per model, the batch this instance last appended to and the segment it reached."""
 
-    def members(self, spec: ModelSpec, batch: Doc) -> list[Doc]:
-        """The files of open or sealed batch `batch`: its member records (one listing), with
-        the list documents written before member records kept in the pointer itself."""
+    def add(self, spec: ModelSpec, batch: str, file: Doc, *, replace: bool = False) -> Appended:
+        """Append `file` to the log of batch `batch` (`replace`: its marks win over an entry of
+        the same version already there). APPENDED: it is in the batch for good; SEALED: the
+        batch was sealed before; MISSING: the batch has no log (opened by an earlier release,
+        or never opened)."""
+        ledger = self._ctx.ledger
+        known, segment = self._segments.get(spec.name, (batch, 0))
+        segment = segment if known == batch else 0
+        entry = {**file, "replace": True} if replace else file
+        while True:
+            key = log_key(spec.name, batch, segment)
+            result = ledger.append(key, entry)
+            if result is Appended.FULL:
+                segment += 1
+                self._segments[spec.name] = (batch, segment)
+            elif result is Appended.MISSING and segment > 0:
+                # The one before is full, so this segment is the batch's (a seal that got
+                # here first created it sealed).
+                ledger.start_log(key)
+            else:
+                return result
+
+    def start_log(self, spec: ModelSpec, batch: str) -> None:
+        """Create the log of a batch about to be opened (or found open without one)."""
+        self._ctx.ledger.start_log(log_key(spec.name, batch))
+
+    def members(self, spec: ModelSpec, batch: Doc, *, seal: bool = False) -> list[Doc]:
+        """The files of open or sealed batch `batch`, read from its log (sealed first when
+        `seal`: then they are the batch's for good), with the member records (one listing) and
+        the list of earlier releases."""
         listed = self._ctx.ledger.entries(members_prefix(spec.name, batch["id"]))
-        return merge_files(batch.get("files") or [], listed)
+        logged = self._log(spec, batch["id"], seal=seal) if batch.get("log") else []
+        return merge_files(batch.get("files") or [], listed, logged)
+
+    def _log(self, spec: ModelSpec, batch: str, *, seal: bool) -> list[Doc]:
+        """The entries of every segment of the batch's log, each sealed first when `seal`."""
+        ledger = self._ctx.ledger
+        entries: list[Doc] = []
+        segment = 0
+        while True:
+            key = log_key(spec.name, batch, segment)
+            if seal and not ledger.seal_log(key):
+                ledger.start_log(key)  # none yet: made sealed, so no arrival starts it later
+                ledger.seal_log(key)
+            found = ledger.read_log(key)
+            if found is None:
+                return fold_log(entries)
+            entries.extend(found.entries)
+            if not found.full:
+                return fold_log(entries)
+            segment += 1
 
     def on_check_batch(self, msg: CheckBatch) -> str:
         """Seal the model's batch into a run once it has been quiet long enough."""
@@ -105,14 +160,15 @@ class Batches:
         return "waiting"
 
     def run_of(self, spec: ModelSpec, sealed: Doc, now: datetime) -> Doc:
-        """The run record of sealed batch `sealed`, made from a listing of its members if no
-        one made it yet (created once: the first listing to land is the batch's for good)."""
+        """The run record of sealed batch `sealed`, made from its sealed log if no one made it
+        yet (created once: the first to land is the batch's for good; a log once sealed reads
+        the same to every instance)."""
         ctx = self._ctx
         key = run_key(spec.name, sealed["id"])
         found = ctx.ledger.get(key, remember=False)
         if found is not None:
             return found
-        run = new_run(spec, sealed, self.members(spec, sealed), now)
+        run = new_run(spec, sealed, self.members(spec, sealed, seal=True), now)
         if ctx.ledger.create(key, run):
             if run["files"]:
                 ctx.emit(spec, run, run["history"][0]["note"])

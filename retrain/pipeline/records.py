@@ -81,7 +81,13 @@ def open_batch(doc: Doc, *, new_id: str, now: datetime, opener: str) -> Doc | No
     """Open batch `new_id` on the model document; None when a batch is open already."""
     if doc.get("batch") is not None:
         return None
-    doc["batch"] = {"id": new_id, "opened_at": iso(now), "last_at": iso(now), "opened_by": opener}
+    doc["batch"] = {
+        "id": new_id,
+        "opened_at": iso(now),
+        "last_at": iso(now),
+        "opened_by": opener,
+        "log": True,
+    }
     return doc
 
 
@@ -94,6 +100,21 @@ def merge_files(*lists: list[Doc]) -> list[Doc]:
             version = (f["name"], normalize_etag(f["etag"]))
             merged[version] = {**merged.get(version, {}), **f}
     return sorted(merged.values(), key=lambda f: (f.get("arrived_at") or "", f["name"]))
+
+
+def fold_log(entries: list[Doc]) -> list[Doc]:
+    """The file versions of a batch's log, each once: an entry appended again (a redelivered
+    arrival) keeps the first one's fields; a retrain-now's entry (`replace`) wins with its
+    marks."""
+    files: dict[tuple[str, str], Doc] = {}
+    for entry in entries:
+        file = {k: v for k, v in entry.items() if k != "replace"}
+        version = (file["name"], normalize_etag(file["etag"]))
+        if version not in files:
+            files[version] = file
+        elif entry.get("replace"):
+            files[version] = {**files[version], **file}
+    return list(files.values())
 
 
 def file_entry(

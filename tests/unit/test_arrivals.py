@@ -38,13 +38,13 @@ def _crash(w: World, op: str, prefix: str, name: str) -> None:
 
 class TestCost:
     def test_a_warm_arrival_writes_only_records_of_its_own(self) -> None:
-        """Arrival record, member record, a read of the model to confirm: never a write of a
-        document another arrival writes too, so instances do not contend."""
+        """Arrival record, an append to the batch's log: never a write of a document another
+        arrival writes too, and no condition on the append, so instances do not contend."""
         w = World()
         w.drop("housing/a.csv")
         w.store.calls.clear()
         w.drop("housing/b.csv")
-        assert [op for op, _ in w.store.calls] == ["create", "put_entry", "read"]
+        assert [op for op, _ in w.store.calls] == ["create", "append"]
         assert len(w.outbox.sent) == 1  # the opener's check only
 
     def test_the_cost_of_an_arrival_does_not_grow_with_its_batch(self) -> None:
@@ -54,7 +54,7 @@ class TestCost:
         w.store.calls.clear()
         w.drop("housing/last.csv")
         ops = w.store.calls
-        assert [op for op, _ in ops] == ["create", "put_entry", "read"]
+        assert [op for op, _ in ops] == ["create", "append"]
         model = w.store.docs[model_key("housing")][0]
         assert len(json.dumps(model)) < 1000  # pointers only, no file list
         assert len(w.batch_files()) == 201
@@ -67,7 +67,7 @@ class TestCost:
         w.drop("housing/b.csv")
         w.drop("housing/c.csv")
         ops = [op for op, _ in w.store.calls]
-        assert ops == ["read", "create", "put_entry", "read", "create", "put_entry", "read"]
+        assert ops == ["read", "create", "append", "create", "append"]
 
 
 class TestRedelivery:
@@ -88,7 +88,7 @@ class TestRedelivery:
         w = World()
         w.drop("housing/a.csv")
         first = _batch(w)["id"]
-        _crash(w, "put_entry", "batches/", "housing/b.csv")
+        _crash(w, "append", "logs/", "housing/b.csv")
         assert _arrival(w, "housing/b.csv")["batch_id"] == first
         assert w.deliver() == ["sealed"]  # the batch closes without b
         assert w.retrainer.on_blob("data", "housing/b.csv") == "batched"
@@ -206,7 +206,7 @@ def test_the_sweep_finishes_an_arrival_whose_retries_ran_out() -> None:
     w = World()
     w.drop("housing/a.csv")
     assert w.deliver() == ["sealed"]
-    _crash(w, "put_entry", "batches/", "housing/b.csv")
+    _crash(w, "append", "logs/", "housing/b.csv")
     assert w.retrainer.sweep()["blobs"] == 1
     assert w.batch_files() == ["housing/b.csv"]
     assert _arrival(w, "housing/b.csv")["batch_id"] == _batch(w)["id"]

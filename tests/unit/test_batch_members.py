@@ -1,4 +1,6 @@
-"""Batch membership as records of each arrival's own: the seal is exact under every order."""
+"""Batch membership as entries of each arrival's own in the batch's log: the seal is exact
+under every order, a full log hands over to the next segment, and batches opened by earlier
+releases keep their files."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from retrain.ledger import Ledger, model_key
+from retrain.ledger import Ledger, member_key, model_key
 from retrain.messages import CheckBatch
 from retrain.pipeline import Retrainer
 from tests.harness import World, left_as
@@ -24,8 +26,30 @@ def _second_instance(w: World) -> Retrainer:
     return Retrainer(dataclasses.replace(w.retrainer._ctx, ledger=Ledger(w.store)))
 
 
+def _open_batch(w: World) -> dict[str, Any]:
+    state = w.ledger.get(model_key("housing"))
+    assert state is not None
+    batch: dict[str, Any] = state["batch"]
+    return batch
+
+
 def _file_names(run: dict[str, Any]) -> list[str]:
     return sorted(f["name"] for f in run["files"])
+
+
+def _sealer_dies_before(op: str, prefix: str) -> tuple[World, Retrainer, CheckBatch]:
+    """Instance B's check closes batch 1 and dies before its `op` on `prefix`; instance A
+    still remembers batch 1 open, and housing/c.csv is uploaded for A to ingest."""
+    w = World()
+    w.drop("housing/a.csv")
+    check = _check(w)
+    other = _second_instance(w)
+    w.clock.advance(seconds=61)
+    w.store.crash_before = (op, prefix)
+    with pytest.raises(RuntimeError, match="crashed"):
+        other.on_check_batch(check)
+    w.data.put("data", "housing/c.csv", "rooms,price\n1,2\n")
+    return w, other, check
 
 
 class TestTheSealRace:
@@ -46,24 +70,30 @@ class TestTheSealRace:
         assert state is not None
         assert state["batch"]["id"] != w.run()["run_id"]
 
-    def test_a_member_written_between_the_seal_and_its_listing_is_in_this_run(self) -> None:
-        """Instance B closed the batch and died before recording its run; instance A, which still
-        remembers the batch open, wrote its member in between: A finds the batch sealed and
-        records the run itself, with its file."""
-        w = World()
-        w.drop("housing/a.csv")
-        check = _check(w)
-        other = _second_instance(w)
-        w.clock.advance(seconds=61)
-        w.store.crash_before = ("create", "runs/")
-        with pytest.raises(RuntimeError, match="crashed"):
-            other.on_check_batch(check)
-        w.data.put("data", "housing/c.csv", "rooms,price\n1,2\n")
+    def test_an_append_between_the_seal_and_the_logs_seal_is_in_this_run(self) -> None:
+        """Instance B closed the batch and died before it sealed the log; instance A, which
+        still remembers the batch open, appended in between: the file is in this batch (its
+        arrival named it, the log took it), and the run made by the check's redelivery holds
+        it."""
+        w, other, check = _sealer_dies_before("seal_log", "logs/")
         assert w.retrainer.on_blob("data", "housing/c.csv") == "batched"
+        assert w.retrainer.runs("housing") == []
+        assert other.on_check_batch(check) == "resent"
         (run,) = w.retrainer.runs("housing")
         assert _file_names(run) == ["housing/a.csv", "housing/c.csv"]
         assert w.batch_files() == []
-        # The check's redelivery finds the run recorded and hands it on.
+
+    def test_an_append_after_the_logs_seal_joins_the_next_batch_even_with_no_run_yet(
+        self,
+    ) -> None:
+        """B sealed the log and died before recording the run: A's append is refused, A
+        records the run itself (from the sealed log, without its file) and joins the next
+        batch; the check's redelivery finds the run and hands it on."""
+        w, other, check = _sealer_dies_before("create", "runs/")
+        assert w.retrainer.on_blob("data", "housing/c.csv") == "batched"
+        (run,) = w.retrainer.runs("housing")
+        assert _file_names(run) == ["housing/a.csv"]
+        assert w.batch_files() == ["housing/c.csv"]
         assert other.on_check_batch(check) == "resent"
         assert len(w.retrainer.runs("housing")) == 1
 
@@ -72,7 +102,7 @@ class TestTheSealRace:
         file, its run ends at once (superseded, never trained), and the opener's
         redelivery joins the next batch."""
         w = World()
-        w.store.crash_before = ("put_entry", "batches/")
+        w.store.crash_before = ("append", "logs/")
         with pytest.raises(RuntimeError, match="crashed"):
             w.drop("housing/a.csv")
         check = _check(w)
@@ -90,7 +120,7 @@ class TestTheSealRace:
 
 
 class TestCheckCost:
-    def test_a_check_reads_the_batch_in_one_listing_and_wakes_early_once(self) -> None:
+    def test_a_check_reads_the_batch_once_and_wakes_early_once(self) -> None:
         w = World()
         w.drop("housing/a.csv")
         check = _check(w)
@@ -100,7 +130,10 @@ class TestCheckCost:
         w.clock.advance(seconds=11)  # the opener's check is due; the batch is not quiet
         w.store.calls.clear()
         assert w.retrainer.on_check_batch(check) == "waiting"
-        assert [op for op, _ in w.store.calls].count("entries") == 1
+        ops = [op for op, _ in w.store.calls]
+        # One read of the log (and one listing of member records an earlier release's
+        # instances may have written during a rolling upgrade).
+        assert (ops.count("read_log"), ops.count("entries")) == (1, 1)
         (later,) = [m for _, m, _ in w.outbox.take()]
         # A duplicate of the early check changes nothing and sends nothing.
         assert w.retrainer.on_check_batch(check) == "waiting"
@@ -111,17 +144,130 @@ class TestCheckCost:
         assert len(w.run()["files"]) == 21
 
 
-def test_a_batch_listed_on_the_model_document_by_an_earlier_release_keeps_its_files() -> None:
-    """An open batch written before member records: its files stay in the pointer, later
-    arrivals add members, and the run holds both."""
+def _as_earlier_release(w: World, *, listed: bool) -> None:
+    """The open batch as an earlier release opened it: no log; its file a member record
+    (the previous release) or, with `listed`, in the pointer (the release before)."""
+    (key,) = w.store.logs
+    (entry,) = w.store.logs.pop(key)[0]
+    batch = _open_batch(w)
+    pointer = {k: v for k, v in batch.items() if k != "log"}
+    if listed:
+        pointer["files"] = [entry]
+    else:
+        member = member_key("housing", batch["id"], batch["opened_by"])
+        w.store.docs[member] = (entry, "e0")
+    left_as(w, model_key("housing"), lambda d: {**d, "batch": pointer})
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["files-on-pointer", "member-records"])
+def test_a_batch_opened_by_an_earlier_release_keeps_its_files(listed: bool) -> None:
+    """An open batch without a log: later arrivals join it as that release did (member
+    records, confirmed by a read of the model), and the run holds every file."""
     w = World()
     w.drop("housing/a.csv")
     check = _check(w)
-    (member,) = w.store.keys("batches/")
-    entry = w.store.docs.pop(member)[0]
-    left_as(w, model_key("housing"), lambda d: {**d, "batch": {**d["batch"], "files": [entry]}})
+    _as_earlier_release(w, listed=listed)
+    w.store.calls.clear()
     w.drop("housing/b.csv")
+    assert [op for op, _ in w.store.calls] == ["create", "append", "read", "put_entry", "read"]
     assert w.batch_files() == ["housing/a.csv", "housing/b.csv"]
     w.clock.advance(seconds=61)
     assert w.retrainer.on_check_batch(check) == "sealed"
     assert _file_names(w.run()) == ["housing/a.csv", "housing/b.csv"]
+    assert w.store.logs == {}  # no log was made for it
+
+
+class TestFullLog:
+    def test_a_full_segment_hands_over_and_the_seal_reads_every_segment(self) -> None:
+        w = World()
+        w.store.log_blocks = 3
+        for i in range(7):
+            w.drop(f"housing/{i}.csv")
+        check = _check(w)
+        opened = _open_batch(w)["id"]
+        assert sorted(w.store.logs) == [f"logs/housing/{opened}/{n:05d}.jsonl" for n in range(3)]
+        w.clock.advance(seconds=61)
+        assert w.retrainer.on_check_batch(check) == "sealed"
+        assert len(w.run()["files"]) == 7
+        assert all(sealed for _, sealed in w.store.logs.values())
+
+    def test_a_seal_leaves_no_segment_open_behind_a_full_one(self) -> None:
+        """The last segment is exactly full at the seal: the seal makes the next one sealed,
+        so a late arrival that finds the last one full is refused there, not taken in a
+        batch already recorded."""
+        w = World()
+        w.store.log_blocks = 2
+        w.drop("housing/a.csv")
+        w.drop("housing/b.csv")
+        check = _check(w)
+        other = _second_instance(w)
+        w.clock.advance(seconds=61)
+        assert other.on_check_batch(check) == "sealed"
+        assert len(w.store.logs) == 2  # the full one, and the next one made sealed
+        w.data.put("data", "housing/late.csv", "rooms,price\n1,2\n")
+        assert w.retrainer.on_blob("data", "housing/late.csv") == "batched"  # stale cache
+        assert _file_names(w.run()) == ["housing/a.csv", "housing/b.csv"]
+        assert w.batch_files() == ["housing/late.csv"]
+
+
+def test_a_log_line_that_is_not_json_is_named() -> None:
+    from retrain.errors import DocumentInvalid
+    from retrain.storage import parse_log
+
+    assert parse_log("logs/x/1/00000.jsonl", b'{"name":"a"}\n{"name":"b"}\n') == [
+        {"name": "a"},
+        {"name": "b"},
+    ]
+    with pytest.raises(DocumentInvalid, match=r"logs/x/1/00000.jsonl: line 2 is not a JSON object"):
+        parse_log("logs/x/1/00000.jsonl", b'{"name":"a"}\n[1]\n')
+
+
+def test_a_redelivered_entry_keeps_the_first_and_a_retrain_nows_marks_win() -> None:
+    from retrain.pipeline.records import fold_log
+
+    first = {"name": "a", "etag": "1", "arrived_at": "2026-01-01T00:00:00+00:00"}
+    again = {**first, "arrived_at": "2026-01-01T00:05:00+00:00"}
+    asked = {**first, "requested": "manual", "replace": True}
+    assert fold_log([first, again]) == [first]
+    assert fold_log([first, again, asked]) == [{**first, "requested": "manual"}]
+
+
+class TestBlobLogRefusals:
+    """The adapter reads why an append was refused from the service's error code (a full log
+    cannot be made on the local emulator: it does not count blocks)."""
+
+    class Refusing:
+        def __init__(self, code: str, status: int) -> None:
+            self.code, self.status = code, status
+
+        def get_blob_client(self, key: str) -> Any:
+            return self
+
+        def append_block(self, body: bytes) -> None:
+            from azure.core.exceptions import HttpResponseError, ResourceExistsError
+
+            error = (ResourceExistsError if self.status == 409 else HttpResponseError)(
+                message=self.code
+            )
+            error.error_code = self.code  # type: ignore[attr-defined]
+            raise error
+
+    @pytest.mark.parametrize(
+        ("code", "status", "result"),
+        [("BlockCountExceedsLimit", 409, "full"), ("BlobIsSealed", 409, "sealed")],
+    )
+    def test_a_refusal_for_what_the_log_is_is_an_answer(
+        self, code: str, status: int, result: str
+    ) -> None:
+        from retrain.storage import BlobDocumentStore
+
+        store = BlobDocumentStore.over(self.Refusing(code, status))  # type: ignore[arg-type]
+        assert store.append("logs/x/1/00000.jsonl", {"name": "a"}) == result
+
+    def test_any_other_refusal_is_an_error_that_names_the_log(self) -> None:
+        from retrain.errors import RemoteError
+        from retrain.storage import BlobDocumentStore
+
+        store = BlobDocumentStore.over(self.Refusing("ServerBusy", 503))  # type: ignore[arg-type]
+        with pytest.raises(RemoteError, match=r"append to logs/x/1/00000\.jsonl"):
+            store.append("logs/x/1/00000.jsonl", {"name": "a"})

@@ -46,7 +46,7 @@ from retrain.messages import CheckBatch, TrackRun
 from retrain.pipeline import Context, Delivery, Retrainer, Timing
 from retrain.pipeline.arrivals import Arrival
 from retrain.ports import Phase as JobPhase
-from retrain.storage import normalize_etag
+from retrain.storage import LOG_BLOCKS, normalize_etag
 from tests.fakes import (
     FakeData,
     FakeTarget,
@@ -397,10 +397,14 @@ def counted_tokens() -> Any:
 @given(data=st.data())
 def test_every_accepted_version_lands_in_exactly_one_run(events: int, data: st.DataObject) -> None:
     """2-4 versions, each delivered up to `events` times, maybe a retrain-now; kills,
-    redeliveries, duplicate and lost checks, the clock moving mid-burst."""
+    redeliveries, duplicate and lost checks, the clock moving mid-burst, log segments that
+    fill up."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(secrets, "token_hex", counted_tokens())
         world = Interleaving(data.draw)
+        # Log segments of one or two entries put the hand-over to the next segment, and a
+        # seal walking the segments, in the interleavings too.
+        world.store.log_blocks = data.draw(st.sampled_from([LOG_BLOCKS, 1, 2]), label="log size")
         names = [f"housing/f{i}.csv" for i in range(data.draw(st.integers(2, 4), label="files"))]
         for name in names:
             world.upload(name, copies=data.draw(st.integers(1, events), label="deliveries"))
