@@ -10,7 +10,8 @@ one Azurite and the strict Azure ML emulator, and while they work it:
 - runs the CLI beside them (`approve`, `rollback`, `retrain`), and SIGKILLs some commands;
 - makes the emulator answer 429/5xx, drop connections, act late or answer late (past the read
   timeout), lose the answer after acting (submit, start, status, PATCH, ARM PATCH), fail or hang
-  a job;
+  a job; loses the answer of ledger writes that landed (answered as the storage SDK's retry of
+  such a conditional write is: refused as conflicting);
 - overwrites data files with valid and invalid versions while their batch is open, sealed, or
   training; loses a queue message; duplicates and reorders deliveries.
 
@@ -230,6 +231,8 @@ class Worker:
             "0.3" if "duplicates" in s.faults else "0",
             "--crash-rate",
             "0.04" if "crash" in s.faults else "0",
+            "--lose-rate",
+            "0.03" if "lost response" in s.faults else "0",
             "--visibility",
             str(VISIBILITY),
         ]
@@ -812,6 +815,8 @@ class Scenario:
                 event = json.loads(line)
                 if event["event"] == "crash":
                     res.figures[f"crash after {event['point']}"] += 1
+                elif event["event"] == "lost answer":
+                    res.figures[f"lost response on {event['point']}"] += 1
                 elif event["event"] == "host error":
                     res.figures["host polling errors"] += 1
                 elif event["event"] == "exception":

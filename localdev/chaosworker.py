@@ -35,7 +35,7 @@ from retrain.backends.bes import BesTraining
 from retrain.bes import BatchJobs, BlobRef, JobStatus
 from retrain.clock import SystemClock
 from retrain.deploy import DeployTarget, Progress, TrafficTarget
-from retrain.errors import PermanentError, TransientError, UsageError
+from retrain.errors import PermanentError, StateConflict, TransientError, UsageError
 from retrain.ports import ModelRef, TrainingBackend, TrainingRequest, TrainingResult, TrainingStatus
 from retrain.storage import Appended, DocumentStore, Log, Outbox, Versioned
 from retrain.wiring import PortWrappers
@@ -83,12 +83,23 @@ class Report:
 
 
 class Crasher:
-    """Kills this process right after a side effect, with probability `rate`."""
+    """Kills this process right after a side effect, with probability `rate`; loses the answer
+    of a ledger write that landed, with probability `lose_rate`."""
 
-    def __init__(self, rng: random.Random, rate: float, report: Report) -> None:
+    def __init__(
+        self, rng: random.Random, rate: float, report: Report, lose_rate: float = 0.0
+    ) -> None:
         self.rng = rng
         self.rate = rate
         self.report = report
+        self.lose_rate = lose_rate
+
+    def lose(self, key: str) -> None:
+        """Call right after a conditional write landed: maybe answer as the storage SDK's retry
+        of it would be answered when the first answer was lost (refused as conflicting)."""
+        if self.lose_rate and self.rng.random() < self.lose_rate:
+            self.report.write(event="lost answer", point="ledger write", key=key)
+            raise StateConflict(f"{key}: the retried write was refused (its answer was lost)")
 
     def after(self, point: str) -> None:
         """Call right after a side effect succeeded."""
@@ -110,11 +121,13 @@ class CrashingStore:
     def create(self, key: str, doc: dict[str, Any]) -> str:
         etag = self._inner.create(key, doc)
         self._crasher.after("ledger write")
+        self._crasher.lose(key)
         return etag
 
     def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
         new = self._inner.replace(key, doc, etag)
         self._crasher.after("ledger write")
+        self._crasher.lose(key)
         return new
 
     def keys(self, prefix: str) -> list[str]:
@@ -321,6 +334,12 @@ def main() -> int:
     parser.add_argument("--duplicates", type=float, default=0.0)
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--crash-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--lose-rate",
+        type=float,
+        default=0.0,
+        help="share of ledger writes whose answer is lost after they landed",
+    )
     parser.add_argument("--sweep-every", type=float, default=3.0)
     parser.add_argument(
         "--visibility",
@@ -340,11 +359,11 @@ def main() -> int:
     from retrain.settings import get_settings
 
     rng = random.Random(args.seed)
-    crasher = Crasher(random.Random(args.seed + 1), args.crash_rate, report)
+    crasher = Crasher(random.Random(args.seed + 1), args.crash_rate, report, args.lose_rate)
 
     built = wiring.build(
         get_settings(),
-        decorate=crashing(crasher) if args.crash_rate else None,
+        decorate=crashing(crasher) if args.crash_rate or args.lose_rate else None,
         clock=SkewedClock(timedelta(seconds=args.skew)),
     )
     wiring.retrainer = lambda: built  # type: ignore[assignment]

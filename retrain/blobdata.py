@@ -21,7 +21,7 @@ from azure.storage.blob import BlobSasPermissions, BlobServiceClient
 from retrain.bes import BlobRef
 from retrain.errors import InputRejected, PermanentRemoteError, RetrainError
 from retrain.http import RETRY_STATUSES
-from retrain.sas import signer_for
+from retrain.sas import error_code, signer_for
 from retrain.storage import (
     FROZEN_ETAG,
     FROZEN_FROM,
@@ -60,7 +60,7 @@ class BlobData:
         except ResourceNotFoundError:
             return None
         except HttpResponseError as exc:
-            archived = getattr(exc, "error_code", None) == "BlobArchived"
+            archived = error_code(exc) == "BlobArchived"
             if exc.status_code != 416 and not archived:  # 416: a range read of an empty blob
                 raise storage_error(f"read {container}/{name}", exc) from exc
             if archived:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,6 +20,23 @@ Mutation = Callable[[Doc], Doc | None]
 
 MAX_ATTEMPTS = 25
 LOCK_STRIPES = 64
+WRITE_ID = "write_id"
+"""Every document the ledger writes carries the id of the write that made that version. A write
+whose answer was lost (the service stored it, the connection dropped, and the storage SDK's
+retry of the conditional request was refused: 412 or 409) reads the document back and finds
+its own id: it landed, and the caller is told so, not that another instance got there first."""
+
+
+def _stamped(doc: Doc) -> tuple[Doc, str]:
+    """`doc` with a new write id, and that id."""
+    stamp = secrets.token_hex(8)
+    return {**doc, WRITE_ID: stamp}, stamp
+
+
+def _plain(doc: Doc) -> Doc:
+    """`doc` as the steps see it: without the write id (the next write replaces it)."""
+    doc.pop(WRITE_ID, None)
+    return doc
 
 
 def arrival_key(container: str, name: str, etag: str) -> str:
@@ -95,7 +113,7 @@ class Ledger:
         """A private copy of the last version this instance read or wrote (maybe stale), or None."""
         with self._lock:
             found = self._known.get(key)
-        return copy.deepcopy(found.doc) if found else None
+        return _plain(copy.deepcopy(found.doc)) if found else None
 
     def get(self, key: str, *, remember: bool = True) -> Doc | None:
         """The current document, or None. `remember=False` for scans that would otherwise push
@@ -106,15 +124,20 @@ class Ledger:
             return None
         if remember:
             self._keep(key, copy.deepcopy(found.doc), found.etag)
-        return found.doc
+        return _plain(found.doc)
 
     def create(self, key: str, doc: Doc) -> bool:
-        """Create `key` if absent; False when it already existed."""
+        """Create `key` if absent; False when it already existed (before this call: a create
+        of this call whose answer was lost is found by its write id)."""
         check_write(key, None, doc)
+        doc, stamp = _stamped(doc)
         try:
             etag = self.store.create(key, doc)
         except StateConflict:
-            return False
+            found = self.store.read(key)
+            if found is None or found.doc.get(WRITE_ID) != stamp:
+                return False
+            etag = found.etag
         self._keep(key, copy.deepcopy(doc), etag)
         return True
 
@@ -158,18 +181,21 @@ class Ledger:
     def _update(self, key: str, mutate: Mutation, initial: Doc | None) -> tuple[Doc, bool]:
         with self._lock:
             known = self._known.get(key)
+        tried: str | None = None  # the write id of a write refused as conflicting
         if known is not None:
-            changed = mutate(copy.deepcopy(known.doc))
+            changed = mutate(_plain(copy.deepcopy(known.doc)))
             # "Nothing to do" on a copy that may be stale proves nothing: decide again below.
             # Neither does a refused write: the stale copy may be what made it wrong.
             if changed is not None and self._allowed(key, known.doc, changed):
+                changed, stamp = _stamped(changed)
                 try:
                     etag = self.store.replace(key, changed, known.etag)
                 except StateConflict:
                     self._forget(key)
+                    tried = stamp
                 else:
                     self._keep(key, copy.deepcopy(changed), etag)
-                    return changed, True
+                    return _plain(changed), True
         for _ in range(MAX_ATTEMPTS):
             found = self.store.read(key)
             version: str | None = None
@@ -180,10 +206,13 @@ class Ledger:
             else:
                 current, version = found.doc, found.etag
                 self._keep(key, copy.deepcopy(current), version)
-            changed = mutate(copy.deepcopy(current))
+                if tried is not None and current.get(WRITE_ID) == tried:
+                    return _plain(current), True  # the refused write was this one's, answer lost
+            changed = mutate(_plain(copy.deepcopy(current)))
             if changed is None:
-                return current, False
+                return _plain(current), False
             check_write(key, None if version is None else current, changed)
+            changed, tried = _stamped(changed)
             try:
                 if version is None:
                     new_etag = self.store.create(key, changed)
@@ -192,7 +221,7 @@ class Ledger:
             except StateConflict:
                 continue
             self._keep(key, copy.deepcopy(changed), new_etag)
-            return changed, True
+            return _plain(changed), True
         raise StateConflict(f"{key}: gave up after {MAX_ATTEMPTS} conflicting writes")
 
     @staticmethod

@@ -31,6 +31,7 @@ from retrain.errors import (
     TransientRemoteError,
 )
 from retrain.http import redact
+from retrain.sas import error_code
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ class BlobDocumentStore:
         except ResourceNotFoundError:
             return Appended.MISSING
         except HttpResponseError as exc:
-            refused = _LOG_REFUSALS.get(str(getattr(exc, "error_code", None) or ""))
+            refused = _LOG_REFUSALS.get(error_code(exc) or "")
             if refused is None:
                 raise storage_error(f"append to {key}", exc) from exc
             return refused

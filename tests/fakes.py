@@ -53,6 +53,13 @@ class MemoryDocumentStore:
         """Every request as (operation, key), as a storage account would count them."""
         self.crash_before: tuple[str, str] | None = None
         """(operation, key prefix): the next such request raises, as if the process died."""
+        self.lose_answer: tuple[str, str] | None = None
+        """(operation, key prefix): the next such write is stored and then refused as
+        conflicting, as the storage SDK's retry of a conditional write whose answer was lost
+        is (412 or 409)."""
+        self.lose_answer_of: int | None = None
+        """The same for the n-th document write (create or replace, counted from 0)."""
+        self.writes = 0
 
     def _call(self, op: str, key: str) -> None:
         self.calls.append((op, key))
@@ -72,7 +79,17 @@ class MemoryDocumentStore:
             raise StateConflict(key)
         etag = f"e{next(self._etags)}"
         self.docs[key] = (copy.deepcopy(doc), etag)
+        self._answer("create", key)
         return etag
+
+    def _answer(self, op: str, key: str) -> None:
+        lose, nth = self.lose_answer, self.writes
+        self.writes += 1
+        if nth == self.lose_answer_of or (lose and op == lose[0] and key.startswith(lose[1])):
+            if nth != self.lose_answer_of:
+                self.lose_answer = None
+            self.calls.append((op, key))  # the retry
+            raise StateConflict(f"{key}: the retried {op} was refused")
 
     def replace(self, key: str, doc: dict[str, Any], etag: str) -> str:
         self._call("replace", key)
@@ -80,6 +97,7 @@ class MemoryDocumentStore:
             raise StateConflict(key)
         new = f"e{next(self._etags)}"
         self.docs[key] = (copy.deepcopy(doc), new)
+        self._answer("replace", key)
         return new
 
     def keys(self, prefix: str) -> list[str]:

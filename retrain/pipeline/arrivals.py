@@ -282,23 +282,17 @@ class Arrivals:
         return "batched"
 
     def claimed_files(
-        self, spec: ModelSpec, state: Doc, claim: str | None, cache: dict[str, list[Doc] | None]
-    ) -> list[Doc] | None:
-        """The files of batch `claim`: its members while open or just sealed, else its run's;
-        None if it never opened. `cache` keeps what was read across calls."""
-        if not claim:
-            return None
-        if claim not in cache:
-            batch, sealed = state.get("batch") or {}, state.get("sealed") or {}
-            run = self._ctx.ledger.get(run_key(spec.name, claim), remember=False)
-            if run is not None:
-                cache[claim] = run.get("files") or []
-            elif claim in (batch.get("id"), sealed.get("id")):
-                pointer = batch if batch.get("id") == claim else sealed
-                cache[claim] = self._batches.members(spec, pointer)
-            else:
-                cache[claim] = None
-        return cache[claim]
+        self, spec: ModelSpec, state: Doc, claim: str
+    ) -> tuple[list[Doc] | None, bool]:
+        """The files of batch `claim` (its run's, else its members while open or just sealed;
+        None if it never opened) and whether they are its run's."""
+        run = self._ctx.ledger.get(run_key(spec.name, claim), remember=False)
+        if run is not None:
+            return run.get("files") or [], True
+        for pointer in (state.get("batch") or {}, state.get("sealed") or {}):
+            if pointer.get("id") == claim:
+                return self._batches.members(spec, pointer), False
+        return None, False
 
     def record_unreadable(
         self, spec: ModelSpec, container: str, name: str, exc: BlobUnreadable

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import Enum
 
 from pydantic import BaseModel
 
@@ -20,15 +21,68 @@ from retrain.pipeline.arrivals import Arrival, Arrivals
 from retrain.pipeline.batches import Batches
 from retrain.pipeline.context import MIN_POLL_GAP, Context, dims
 from retrain.pipeline.operations import AlreadyTrained, Operations
-from retrain.pipeline.records import check_due, holds, iso, parse, sweep_key
+from retrain.pipeline.records import check_due, iso, parse, sweep_key
 from retrain.pipeline.slot import ModelSlot
 from retrain.runstate import SCHEDULE_SKIPPED, TRAINING, RunState, is_terminal
 from retrain.settings import ModelSpec
-from retrain.storage import BlobUnreadable, Listed
+from retrain.storage import BlobUnreadable, Listed, normalize_etag
 
 log = logging.getLogger(__name__)
 
 Counts = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Held:
+    """The file versions of one batch, and whether they are its run's (else its members')."""
+
+    versions: frozenset[tuple[str, str]]
+    recorded: bool
+
+
+class Holders:
+    """The batches of one model as one sweep finds them, each read at most once."""
+
+    def __init__(self, arrivals: Arrivals, spec: ModelSpec, state: Doc) -> None:
+        self._arrivals, self._spec, self._state = arrivals, spec, state
+        self._read: dict[str, Held | None] = {}
+        self._waiting: frozenset[tuple[str, str]] | None = None
+
+    def of(self, batch_id: str | None) -> Held | None:
+        """Batch `batch_id`'s files; None if it never opened."""
+        if not batch_id:
+            return None
+        if batch_id not in self._read:
+            files, recorded = self._arrivals.claimed_files(self._spec, self._state, batch_id)
+            self._read[batch_id] = (
+                None
+                if files is None
+                else Held(
+                    frozenset((f["name"], normalize_etag(f["etag"])) for f in files), recorded
+                )
+            )
+        return self._read[batch_id]
+
+    def waiting(self) -> frozenset[tuple[str, str]]:
+        """The file versions of the open batch and of a sealed one whose run is not recorded."""
+        if self._waiting is None:
+            pointers = (self._state.get("batch"), self._state.get("sealed"))
+            held = [self.of(p.get("id")) for p in pointers if p]
+            self._waiting = frozenset().union(
+                *(h.versions for h in held if h is not None and not h.recorded)
+            )
+        return self._waiting
+
+
+class Swept(Enum):
+    """What the sweep made of one listed blob."""
+
+    INGESTED = "ingested"
+    """It had not reached a batch (or its batch's run lacks it): ingested now."""
+    SETTLED = "settled"
+    """Its arrival is settled: the listing mark may pass it."""
+    PENDING = "pending"
+    """Held by a batch that is not a run yet: looked at again by the next sweep."""
 
 
 @dataclass(eq=False)
@@ -95,25 +149,30 @@ class Recovery:
 
         A blob with no arrival record never reached ingest; one whose record names a batch that
         does not hold it lost its delivery between the two writes (and the host's retries ran
-        out). Either way, ingest it now. Only blobs modified after the model's listing mark are
-        looked at: an idle sweep lists the prefix and reads the mark, whatever the number of
-        blobs already ingested. The mark is the newest Last-Modified seen with every blob up to
-        it settled, and never later than `stall` ago (a blob committed after the listing
-        cannot carry an older time than that).
+        out), or was left out of its run by an instance of an earlier release that sealed the
+        batch without reading its log. Either way, ingest it now. Only blobs modified after the
+        model's listing mark are looked at: an idle sweep lists the prefix and reads the mark,
+        whatever the number of blobs already ingested. The mark is the newest Last-Modified
+        seen with every blob up to it settled (its batch is a run that holds it), and never
+        later than `stall` ago (a blob committed after the listing cannot carry an older time
+        than that). A blob of a batch that is not a run yet is left for a later sweep without
+        a read of its own: the open and sealed batches' files are read once per sweep.
         """
         ctx = self._ctx
         container = ctx.places.data_container
         mark = (ctx.ledger.get(sweep_key(spec.name)) or {}).get("listed_through")
         since = parse(mark) if mark else None
-        listed = ctx.data.listing(container, spec.prefix)
-        runs: dict[str, list[Doc] | None] = {}
+        listed = [
+            b
+            for b in ctx.data.listing(container, spec.prefix)
+            if not since or b.last_modified > since
+        ]
+        holders = Holders(self._arrivals, spec, state)
         unsettled: list[datetime] = []
         ingested = 0
         for blob in listed:
-            if since is not None and blob.last_modified <= since:
-                continue
             try:
-                ingested += self._sweep_blob(spec, state, blob, runs)
+                swept = self._sweep_blob(spec, blob, holders)
             except BlobUnreadable as exc:
                 counts["errors"] += 1
                 self._arrivals.record_unreadable(spec, container, blob.name, exc)
@@ -128,6 +187,11 @@ class Recovery:
                     exc_info=True,
                     extra=dims(spec.name),
                 )
+            else:
+                if swept is Swept.INGESTED:
+                    ingested += 1
+                elif swept is Swept.PENDING:
+                    unsettled.append(blob.last_modified)
         counts["blobs"] += ingested
         settled = (
             min(unsettled) - timedelta(microseconds=1)
@@ -155,25 +219,26 @@ class Recovery:
             initial={"model": spec.name},
         )
 
-    def _sweep_blob(
-        self, spec: ModelSpec, state: Doc, blob: Listed, runs: dict[str, list[Doc] | None]
-    ) -> int:
+    def _sweep_blob(self, spec: ModelSpec, blob: Listed, holders: Holders) -> Swept:
         container = self._ctx.places.data_container
+        version = (blob.name, normalize_etag(blob.etag))
+        if version in holders.waiting():
+            return Swept.PENDING
         record = self._ctx.ledger.get(arrival_key(container, blob.name, blob.etag), remember=False)
         if record is not None and record.get("unreadable"):
             # Archived when it arrived: judged again while the listing mark has not passed it
             # (after that, `retrain --blob` or a new upload brings a rehydrated blob in).
-            return 1 if self._arrivals.on_blob(container, blob.name) == "batched" else 0
-        if record is not None and (
-            record.get("status") != Arrival.ACCEPTED
-            or holds(
-                self._arrivals.claimed_files(spec, state, record["batch_id"], runs) or [],
-                {"name": blob.name, "etag": blob.etag},
-            )
-        ):
-            return 0
+            batched = self._arrivals.on_blob(container, blob.name) == "batched"
+            return Swept.INGESTED if batched else Swept.SETTLED
+        if record is not None and record.get("status") != Arrival.ACCEPTED:
+            return Swept.SETTLED
+        if record is not None:
+            held = holders.of(record["batch_id"])
+            if held is not None and version in held.versions:
+                # Settled only once its batch is a run that holds it.
+                return Swept.SETTLED if held.recorded else Swept.PENDING
         self._arrivals.on_blob(container, blob.name)
-        return 1
+        return Swept.INGESTED
 
     def _scheduled_retrain(self, spec: ModelSpec, champion: Doc, now: datetime) -> int:
         """Start the retrain `retrain_every` asks for when there is data no run has trained;

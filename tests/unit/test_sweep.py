@@ -15,6 +15,7 @@ from retrain.errors import InputRejected, PermanentRemoteError
 from retrain.ledger import arrival_key, model_key
 from retrain.messages import CheckBatch, RunEvent
 from retrain.pipeline import AlreadyTrained, Context, Places, Retrainer, Timing
+from retrain.pipeline.batches import Batches
 from tests.harness import World
 
 GOOD = "Root Mean Squared Error\n2.5\n"
@@ -185,11 +186,15 @@ class TestScheduledRetrain:
 
 class TestSweepCost:
     @staticmethod
-    def idle_sweep_calls(blobs: int) -> int:
+    def idle_sweep_calls(blobs: int, *, trained: bool = True) -> int:
+        """The requests of a sweep after `blobs` arrivals (their batch a run when `trained`,
+        else still open) and a first sweep."""
         w = World()
         for i in range(blobs):
             w.drop(f"housing/{i:04d}.csv")
-        w.retrainer.sweep()  # the first sweep after the arrivals sets the listing mark
+        if trained:
+            w.deliver()  # the check seals the batch into its run
+        w.retrainer.sweep()
         w.clock.advance(minutes=5)
         w.store.calls.clear()
         w.data.calls.clear()
@@ -198,7 +203,14 @@ class TestSweepCost:
 
     def test_an_idle_sweep_does_not_grow_with_the_blobs_ingested(self) -> None:
         few, many = self.idle_sweep_calls(3), self.idle_sweep_calls(300)
-        assert few == many == 3  # list the prefix, read the model and the listing mark
+        assert few == many == 4  # list the prefix, read the model, the listing mark, the run
+
+    def test_the_files_of_a_batch_not_yet_a_run_cost_one_read_of_the_batch(self) -> None:
+        """They are not settled until their run holds them, so each sweep looks at them again:
+        by reading the batch's files once, not each file's arrival record."""
+        few = self.idle_sweep_calls(3, trained=False)
+        many = self.idle_sweep_calls(300, trained=False)
+        assert few == many <= 7  # + its run (none yet), its member records, its log
 
     def test_arrivals_recorded_with_quoted_etags_still_match(self) -> None:
         """Records and batch entries written before ETags were normalised carry the quoted
@@ -310,3 +322,27 @@ class TestTrainingFile:
         (run,) = runs(w)
         assert run["training_file"]["name"] == "housing/b.csv"
         assert run["training_file_reason"].startswith("last delivered of 2 file(s)")
+
+
+class TestEarlierReleaseSeal:
+    def test_a_file_an_earlier_release_sealed_out_of_its_batch_is_ingested_again(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """During a rolling upgrade an instance of the release before batch logs seals a batch
+        reading only its member records: a file that joined through the log is not in the run.
+        The sweep does not settle a file while its batch is not a run, so it finds the file
+        once the run lacks it and brings it into the next batch."""
+        w = World()
+        assert w.drop("housing/a.csv") == "batched"
+        ((_, check, _),) = w.outbox.take()
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["blobs"] == 0  # held by the open batch: left for later
+        with monkeypatch.context() as earlier:
+            earlier.setattr(Batches, "_log", lambda self, spec, batch, *, seal: [])
+            assert w.retrainer.on_check_batch(check) == "sealed"  # type: ignore[arg-type]
+        (run,) = runs(w)
+        assert run["files"] == []
+        w.deliver()  # the empty run ends
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["blobs"] == 1
+        assert w.batch_files() == ["housing/a.csv"]
