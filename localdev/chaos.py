@@ -675,14 +675,14 @@ class Scenario:
             return False
         if any(r["state"] not in TERMINAL for r in runs):
             return False
-        accounted = _accounted(runs, _docs(states, "arrivals/"))
+        accounted = _accounted(states, runs, _docs(states, "arrivals/"))
         return all((b.name, normalize_etag(b.etag)) in accounted for b in data.list_blobs())
 
     def _unsettled(self, blobs: BlobServiceClient, data: ContainerClient) -> str:
         states = blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
         model = _doc(states, f"models/{MODEL}.json") or {}
         runs = _docs(states, "runs/")
-        accounted = _accounted(runs, _docs(states, "arrivals/"))
+        accounted = _accounted(states, runs, _docs(states, "arrivals/"))
         undelivered = [
             b.name for b in data.list_blobs() if (b.name, normalize_etag(b.etag)) not in accounted
         ]
@@ -754,7 +754,7 @@ class Scenario:
             if len(trained_by) > 1:
                 res.violate("version trained in two runs", f"{version}: {sorted(trained_by)}")
         # Every version uploaded is in a run or rejected (or was replaced before any delivery).
-        accounted = _accounted(list(runs.values()), arrivals)
+        accounted = _accounted(states, list(runs.values()), arrivals)
         recorded = {(a["name"], normalize_etag(a["etag"])) for a in arrivals}
         latest = {u.name: u.etag for u in self.uploads}
         for u in self.uploads:
@@ -890,6 +890,13 @@ def _doc(container: ContainerClient, key: str) -> dict[str, Any] | None:
     return loaded
 
 
+def _run_files(states: ContainerClient, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's files: its manifest's (none if the manifest is missing), or its own list."""
+    if not run.get("manifest"):
+        return list(run.get("files") or [])
+    return list((_doc(states, run["manifest"]) or {}).get("files") or [])
+
+
 def _docs(container: ContainerClient, prefix: str) -> list[dict[str, Any]]:
     try:
         names = [b.name for b in container.list_blobs(name_starts_with=prefix)]
@@ -898,9 +905,11 @@ def _docs(container: ContainerClient, prefix: str) -> list[dict[str, Any]]:
     return [d for n in names if (d := _doc(container, n)) is not None]
 
 
-def _accounted(runs: list[dict[str, Any]], arrivals: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    """Versions in a run's files, or recorded as rejected."""
-    held = {(f["name"], normalize_etag(f["etag"])) for r in runs for f in r.get("files") or []}
+def _accounted(
+    states: ContainerClient, runs: list[dict[str, Any]], arrivals: list[dict[str, Any]]
+) -> set[tuple[str, str]]:
+    """Versions in a run's files (its manifest's), or recorded as rejected."""
+    held = {(f["name"], normalize_etag(f["etag"])) for r in runs for f in _run_files(states, r)}
     return held | {
         (a["name"], normalize_etag(a["etag"])) for a in arrivals if a.get("status") == "rejected"
     }

@@ -368,7 +368,7 @@ def seal_and_check(
     for model in expected:
         runs = app.runs(model)
         runs_per_model[model] = len(runs)
-        seen.update(f["name"] for run in runs for f in run.get("files") or [])
+        seen.update(f["name"] for run in runs for f in app.run_files(run))
     names = [n for group in expected.values() for n in group]
     return {
         "jobs submitted": emu.emulator.count("POST", r"/jobs$") - submitted,

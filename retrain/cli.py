@@ -77,7 +77,7 @@ def cmd_runs(args: argparse.Namespace, out: Output) -> int:
                         r["run_id"],
                         r["model"],
                         r["state"],
-                        str(len(r.get("files") or [])),
+                        str(r.get("file_count", len(r.get("files") or []))),
                         r.get("updated_at") or r["created_at"],
                         _reason(r)[:80],
                     ]
@@ -93,7 +93,9 @@ def cmd_runs(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
-    run = _app().find_run(args.run)
+    app = _app()
+    found = app.find_run(args.run)
+    run = {**found, "files": app.run_files(found)}
 
     def text() -> str:
         lines = [f"run {run['run_id']} of {run['model']}: {run['state']}"]

@@ -157,7 +157,12 @@ class Run(Record):
     kind: str | None = None
     """None for a training run; "rollback" or "restore" for a re-deploy."""
     restores: str | None = None
+    manifest: str | None = None
+    """The key of its batch's manifest (`manifests/{model}/{run_id}.json`), which lists its files;
+    a rollback or restore names the manifest of the run it restores."""
+    file_count: int | None = Field(default=None, ge=0)
     files: list[FileVersion] = []
+    """The files, in a run recorded before manifests (a newer run names its `manifest`)."""
     training_file: FileVersion | None = None
     forced: bool | None = None
     job_id: str | None = None
@@ -170,6 +175,16 @@ class Run(Record):
     deployment: Deployment | None = None
     restore_pending: bool | None = None
     history: list[HistoryEntry]
+
+
+class Manifest(Record):
+    """The files of a sealed batch, written once, before its run is recorded: the first one
+    stored is the batch's for good. The run record names it, so an update of the run (a poll,
+    a state change) does not copy the file list."""
+
+    model: str
+    run_id: str = Field(min_length=1)
+    files: list[FileVersion] = []
 
 
 class Arrival(Record):
@@ -201,6 +216,7 @@ class PoisonRecord(Record):
 
 SCHEMAS: dict[str, type[Record]] = {
     "runs/": Run,
+    "manifests/": Manifest,
     "models/": ModelState,
     "arrivals/": Arrival,
     "poison/": PoisonRecord,

@@ -60,6 +60,11 @@ def run_key(model: str, run_id: str) -> str:
     return f"runs/{model}/{run_id}.json"
 
 
+def manifest_key(model: str, run_id: str) -> str:
+    """The files of a run's sealed batch, written once when the run is recorded."""
+    return f"manifests/{model}/{run_id}.json"
+
+
 def members_prefix(model: str, batch_id: str) -> str:
     """Where a batch's member records are: one per file version that joined it."""
     return f"batches/{model}/{batch_id}/"

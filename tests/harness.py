@@ -126,6 +126,10 @@ class World:
         assert found is not None
         return found.doc
 
+    def files(self, run: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The files of `run` (default: the one run), read from its manifest."""
+        return self.retrainer.run_files(run or self.run())
+
     def evaluation(self, text: str, run: dict[str, Any] | None = None) -> None:
         """Write the Evaluate Model output of `run`'s job (default: the one run) where the job
         was told to write it."""

@@ -108,6 +108,13 @@ class Stack:
         """Every run record of the model, oldest first."""
         return [self._doc(n) or {} for n in sorted(self._keys(f"runs/{model}/"))]
 
+    def run_files(self, run: dict[str, Any]) -> list[dict[str, Any]]:
+        """The files of `run`, read from its manifest."""
+        manifest = self._doc(run["manifest"])
+        assert manifest is not None, f"run {run['run_id']}: no manifest {run['manifest']}"
+        files: list[dict[str, Any]] = manifest["files"]
+        return files
+
     def _keys(self, prefix: str) -> list[str]:
         container = self.blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
         try:

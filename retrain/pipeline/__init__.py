@@ -132,6 +132,10 @@ class Retrainer:
         """A run by id, whichever model it belongs to."""
         return self._operations.find_run(run_id)
 
+    def run_files(self, run: Doc) -> list[Doc]:
+        """The files of run `run` (its batch's manifest)."""
+        return self._batches.files_of(run)
+
     def model_state(self, name: str) -> Doc:
         """A model's document: open batch, active run, champion."""
         return self._operations.model_state(name)

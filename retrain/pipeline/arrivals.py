@@ -209,7 +209,7 @@ class Arrivals:
             run: Doc | None = self._batches.run_of(spec, sealed, now)
         else:
             run = self._ctx.ledger.get(run_key(spec.name, claim), remember=False)
-        return run is not None and holds(run.get("files") or [], file)
+        return run is not None and holds(self._batches.files_of(run), file)
 
     def claim(
         self,
@@ -288,7 +288,7 @@ class Arrivals:
         None if it never opened) and whether they are its run's."""
         run = self._ctx.ledger.get(run_key(spec.name, claim), remember=False)
         if run is not None:
-            return run.get("files") or [], True
+            return self._batches.files_of(run), True
         for pointer in (state.get("batch") or {}, state.get("sealed") or {}):
             if pointer.get("id") == claim:
                 return self._batches.members(spec, pointer), False

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from retrain.ledger import Doc, log_key, members_prefix, model_key, run_key
+from retrain.errors import DocumentMissing
+from retrain.ledger import Doc, Ledger, log_key, manifest_key, members_prefix, model_key, run_key
 from retrain.messages import CheckBatch, TrackRun
 from retrain.pipeline.context import Context, dims
 from retrain.pipeline.records import check_due, fold_log, iso, merge_files, new_run, parse
@@ -168,19 +169,30 @@ class Batches:
         found = ctx.ledger.get(key, remember=False)
         if found is not None:
             return found
-        run = new_run(spec, sealed, self.members(spec, sealed, seal=True), now)
+        files = self.members(spec, sealed, seal=True)
+        manifest = manifest_key(spec.name, sealed["id"])
+        written = {"model": spec.name, "run_id": sealed["id"], "files": files}
+        if not ctx.ledger.create(manifest, written):
+            # Another instance wrote it first (or this one, before it died): that one is the
+            # batch's, so the run is made from it.
+            files = (ctx.ledger.get(manifest, remember=False) or written)["files"]
+        run = new_run(spec, sealed, files, manifest, now)
         if ctx.ledger.create(key, run):
-            if run["files"]:
+            if files:
                 ctx.emit(spec, run, run["history"][0]["note"])
             log.info(
                 "run %s of %s: sealed %d file(s)",
                 run["run_id"],
                 spec.name,
-                len(run["files"]),
+                len(files),
                 extra=dims(spec.name, run["run_id"]),
             )
             return run
         return ctx.ledger.get(key, remember=False) or run
+
+    def files_of(self, run: Doc) -> list[Doc]:
+        """The files of run `run` (read from its manifest)."""
+        return run_files(self._ctx.ledger, run)
 
     def start_run(self, spec: ModelSpec, sealed: Doc, now: datetime) -> Doc:
         """Record the run of a sealed batch (once) and hand it to the train step."""
@@ -189,3 +201,15 @@ class Batches:
             self._ctx.places.jobs_queue, TrackRun(model=spec.name, run_id=run["run_id"])
         )
         return run
+
+
+def run_files(ledger: Ledger, run: Doc) -> list[Doc]:
+    """The files of run `run`: its manifest's, or, for a run recorded before manifests, its
+    own list. A missing manifest is an error that names it (it is written before the run)."""
+    key = run.get("manifest")
+    if not key:
+        return list(run.get("files") or [])
+    found = ledger.get(key, remember=False)
+    if found is None:
+        raise DocumentMissing(f"{key}: the manifest of run {run['run_id']} does not exist")
+    return list(found.get("files") or [])

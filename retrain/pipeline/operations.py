@@ -170,7 +170,8 @@ class Operations(RunStep):
             state = ctx.ledger.get(model_key(name)) or {}
             sealed = state.get("sealed")
             if sealed and sealed.get("id") == state.get("active_run"):
-                in_flight(state, self._batches.run_of(spec, sealed, now)["files"], blob, head.etag)
+                run = self._batches.run_of(spec, sealed, now)
+                in_flight(state, self._batches.files_of(run), blob, head.etag)
             claim = self._arrivals.claim(
                 spec, key, record.get("batch_id"), state.get("batch"), now, check=False
             )

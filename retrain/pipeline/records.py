@@ -127,9 +127,9 @@ def file_entry(
     return file
 
 
-def new_run(spec: ModelSpec, batch: Doc, files: list[Doc], now: datetime) -> Doc:
-    """The run of sealed batch `batch` holding `files`, queued for training (or superseded at
-    once when no file is in it)."""
+def new_run(spec: ModelSpec, batch: Doc, files: list[Doc], manifest: str, now: datetime) -> Doc:
+    """The run of sealed batch `batch` holding `files` (listed in the document `manifest`),
+    queued for training (or superseded at once when no file is in it)."""
     # Each file is a full dataset: the newest one of the batch is what the model trains on.
     newest, why = training_file(files) if files else (None, "no file")
     state = RunState.QUEUED if files else RunState.SUPERSEDED
@@ -144,7 +144,8 @@ def new_run(spec: ModelSpec, batch: Doc, files: list[Doc], now: datetime) -> Doc
         "state": state.value,
         "created_at": iso(now),
         "deadline_at": iso(now + spec.job_deadline),
-        "files": files,
+        "manifest": manifest,
+        "file_count": len(files),
         "training_file": newest,
         "training_file_reason": why,
         "forced": any(f.get("forced") for f in files),
@@ -171,7 +172,7 @@ def redeploy_run(
         "state": promoting,
         "created_at": iso(now),
         "updated_at": iso(now),
-        "files": source.get("files", []),
+        **{k: source[k] for k in ("manifest", "file_count", "files") if k in source},
         "training_file": source.get("training_file"),
         "job_id": source.get("job_id"),
         "polls": 0,

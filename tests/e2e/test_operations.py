@@ -299,7 +299,7 @@ class TestCli:
         s.runner.run_until_idle()
         retrained = s.runs()[-1]
         assert retrained["run_id"] == batch["batch_id"]
-        assert retrained["files"][0]["requested"] == "requested by dave: BES was down"
+        assert s.run_files(retrained)[0]["requested"] == "requested by dave: BES was down"
         assert retrained["forced"] is True
         assert retrained["state"] in ("promoted", "rejected")
 

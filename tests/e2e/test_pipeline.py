@@ -134,7 +134,7 @@ class TestExactlyOnce:
         s.runner.run_until_idle()
         (run,) = s.runs()
         assert run["state"] == "promoted"
-        assert len(run["files"]) == 20
+        assert len(s.run_files(run)) == 20
         assert run["training_file"]["name"] == "housing/part-19.csv"
         assert s.jobs_submitted() == 1
 
@@ -159,8 +159,8 @@ class TestExactlyOnce:
         s.upload("housing/b.csv", housing_csv(100, seed=12))
         s.runner.run_until_idle()
         first, second = s.runs()
-        assert [f["name"] for f in first["files"]] == ["housing/a.csv"]
-        assert [f["name"] for f in second["files"]] == ["housing/b.csv"]
+        assert [f["name"] for f in s.run_files(first)] == ["housing/a.csv"]
+        assert [f["name"] for f in s.run_files(second)] == ["housing/b.csv"]
         assert s.jobs_submitted() == 2
 
 

@@ -380,4 +380,4 @@ def test_instances_sharing_a_burst_never_conflict(azurite_connection: str, name:
     clock.advance(seconds=3600)
     assert instances[1].on_check_batch(check) == "sealed"
     (run,) = instances[2].runs("housing")
-    assert sorted(f["name"] for f in run["files"]) == names
+    assert sorted(f["name"] for f in instances[0].run_files(run)) == names

@@ -96,7 +96,7 @@ class TestRedelivery:
         assert second["id"] != first
         assert w.batch_files() == ["housing/b.csv"]
         assert _arrival(w, "housing/b.csv")["batch_id"] == second["id"]
-        assert [f["name"] for f in w.run()["files"]] == ["housing/a.csv"]
+        assert [f["name"] for f in w.files()] == ["housing/a.csv"]
 
     def test_an_opener_that_died_before_sending_its_check_sends_it_when_redelivered(
         self, monkeypatch: pytest.MonkeyPatch

@@ -5,14 +5,18 @@ releases keep their files."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from typing import Any
 
 import pytest
 
+from localdev.sample import housing_csv
+from retrain.errors import DocumentMissing
 from retrain.ledger import Ledger, member_key, model_key
 from retrain.messages import CheckBatch
 from retrain.pipeline import Retrainer
-from tests.harness import World, left_as
+from tests.harness import World, left_as, train_next
 
 
 def _check(w: World) -> CheckBatch:
@@ -33,8 +37,8 @@ def _open_batch(w: World) -> dict[str, Any]:
     return batch
 
 
-def _file_names(run: dict[str, Any]) -> list[str]:
-    return sorted(f["name"] for f in run["files"])
+def _file_names(w: World, run: dict[str, Any] | None = None) -> list[str]:
+    return sorted(f["name"] for f in w.files(run))
 
 
 def _sealer_dies_before(op: str, prefix: str) -> tuple[World, Retrainer, CheckBatch]:
@@ -64,7 +68,7 @@ class TestTheSealRace:
         w.clock.advance(seconds=61)
         assert other.on_check_batch(check) == "sealed"  # A's cache still says batch 1 is open
         assert w.retrainer.on_blob("data", "housing/late.csv") == "batched"
-        assert _file_names(w.run()) == ["housing/a.csv"]
+        assert _file_names(w) == ["housing/a.csv"]
         assert w.batch_files() == ["housing/late.csv"]
         state = w.ledger.get(model_key("housing"))
         assert state is not None
@@ -80,7 +84,7 @@ class TestTheSealRace:
         assert w.retrainer.runs("housing") == []
         assert other.on_check_batch(check) == "resent"
         (run,) = w.retrainer.runs("housing")
-        assert _file_names(run) == ["housing/a.csv", "housing/c.csv"]
+        assert _file_names(w, run) == ["housing/a.csv", "housing/c.csv"]
         assert w.batch_files() == []
 
     def test_an_append_after_the_logs_seal_joins_the_next_batch_even_with_no_run_yet(
@@ -92,7 +96,7 @@ class TestTheSealRace:
         w, other, check = _sealer_dies_before("create", "runs/")
         assert w.retrainer.on_blob("data", "housing/c.csv") == "batched"
         (run,) = w.retrainer.runs("housing")
-        assert _file_names(run) == ["housing/a.csv"]
+        assert _file_names(w, run) == ["housing/a.csv"]
         assert w.batch_files() == ["housing/c.csv"]
         assert other.on_check_batch(check) == "resent"
         assert len(w.retrainer.runs("housing")) == 1
@@ -109,14 +113,14 @@ class TestTheSealRace:
         w.clock.advance(seconds=61)
         assert w.retrainer.on_check_batch(check) == "sealed"
         (empty,) = w.retrainer.runs("housing")
-        assert (empty["state"], empty["files"], empty["job_id"]) == ("superseded", [], None)
+        assert (empty["state"], w.files(empty), empty["job_id"]) == ("superseded", [], None)
         assert w.deliver() == ["superseded"]  # its train message frees the model
         assert w.retrainer.on_blob("data", "housing/a.csv") == "batched"  # the redelivery
         w.clock.advance(seconds=61)
         assert w.deliver()[0] == "sealed"
         run = w.retrainer.runs("housing")[-1]
         assert run["run_id"] != empty["run_id"]
-        assert _file_names(run) == ["housing/a.csv"]
+        assert _file_names(w, run) == ["housing/a.csv"]
 
 
 class TestCheckCost:
@@ -141,7 +145,7 @@ class TestCheckCost:
         w.clock.advance(seconds=60)
         assert isinstance(later, CheckBatch)
         assert w.retrainer.on_check_batch(later) == "sealed"
-        assert len(w.run()["files"]) == 21
+        assert len(w.files()) == 21
 
 
 def _as_earlier_release(w: World, *, listed: bool) -> None:
@@ -173,7 +177,7 @@ def test_a_batch_opened_by_an_earlier_release_keeps_its_files(listed: bool) -> N
     assert w.batch_files() == ["housing/a.csv", "housing/b.csv"]
     w.clock.advance(seconds=61)
     assert w.retrainer.on_check_batch(check) == "sealed"
-    assert _file_names(w.run()) == ["housing/a.csv", "housing/b.csv"]
+    assert _file_names(w) == ["housing/a.csv", "housing/b.csv"]
     assert w.store.logs == {}  # no log was made for it
 
 
@@ -188,7 +192,7 @@ class TestFullLog:
         assert sorted(w.store.logs) == [f"logs/housing/{opened}/{n:05d}.jsonl" for n in range(3)]
         w.clock.advance(seconds=61)
         assert w.retrainer.on_check_batch(check) == "sealed"
-        assert len(w.run()["files"]) == 7
+        assert len(w.files()) == 7
         assert all(sealed for _, sealed in w.store.logs.values())
 
     def test_a_seal_leaves_no_segment_open_behind_a_full_one(self) -> None:
@@ -206,7 +210,7 @@ class TestFullLog:
         assert len(w.store.logs) == 2  # the full one, and the next one made sealed
         w.data.put("data", "housing/late.csv", "rooms,price\n1,2\n")
         assert w.retrainer.on_blob("data", "housing/late.csv") == "batched"  # stale cache
-        assert _file_names(w.run()) == ["housing/a.csv", "housing/b.csv"]
+        assert _file_names(w) == ["housing/a.csv", "housing/b.csv"]
         assert w.batch_files() == ["housing/late.csv"]
 
 
@@ -280,3 +284,71 @@ class TestBlobLogRefusals:
         store = BlobDocumentStore.over(self.Refusing("ServerBusy", 503))  # type: ignore[arg-type]
         with pytest.raises(RemoteError, match=r"append to logs/x/1/00000\.jsonl"):
             store.append("logs/x/1/00000.jsonl", {"name": "a"})
+
+
+class TestManifest:
+    """A sealed batch's files are written once, as the run's manifest; the run record names
+    it, so its updates do not copy the list."""
+
+    @staticmethod
+    def promoted_with(files: int) -> World:
+        w = World()
+        for i in range(files):
+            w.drop(f"housing/{i:04d}.csv", housing_csv(10, seed=1))
+        for _ in range(3):
+            w.deliver()
+        w.evaluation("Root Mean Squared Error\n2.5\n")
+        assert w.deliver() == ["promoted"]
+        return w
+
+    def test_the_run_record_does_not_grow_with_the_batch(self) -> None:
+        few, many = self.promoted_with(3), self.promoted_with(300)
+        assert len(many.files()) == 300
+        assert (few.run()["file_count"], many.run()["file_count"]) == (3, 300)
+        size = [len(json.dumps(w.run())) for w in (few, many)]
+        assert size[1] - size[0] < 20, size  # the counts' digits (3 vs 300, 0x3 vs 0x300)
+
+    def test_the_manifest_is_written_once_and_every_run_update_leaves_it(self) -> None:
+        w = self.promoted_with(5)
+        manifest = w.run()["manifest"]
+        writes = [op for op, key in w.store.calls if key == manifest and op != "read"]
+        run_writes = [op for op, key in w.store.calls if key.startswith("runs/") and op != "read"]
+        assert writes == ["create"]
+        assert len(run_writes) > 5  # queued, submitted, polls, trained, promoting, promoted
+
+    def test_a_rollback_run_names_the_manifest_of_the_run_it_restores(self) -> None:
+        w = self.promoted_with(2)
+        first = w.run()
+        w.clock.advance(minutes=5)
+        train_next(w, "housing/z.csv", seed=2, rmse=1.5)
+        assert w.deliver() == ["promoted"]
+        w.retrainer.rollback("housing", by="ops")
+        (restore,) = [r for r in w.retrainer.runs("housing") if r.get("kind") == "rollback"]
+        assert restore["manifest"] == first["manifest"]
+        assert [f["name"] for f in w.files(restore)] == ["housing/0000.csv", "housing/0001.csv"]
+
+    def test_a_run_recorded_before_manifests_keeps_its_files(self) -> None:
+        """The previous release listed the files in the run record: a redelivery of one of
+        them is a duplicate, and the sweep leaves it."""
+        w = World()
+        w.drop("housing/a.csv")
+        w.deliver()
+        run = w.run()
+        files = w.files(run)
+        older = {k: v for k, v in run.items() if k not in ("manifest", "file_count")}
+        left_as(w, f"runs/housing/{run['run_id']}.json", lambda _: {**older, "files": files})
+        del w.store.docs[run["manifest"]]
+        assert w.files(w.run()) == files
+        assert w.retrainer.on_blob("data", "housing/a.csv") == "duplicate"
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["blobs"] == 0
+        assert w.batch_files() == []
+
+    def test_a_missing_manifest_is_an_error_that_names_it(self) -> None:
+        w = World()
+        w.drop("housing/a.csv")
+        w.deliver()
+        manifest = w.run()["manifest"]
+        del w.store.docs[manifest]
+        with pytest.raises(DocumentMissing, match=re.escape(manifest)):
+            w.files()

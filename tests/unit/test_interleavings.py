@@ -342,11 +342,12 @@ class Interleaving:
         where: dict[tuple[str, str], list[str]] = {}
         for key, run in docs.items():
             if key.startswith(f"runs/{MODEL}/"):
+                files = docs[run["manifest"]]["files"]
                 # A batch every claimant left is sealed empty: its run ends at once, untrained.
-                assert run["files"] or (run["state"] == "superseded" and not run["job_id"]), (
+                assert files or (run["state"] == "superseded" and not run["job_id"]), (
                     f"run {run['run_id']} has no files and is {run['state']}" + self.story()
                 )
-                for f in run["files"]:
+                for f in files:
                     version = (f["name"], normalize_etag(f["etag"]))
                     where.setdefault(version, []).append(run["run_id"])
         assert accepted == self.files, (

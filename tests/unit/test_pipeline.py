@@ -87,7 +87,7 @@ class TestCoalescing:
         checks = w.deliver()
         assert checks.count("sealed") == 1
         run = w.run()
-        assert len(run["files"]) == 5
+        assert len(w.files(run)) == 5
         assert run["training_file"]["name"] == "housing/4.csv"
 
     def test_check_delivered_early_waits_and_reschedules(self) -> None:
@@ -109,7 +109,7 @@ class TestCoalescing:
         assert delay == timedelta(seconds=60)
         assert isinstance(first, CheckBatch)
         assert w.retrainer.on_check_batch(first) == "sealed"
-        assert len(w.run()["files"]) == 5
+        assert len(w.files()) == 5
 
     def test_an_early_check_moves_to_the_new_quiet_end_once(self) -> None:
         """Arrivals after the opener push the quiet end; the check follows it, and of two
@@ -128,7 +128,7 @@ class TestCoalescing:
         w.clock.advance(seconds=50)
         assert isinstance(again, CheckBatch)
         assert w.retrainer.on_check_batch(again) == "sealed"
-        assert len(w.run()["files"]) == 2
+        assert len(w.files()) == 2
 
     def test_batch_waits_while_a_run_is_active(self) -> None:
         w = World()
@@ -161,7 +161,7 @@ class TestTraining:
         ((source, copy),) = w.data.frozen
         assert (source.name, source.etag, copy) == (
             "housing/a.csv",
-            run["files"][0]["etag"],
+            w.files(run)[0]["etag"],
             frozen,
         )
         model_ref = request["outputs"]["output1"]
@@ -1065,7 +1065,7 @@ class TestRetrainNowRefusesVersionsInFlight:
         # run (the first listing after the seal decides it); the run trains the version.
         with pytest.raises(InputRejected, match="queued; wait for it to end"):
             w.retrainer.request("housing", "housing/a.csv", reason="now")
-        assert [f["name"] for f in w.run()["files"]] == ["housing/a.csv"]
+        assert [f["name"] for f in w.files()] == ["housing/a.csv"]
 
     def test_force_does_not_retrain_a_version_its_run_is_still_training(self) -> None:
         w = World()
@@ -1113,7 +1113,7 @@ class TestRetrainNowRefusesVersionsInFlight:
         state = w.ledger.get(model_key("housing"))
         assert state is not None
         with pytest.raises(InputRejected, match="whose run is training it"):
-            in_flight(state, w.run()["files"], "housing/a.csv", w.run()["files"][0]["etag"])
+            in_flight(state, w.files(), "housing/a.csv", w.files()[0]["etag"])
 
 
 class TestRehydratedBlob:

@@ -307,7 +307,7 @@ class TestTrainingFile:
         (run,) = runs(w)
         assert run["training_file"]["name"] == "housing/new.csv"
         assert run["training_file_reason"] == "newest by last-modified of 2 file(s)"
-        assert [f["name"] for f in run["files"]] == ["housing/new.csv", "housing/old.csv"]
+        assert [f["name"] for f in w.files(run)] == ["housing/new.csv", "housing/old.csv"]
 
     def test_entries_without_the_time_fall_back_to_delivery_order(self) -> None:
         w = World()
@@ -341,7 +341,7 @@ class TestEarlierReleaseSeal:
             earlier.setattr(Batches, "_log", lambda self, spec, batch, *, seal: [])
             assert w.retrainer.on_check_batch(check) == "sealed"  # type: ignore[arg-type]
         (run,) = runs(w)
-        assert run["files"] == []
+        assert w.files(run) == []
         w.deliver()  # the empty run ends
         w.clock.advance(minutes=30)
         assert w.retrainer.sweep()["blobs"] == 1
