@@ -78,7 +78,8 @@ class Swept(Enum):
     """What the sweep made of one listed blob."""
 
     INGESTED = "ingested"
-    """It had not reached a batch (or its batch's run lacks it): ingested now."""
+    """It had not reached a batch (or its batch's run lacks it): ingested now, and looked at
+    again by the next sweep."""
     SETTLED = "settled"
     """Its arrival is settled: the listing mark may pass it."""
     PENDING = "pending"
@@ -155,8 +156,10 @@ class Recovery:
         whatever the number of blobs already ingested. The mark is the newest Last-Modified
         seen with every blob up to it settled (its batch is a run that holds it), and never
         later than `stall` ago (a blob committed after the listing cannot carry an older time
-        than that). A blob of a batch that is not a run yet is left for a later sweep without
-        a read of its own: the open and sealed batches' files are read once per sweep.
+        than that). A blob of a batch that is not a run yet, the ones ingested now included,
+        is left for a later sweep without a read of its own: the open and sealed batches' files
+        are read once per sweep, before any blob (when they cannot be read, no blob is judged
+        and the mark stays).
         """
         ctx = self._ctx
         container = ctx.places.data_container
@@ -168,6 +171,18 @@ class Recovery:
             if not since or b.last_modified > since
         ]
         holders = Holders(self._arrivals, spec, state)
+        if listed:
+            try:
+                holders.waiting()
+            except Exception:
+                counts["errors"] += 1
+                log.warning(
+                    "sweep: the open batch of %s could not be read; the next sweep tries again",
+                    spec.name,
+                    exc_info=True,
+                    extra=dims(spec.name),
+                )
+                return 0
         unsettled: list[datetime] = []
         ingested = 0
         for blob in listed:
@@ -188,9 +203,9 @@ class Recovery:
                     extra=dims(spec.name),
                 )
             else:
-                if swept is Swept.INGESTED:
-                    ingested += 1
-                elif swept is Swept.PENDING:
+                ingested += swept is Swept.INGESTED
+                if swept is not Swept.SETTLED:
+                    # Ingested now, or waiting: settled once the run of its batch holds it.
                     unsettled.append(blob.last_modified)
         counts["blobs"] += ingested
         settled = (

@@ -16,6 +16,7 @@ from retrain.ledger import arrival_key, model_key
 from retrain.messages import CheckBatch, RunEvent
 from retrain.pipeline import AlreadyTrained, Context, Places, Retrainer, Timing
 from retrain.pipeline.batches import Batches
+from retrain.pipeline.records import parse, sweep_key
 from tests.harness import World
 
 GOOD = "Root Mean Squared Error\n2.5\n"
@@ -295,6 +296,19 @@ class TestSweepErrors:
             "errors": 0,
         }
 
+    def test_an_open_batch_that_cannot_be_read_is_one_error_and_no_blob_judged(self) -> None:
+        w = World()
+        for name in ("housing/a.csv", "housing/b.csv", "housing/c.csv"):
+            w.drop(name)
+        w.clock.advance(minutes=30)
+        (log,) = w.store.logs
+        w.store.crash_before = ("read_log", log)
+        w.store.calls.clear()
+        counts = w.retrainer.sweep()
+        assert (counts["errors"], counts["blobs"]) == (1, 0)
+        assert [op for op, _ in w.store.calls].count("read_log") == 1
+        assert w.store.read(sweep_key("housing")) is None  # the mark did not move
+
 
 class TestTrainingFile:
     def test_the_newest_by_last_modified_is_trained_not_the_last_delivered(self) -> None:
@@ -346,3 +360,49 @@ class TestEarlierReleaseSeal:
         w.clock.advance(minutes=30)
         assert w.retrainer.sweep()["blobs"] == 1
         assert w.batch_files() == ["housing/a.csv"]
+
+    @staticmethod
+    def sealed_as_earlier_release(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Seal the open batch as an instance of the release before logs does, and end its run
+        (empty: the file joined through the log)."""
+        (check,) = [m for _, m, _ in w.outbox.take() if isinstance(m, CheckBatch)]
+        w.clock.advance(minutes=2)
+        with monkeypatch.context() as earlier:
+            earlier.setattr(Batches, "_log", lambda self, spec, batch, *, seal: [])
+            assert w.retrainer.on_check_batch(check) == "sealed"
+        w.deliver()
+
+    def everywhere(self, w: World) -> list[str]:
+        """The file names in any run, or waiting in the open batch."""
+        return [f["name"] for run in runs(w) for f in w.files(run)] + w.batch_files()
+
+    def test_a_file_the_sweep_ingested_is_looked_at_until_its_run_holds_it(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Its event never came; the sweep ingests it (into a batch with a log) and must not
+        move its mark past it then: an earlier release's seal may still leave it out."""
+        w = World()
+        w.data.put("data", "housing/a.csv", "rooms,price\n1,2\n")  # no event
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["blobs"] == 1
+        self.sealed_as_earlier_release(w, monkeypatch)
+        assert self.everywhere(w) == []
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["blobs"] == 1
+        assert self.everywhere(w) == ["housing/a.csv"]
+
+    def test_a_file_sealed_out_twice_is_still_found(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        w = World()
+        assert w.drop("housing/a.csv") == "batched"
+        for _ in range(2):
+            self.sealed_as_earlier_release(w, monkeypatch)
+            w.clock.advance(minutes=30)
+            assert w.retrainer.sweep()["blobs"] == 1
+        assert w.batch_files() == ["housing/a.csv"]
+        w.deliver()  # this release seals it: the run holds it, and the mark may pass it
+        w.clock.advance(minutes=30)
+        assert w.retrainer.sweep()["blobs"] == 0
+        mark = w.store.read(sweep_key("housing"))
+        assert mark is not None
+        (listed,) = w.data.listing("data", "housing/")
+        assert parse(mark.doc["listed_through"]) >= listed.last_modified
