@@ -131,10 +131,9 @@ class RunMover:
             if made > poll:
                 return None
             again = made == poll
-            if again and mine is not None and holder.get("poll_by") == mine:
-                # This very attempt's claim: its write landed, its answer was lost.
-                again = False
-            elif again and not is_redelivery(mine, holder.get("poll_by")):
+            # A claim of this very attempt whose answer was lost is known by the ledger (its
+            # write id): here, the same delivery again is a copy, and a copy is refused.
+            if again and not is_redelivery(mine, holder.get("poll_by")):
                 return None
             if also is not None and not also(d, again):
                 return None

@@ -5,8 +5,10 @@ learn that its write landed, not conclude that another instance got there first 
 from __future__ import annotations
 
 from localdev.sample import housing_csv
+from retrain.bes import JobState
 from retrain.ledger import WRITE_ID, Ledger
-from retrain.messages import CheckBatch
+from retrain.messages import CheckBatch, TrackRun
+from retrain.pipeline import Delivery
 from tests.fakes import MemoryDocumentStore
 from tests.harness import World
 
@@ -88,3 +90,37 @@ def test_an_opener_whose_write_lost_its_answer_still_sends_the_batchs_check() ->
     assert w.drop("housing/a.csv") == "batched"
     checks = [m for _, m, _ in w.outbox.sent if isinstance(m, CheckBatch)]
     assert len(checks) == 1
+
+
+class TestPollClaim:
+    @staticmethod
+    def running() -> tuple[World, TrackRun]:
+        """A run whose job is running, and the message of its next poll."""
+        w = World()
+        w.jobs.script = [JobState.RUNNING]
+        w.drop("housing/a.csv", housing_csv(10, seed=1))
+        w.deliver()  # the check seals the batch
+        w.deliver()  # submit and start
+        ((_, poll, _),) = w.outbox.take()
+        assert isinstance(poll, TrackRun)
+        w.clock.advance(minutes=1)
+        w.jobs.polls.clear()
+        return w, poll
+
+    def test_the_same_delivery_made_twice_polls_once(self) -> None:
+        """One message handed to the function twice with the same id and attempt (not a
+        redelivery after a failure): the second is a copy, refused, not taken for a claim of
+        its own whose answer was lost."""
+        w, poll = self.running()
+        delivery = Delivery("m-1", attempt=1)
+        assert w.retrainer.on_track_run(poll, delivery=delivery) == "running"
+        assert w.retrainer.on_track_run(poll, delivery=delivery) == "duplicate"
+        assert len(w.jobs.polls) == 1
+
+    def test_a_claim_whose_answer_was_lost_polls_once(self) -> None:
+        w, poll = self.running()
+        w.store.lose_answer = ("replace", "runs/")
+        assert w.retrainer.on_track_run(poll, delivery=Delivery("m-1")) == "running"
+        assert w.store.lose_answer is None  # the claim's answer was lost
+        assert w.retrainer.on_track_run(poll, delivery=Delivery("m-1")) == "duplicate"
+        assert len(w.jobs.polls) == 1
