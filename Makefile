@@ -28,13 +28,15 @@ demo: setup
 # pytest's addopts, so one layer can run alone (the unit layer alone covers 87 %).
 COVERAGE := --cov=retrain --cov-report=term-missing:skip-covered --cov-fail-under=93
 
+# In 3 processes (pytest-xdist): the end-to-end tests mostly wait on emulated queues and
+# services, so on 2 cores they overlap well.
 test: setup
-	$(PY) -m pytest $(COVERAGE) -m "not extended"
+	$(PY) -m pytest -n 3 $(COVERAGE) -m "not extended"
 
 # What CI's time budget leaves out of `test` (about 7 min): the identity-mode variants of the
 # operations, New web service, v2 and chaos-findings e2e modules, and the v2 canary chaos mix.
 test-extended: setup
-	$(PY) -m pytest -m extended
+	$(PY) -m pytest -n 3 -m extended
 
 lint: setup
 	.venv/bin/ruff check .
