@@ -29,6 +29,7 @@ from localdev.amlemu import Emulator, EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
 from retrain import cli
+from retrain.pipeline.records import file_count
 
 HOUSE = [4.0, 30.0, 10.0]
 TRUE_PRICE = 30 * 4.0 - 0.8 * 30.0 - 4 * 10.0 + 50
@@ -84,7 +85,7 @@ def _print_runs(model: str, runs: list[dict[str, Any]]) -> None:
         rmse_text = f"{rmse:8.3f}" if rmse is not None else "       -"
         print(
             f"  {run['run_id']:<31} {run.get('kind', 'retrain'):<8} {run['state']:<9} "
-            f"{len(run['files']):>5}  {rmse_text}  {reason}"
+            f"{file_count(run):>5}  {rmse_text}  {reason}"
         )
     print()
 

@@ -65,6 +65,8 @@ def _app() -> Any:
 
 
 def cmd_runs(args: argparse.Namespace, out: Output) -> int:
+    from retrain.pipeline.records import file_count  # the pipeline is loaded by _app() anyway
+
     runs = _app().runs(args.model)
     if args.state:
         runs = [r for r in runs if r["state"] == args.state]
@@ -77,7 +79,7 @@ def cmd_runs(args: argparse.Namespace, out: Output) -> int:
                         r["run_id"],
                         r["model"],
                         r["state"],
-                        str(r.get("file_count", len(r.get("files") or []))),
+                        str(file_count(r)),
                         r.get("updated_at") or r["created_at"],
                         _reason(r)[:80],
                     ]

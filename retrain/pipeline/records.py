@@ -185,6 +185,12 @@ def redeploy_run(
     }
 
 
+def file_count(run: Doc) -> int:
+    """How many files run `run` holds (a run recorded before manifests lists them itself)."""
+    count = run.get("file_count")
+    return int(count) if count is not None else len(run.get("files") or [])
+
+
 def champion_run(champion: Doc, found: Doc | None) -> Doc:
     """The champion's run record as `found`, or the little the model document knows of it."""
     return found or {"run_id": champion["run_id"], "outputs": {"model": champion["model"]}}
