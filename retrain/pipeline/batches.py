@@ -22,7 +22,7 @@ import logging
 from datetime import datetime
 
 from retrain.errors import DocumentMissing
-from retrain.ledger import Doc, Ledger, log_key, manifest_key, members_prefix, model_key, run_key
+from retrain.ledger import Doc, log_key, manifest_key, members_prefix, model_key, run_key
 from retrain.messages import CheckBatch, TrackRun
 from retrain.pipeline.context import Context, dims
 from retrain.pipeline.records import check_due, fold_log, iso, merge_files, new_run, parse
@@ -191,8 +191,15 @@ class Batches:
         return ctx.ledger.get(key, remember=False) or run
 
     def files_of(self, run: Doc) -> list[Doc]:
-        """The files of run `run` (read from its manifest)."""
-        return run_files(self._ctx.ledger, run)
+        """The files of run `run`: its manifest's, or, for a run recorded before manifests, its
+        own list. A missing manifest is an error that names it (it is written before the run)."""
+        key = run.get("manifest")
+        if not key:
+            return list(run.get("files") or [])
+        found = self._ctx.ledger.get(key, remember=False)
+        if found is None:
+            raise DocumentMissing(f"{key}: the manifest of run {run['run_id']} does not exist")
+        return list(found.get("files") or [])
 
     def start_run(self, spec: ModelSpec, sealed: Doc, now: datetime) -> Doc:
         """Record the run of a sealed batch (once) and hand it to the train step."""
@@ -201,15 +208,3 @@ class Batches:
             self._ctx.places.jobs_queue, TrackRun(model=spec.name, run_id=run["run_id"])
         )
         return run
-
-
-def run_files(ledger: Ledger, run: Doc) -> list[Doc]:
-    """The files of run `run`: its manifest's, or, for a run recorded before manifests, its
-    own list. A missing manifest is an error that names it (it is written before the run)."""
-    key = run.get("manifest")
-    if not key:
-        return list(run.get("files") or [])
-    found = ledger.get(key, remember=False)
-    if found is None:
-        raise DocumentMissing(f"{key}: the manifest of run {run['run_id']} does not exist")
-    return list(found.get("files") or [])
