@@ -160,6 +160,17 @@ def sealed_without_its_run() -> World:
     return w
 
 
+def evaluated(w: World) -> EvaluateRun:
+    """Train `w`'s first run to its evaluation; the evaluate message, taken from the outbox."""
+    w.drop("housing/a.csv", housing_csv(10, seed=1))
+    for _ in range(3):
+        w.deliver()
+    w.evaluation("Root Mean Squared Error\n2.5\n")
+    ((_, msg, _),) = w.outbox.take()
+    assert isinstance(msg, EvaluateRun)
+    return msg
+
+
 def champion_then_second_trained(
     before_second: Callable[[World], None] | None = None,
 ) -> tuple[World, str]:
@@ -196,7 +207,7 @@ def restore_check_unreachable(w: World, poll: EvaluateRun) -> Callable[[Any], bo
     serves: Callable[[Any], bool] = w.target.serves
 
     def down(model: Any) -> bool:
-        raise TransientRemoteError("endpoint GET: 503")
+        raise TransientRemoteError("endpoint GET: 503", status=503)
 
     w.target.serves = down  # type: ignore[method-assign]
     with pytest.raises(RemoteError, match="restore check"):

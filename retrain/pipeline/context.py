@@ -115,6 +115,9 @@ class Step:
     """It was starting a job: a start with no answer may still be acted on by the service."""
     start_claim: str | None = None
     """The run's start claim it holds: a retry it sends carries it (the claim is given back)."""
+    lease: str | None = None
+    """The deploy lease it kept after a target call that got no answer: the retry it sends one
+    call bound later carries it and takes over, and no other copy changes the target before."""
     run: Doc | None = None
     """The run record as it last wrote it, if it wrote one."""
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from retrain.deploy import DeployTarget, Progress
+from retrain.deploy import SUCCEEDED, DeployTarget, Progress
 from retrain.errors import PermanentError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 MAX_RETRY_AFTER = 5
 """How often a promotion follows a service's Retry-After before its message fails for good
 (then the host's own retries and the poison queue take over, as for any other error)."""
+MAX_UNANSWERED = 5
+"""How many target calls in a row may go unanswered (a timeout, a dropped connection) before
+the run fails; each next try comes one call bound after the last."""
+
+
+def unanswered(exc: TransientRemoteError) -> bool:
+    """Whether a call got no answer at all: the service may still act on it, late."""
+    return exc.status is None
 
 
 def _fenced(token: str, change: Callable[[Doc], None]) -> Callable[[Doc], Doc | None]:
@@ -75,25 +83,52 @@ class Deployment(RunStep):
             run = self._gate.judge(spec, run, ctx.clock.now())
         if run["state"] != RunState.PROMOTING:
             return str(run["state"])
+        if msg.retries > MAX_UNANSWERED:
+            # Sent one call bound after the last call that got no answer: the target has had
+            # time to act on it, and the restore check the failure owes may look now.
+            return self._runs.fail(
+                spec,
+                run,
+                f"promotion failed: {msg.retries} tries of the target call in a row ended "
+                "with no answer",
+            )
         step = Step()
         try:
             return self._promote(spec, run, msg, delivery, step)
         except PermanentError as exc:  # a refused call, an unusable answer or reference
             return self._runs.fail(spec, run, f"promotion failed: {exc}")
         except TransientRemoteError as exc:
+            if unanswered(exc):
+                # The service may act on the call late: look again (and change anything) only
+                # once one call's worst case has passed, by when it has acted.
+                return self._again(spec, msg, step, exc, ctx.timing.call_bound)
             if exc.retry_after is None or msg.retries >= MAX_RETRY_AFTER:
                 raise  # the host retries the message, then keeps it as poison
             # Honour the service's Retry-After with a delayed copy of the message, instead of
             # failing the invocation and waiting out the queue's visibility timeout.
-            poll = msg.poll + 1 if step.polled else msg.poll
-            delay = max(timedelta(seconds=exc.retry_after or 0), MIN_POLL_GAP)
-            log_retry(spec, msg.run_id, exc, delay)
-            ctx.outbox.send(
-                ctx.places.evaluations_queue,
-                EvaluateRun(model=spec.name, run_id=msg.run_id, poll=poll, retries=msg.retries + 1),
-                delay=delay,
-            )
-            return "retry"
+            return self._again(spec, msg, step, exc, timedelta(seconds=exc.retry_after))
+
+    def _again(
+        self, spec: ModelSpec, msg: EvaluateRun, step: Step, exc: Exception, after: timedelta
+    ) -> str:
+        """Send a copy of the message `after` from now; it carries the deploy lease this
+        delivery kept, if it kept one."""
+        ctx = self._ctx
+        poll = msg.poll + 1 if step.polled else msg.poll
+        delay = max(after, MIN_POLL_GAP)
+        log_retry(spec, msg.run_id, exc, delay)
+        ctx.outbox.send(
+            ctx.places.evaluations_queue,
+            EvaluateRun(
+                model=spec.name,
+                run_id=msg.run_id,
+                poll=poll,
+                retries=msg.retries + 1,
+                lease=step.lease,
+            ),
+            delay=delay,
+        )
+        return "retry"
 
     def _promote(
         self, spec: ModelSpec, run: Doc, msg: EvaluateRun, delivery: Delivery | None, step: Step
@@ -105,7 +140,7 @@ class Deployment(RunStep):
         pending = run.get("deployment")
         progress: Progress | str
         if pending is None or not pending.get("deployed"):
-            outcome = self._deploy(spec, target, run, ref, msg, delivery)
+            outcome = self._deploy(spec, target, run, ref, msg, delivery, step)
             if isinstance(outcome, str):
                 return outcome
             run, progress = outcome
@@ -115,12 +150,16 @@ class Deployment(RunStep):
             if not claim:
                 return "duplicate"
             step.polled = True
+            if claim == "again":
+                # The failed attempt may have just asked how the step is doing, or sent a
+                # change whose answer never came (the service may act on it late): look in
+                # the chain's next poll, one call bound on at the least.
+                self._look_later(spec, run, msg, self._ctx.timing.call_bound)
+                return "provisioning"
             if pending.get("canary"):
                 progress = self._canary.advance(spec, target, run, msg)
-            elif claim == "again" and pending.get("operation"):
-                # The failed attempt may have just asked how the operation is doing: ask in
-                # the chain's next poll, not at once.
-                return self._provisioning(spec, run, msg)
+            elif pending.get("operation") is None:
+                progress = SUCCEEDED  # the deploy call finished at once: verify and crown
             else:
                 progress = target.progress(pending["operation"])
         if not isinstance(progress, str) and progress.state == "staged":
@@ -145,12 +184,7 @@ class Deployment(RunStep):
         timeout = getattr(spec.target, "provisioning_timeout", None)
         if timeout is not None and ctx.clock.now() >= parse(deployment["started_at"]) + timeout:
             return self._runs.fail(spec, run, f"provisioning did not finish within {timeout}")
-        poll = max(msg.poll, deployment["polls"]) + 1
-        ctx.outbox.send(
-            ctx.places.evaluations_queue,
-            EvaluateRun(model=spec.name, run_id=run["run_id"], poll=poll),
-            delay=ctx.timing.delay(poll),
-        )
+        poll = self._look_later(spec, run, msg)
         log.info(
             "run %s of %s: the target is provisioning (poll %d)",
             run["run_id"],
@@ -160,6 +194,18 @@ class Deployment(RunStep):
         )
         return "provisioning"
 
+    def _look_later(
+        self, spec: ModelSpec, run: Doc, msg: EvaluateRun, at_least: timedelta = MIN_POLL_GAP
+    ) -> int:
+        """Send the chain's next poll, after its backoff delay (and `at_least`); its number."""
+        poll = max(msg.poll, int(run["deployment"]["polls"])) + 1
+        self._ctx.outbox.send(
+            self._ctx.places.evaluations_queue,
+            EvaluateRun(model=spec.name, run_id=run["run_id"], poll=poll),
+            delay=max(self._ctx.timing.delay(poll), at_least),
+        )
+        return poll
+
     def _deploy(
         self,
         spec: ModelSpec,
@@ -168,6 +214,7 @@ class Deployment(RunStep):
         ref: ModelRef,
         msg: EvaluateRun,
         delivery: Delivery | None,
+        step: Step,
     ) -> tuple[Doc, Progress] | str:
         """Claim the run's deploy lease, call the target once, record it under the lease.
 
@@ -186,7 +233,7 @@ class Deployment(RunStep):
         claimed = self._claim_lease(spec, run, msg, delivery, token)
         if isinstance(claimed, str):
             return claimed
-        progress = self._call_target(spec, target, ref, msg, key, token, began)
+        progress = self._call_target(spec, target, ref, msg, key, token, began, step)
         if progress is None:
             return "retry"
 
@@ -233,7 +280,7 @@ class Deployment(RunStep):
             held = d.get("deployment")
             if d["state"] != RunState.PROMOTING or (held and held.get("deployed")):
                 return None
-            if held and not is_redelivery(mine, held.get("by")) and msg.lease != held["claim"]:
+            if held and msg.lease != held["claim"]:
                 return None
             d["deployment"] = {
                 "claim": token,
@@ -254,13 +301,23 @@ class Deployment(RunStep):
         if run["state"] != RunState.PROMOTING or held.get("deployed"):
             return "duplicate"
         # Another delivery holds the lease: look again after a whole lease, and take over
-        # only if that same claim is still there then.
+        # only if that same claim is still there then. A later attempt of the holder's own
+        # message knows the holder is gone (it crashed, or its process stood still past the
+        # queue's lease) but not whether its target call is still on the way: it takes over
+        # one call bound later, by when the service has acted on that call.
+        again = is_redelivery(mine, held.get("by"))
         ctx.outbox.send(
             ctx.places.evaluations_queue,
-            EvaluateRun(model=spec.name, run_id=run["run_id"], poll=msg.poll, lease=held["claim"]),
-            delay=lease,
+            EvaluateRun(
+                model=spec.name,
+                run_id=run["run_id"],
+                poll=msg.poll,
+                lease=held["claim"],
+                retries=msg.retries + 1 if again else msg.retries,
+            ),
+            delay=ctx.timing.call_bound if again else lease,
         )
-        return "waiting"
+        return "resent" if again else "waiting"
 
     def _call_target(
         self,
@@ -271,6 +328,7 @@ class Deployment(RunStep):
         key: str,
         token: str,
         began: float,
+        step: Step,
     ) -> Progress | None:
         """The target call under the lease; None when too little lease was left to start it
         (the lease is given back and the message sent again)."""
@@ -287,6 +345,12 @@ class Deployment(RunStep):
                 ctx.outbox.send(ctx.places.evaluations_queue, msg, delay=MIN_POLL_GAP)
                 return None
             return target.deploy(ref)
+        except TransientRemoteError as exc:
+            if unanswered(exc):
+                step.lease = token  # kept: see `Step.lease`
+            else:
+                ctx.ledger.update(key, _fenced(token, _give_back))
+            raise
         except Exception:
             # Give the claim back so the retry of this message need not wait out the lease.
             ctx.ledger.update(key, _fenced(token, _give_back))

@@ -189,7 +189,7 @@ class ModelSlot:
         if unknown is not None:
             self._ctx.ledger.update(key, lambda d: {**d, "target_after": outcome})
             raise TransientRemoteError(
-                f"run {run_id} of {spec.name}: restore check: {unknown}"
+                f"run {run_id} of {spec.name}: restore check: {unknown}", status=unknown.status
             ) from unknown
 
         def settle(d: Doc) -> Doc | None:

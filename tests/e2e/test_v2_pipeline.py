@@ -10,6 +10,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -53,10 +54,15 @@ class PipelineStack(V2Stack):
 
 @contextlib.contextmanager
 def open_v2_stack(
-    storage: Storage, *, duplicates: float = 0.0, **overrides: Any
+    storage: Storage,
+    *,
+    duplicates: float = 0.0,
+    env: dict[str, str] | None = None,
+    failure_visibility: timedelta | None = None,
+    **overrides: Any,
 ) -> Iterator[PipelineStack]:
     """The app under the local runner on the v2 emulator; `overrides` change the model spec,
-    `duplicates` is the chance the runner delivers a message twice."""
+    `env` the app settings, `duplicates` is the chance the runner delivers a message twice."""
     suffix = "-" + uuid.uuid4().hex[:8]
     emulator = storage.v2_emulator(f"retrain-artifacts{suffix}")
     emulator.faults.job_seconds = 1
@@ -64,10 +70,14 @@ def open_v2_stack(
     with EmulatorServer(emulator) as server:
         settings = storage.app_settings(
             [v2stack.model_spec(server.url, **overrides)], suffix=suffix
-        )
+        ) | (env or {})
         app = stack.load_app(settings)
         runner = LocalRunner(
-            app, env=settings, duplicates=duplicates, credential=storage.credential
+            app,
+            env=settings,
+            duplicates=duplicates,
+            credential=storage.credential,
+            failure_visibility=failure_visibility,
         )
         yield PipelineStack(runner, emulator, settings, storage.blobs(), server.url)
 
@@ -204,3 +214,22 @@ class TestV2Pipeline:
             assert s.traffic() == {"blue": 100}
             assert s.deployed("blue") == version_id(run)
             assert s.emulator.violations == []
+
+    def test_a_deployment_put_acted_on_after_its_timeout_is_followed_not_sent_again(
+        self, storage: Storage
+    ) -> None:
+        """The service acts on the PUT after the client gave up on it (found by the
+        fault-injection run, seed 6400026), and the host hands the failed message back sooner
+        (here at once): the retry looks only once the call's worst case has passed and follows
+        the operation. A second PUT before would meet the first one running (409)."""
+        fast = {"RETRAIN_HTTP_CONNECT_TIMEOUT": "0.5", "RETRAIN_HTTP_READ_TIMEOUT": "0.5"}
+        with open_v2_stack(storage, env=fast, failure_visibility=timedelta(0)) as s:
+            s.emulator.faults.http = [{"delay": 2.0, "method": "PUT", "path": "/deployments/"}]
+            s.emulator.faults.provisioning_seconds = 4  # a PUT sent again is still running
+            s.upload("housing/2026-12-01.csv", housing_csv(60, seed=16, noise=40))
+            s.runner.run_until_idle(timeout=90)
+            (run,) = s.runs()
+            assert run["state"] == "promoted", run.get("error")
+            assert s.emulator.violations == []
+            assert s.emulator.count("PUT", r"/deployments/blue$") == 1
+            assert s.traffic() == {"blue": 100}

@@ -182,11 +182,13 @@ class TestSteps:
         w.deliver()
         hold = step_message(w)
         w.clock.advance(minutes=5)
-        with pytest.raises(TransientRemoteError):
-            w.retrainer.on_evaluate(hold, delivery=Delivery("m-1"))
+        assert w.retrainer.on_evaluate(hold, delivery=Delivery("m-1")) == "retry"
         canary = latest_run(w)["deployment"]["canary"]
         assert (canary["phase"], canary["step"]) == ("moving", 1)
-        assert w.retrainer.on_evaluate(hold, delivery=Delivery("m-1", 2)) == "canary"
+        # The PUT got no answer: the endpoint is read again only once it must have acted.
+        ((_, copy, delay),) = w.outbox.take()
+        assert delay >= w.retrainer._ctx.timing.call_bound
+        assert w.retrainer.on_evaluate(copy, delivery=Delivery("m-2")) == "canary"
         canary = latest_run(w)["deployment"]["canary"]
         assert (canary["phase"], canary["step"]) == ("holding", 1)
         assert endpoint.puts.count({"green": 50, "blue": 50}) == 1  # read, not sent again

@@ -24,6 +24,7 @@ from tests.harness import (
     World,
     champion_run,
     champion_then_second_trained,
+    evaluated,
     failing_provisioning,
     latest_run,
     left_as,
@@ -406,7 +407,12 @@ class TestEvaluate:
         # The first attempt died after the deploy, before the run was marked promoted.
         left_as(w, run_key("housing", msg.run_id), lambda d: {**d, "state": "promoting"})
         assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-2")) == "duplicate"
-        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "promoted"
+        # The redelivery knows its first attempt is gone, not whether a call it made has
+        # landed: it looks one call bound later, and does not deploy again.
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "provisioning"
+        ((_, copy, delay),) = w.outbox.take()
+        assert delay >= w.retrainer._ctx.timing.call_bound
+        assert w.retrainer.on_evaluate(copy, delivery=Delivery("m-3")) == "promoted"
         assert len(w.target.deploys) == 1
 
     def test_unreadable_evaluation_fails_the_run(self) -> None:
@@ -598,7 +604,8 @@ class TestAsyncPromotion:
         ((_, poll2, delay),) = w.outbox.take()
         assert isinstance(poll2, EvaluateRun)
         assert poll2.poll == poll1.poll + 1
-        assert delay >= timedelta(seconds=1)
+        # ... nor before one call bound: had it been changing the target, the change has landed
+        assert delay >= w.retrainer._ctx.timing.call_bound
         del w.target.progress
         assert w.retrainer.on_evaluate(poll2) == "promoted"
 
@@ -671,13 +678,7 @@ LATER = {"run_id": "later-run", "model": "artifacts/housing/later-run/model.ilea
 class TestDeployLease:
     def trained(self) -> tuple[World, EvaluateRun]:
         w = World()
-        w.drop("housing/a.csv", housing_csv(10, seed=1))
-        for _ in range(3):
-            w.deliver()
-        w.evaluation("Root Mean Squared Error\n2.5\n")
-        ((_, msg, _),) = w.outbox.take()
-        assert isinstance(msg, EvaluateRun)
-        return w, msg
+        return w, evaluated(w)
 
     def claim_then_crash(self, w: World, msg: EvaluateRun, delivery: Delivery) -> None:
         def crash(model: Any) -> Any:
@@ -691,7 +692,11 @@ class TestDeployLease:
     def test_redelivery_of_the_same_message_takes_the_claim_over(self) -> None:
         w, msg = self.trained()
         self.claim_then_crash(w, msg, Delivery("m-1"))
-        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "promoted"
+        # It takes over one call bound later: the call the holder made may still land.
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "resent"
+        ((_, copy, delay),) = w.outbox.take()
+        assert delay == w.retrainer._ctx.timing.call_bound
+        assert w.retrainer.on_evaluate(copy, delivery=Delivery("m-2")) == "promoted"
         assert len(w.target.deploys) == 1
 
     def test_a_concurrent_copy_of_the_same_attempt_does_not_take_over(self) -> None:
@@ -718,7 +723,10 @@ class TestDeployLease:
         w, msg = self.trained()
         self.claim_then_crash(w, msg, Delivery("m-1"))
         old = w.run()["deployment"]["claim"]
-        self.claim_then_crash(w, msg, Delivery("m-1", 2))  # the holder came back: new claim
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "resent"
+        ((_, copy, _),) = w.outbox.take()
+        assert isinstance(copy, EvaluateRun)
+        self.claim_then_crash(w, copy, Delivery("m-3"))  # took over: a new claim
         stale = msg.model_copy(update={"lease": old})
         assert w.retrainer.on_evaluate(stale, delivery=Delivery("m-2")) == "waiting"
         assert w.target.deploys == []
@@ -756,7 +764,9 @@ class TestDeployLease:
             model_key("housing"),
             lambda d: {**d, "active_run": "later-run", "champion": LATER},
         )
-        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "superseded"
+        # It looks one call bound later (its attempt may have been changing the target).
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("m-1", 2)) == "provisioning"
+        assert w.deliver() == ["superseded"]
         state = w.ledger.get(model_key("housing"))
         assert state is not None
         assert state["champion"] == LATER
