@@ -89,6 +89,16 @@ def notify(msg: func.QueueMessage) -> None:
     triggers.event(msg.get_body())
 
 
+@app.function_name("job_events")
+@app.event_grid_trigger(arg_name="event")
+def job_events(event: func.EventGridEvent) -> None:
+    """An Azure ML job's completion (Event Grid): its run goes to the gate without waiting for
+    its next poll. Without a subscription it never runs; the polls find the end."""
+    from retrain import triggers
+
+    triggers.job_event(event.id, event.event_type, event.topic, event.get_json())
+
+
 @app.function_name("sweep")
 @app.timer_trigger(arg_name="timer", schedule="%RETRAIN_SWEEP_SCHEDULE%", run_on_startup=False)
 def sweep(timer: func.TimerRequest) -> None:

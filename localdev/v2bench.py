@@ -7,6 +7,9 @@ delayed re-enqueue). The app's queues are replaced by an in-memory timeline on a
 that the emulator's job shares: each delivery moves the clock to the message's due time, so a
 12-hour job is tracked in seconds. `time.sleep` is counted, not allowed to pass silently.
 
+With Azure ML's job completion events (`v2 + events`): the emulator's RunCompleted event is
+delivered to the app when the job ends, and the polls, now only the fallback, grow to 1 hour.
+
     python -m localdev.v2bench [--durations 60,3600,43200] [--json]
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import heapq
 import json
 import math
@@ -30,6 +34,8 @@ from localdev import stack, v2stack
 
 DURATIONS = (60, 3600, 43200)
 BACKENDS = ("v2", "classic")
+EVENTS_MAX_DELAY = timedelta(hours=1)
+"""The poll schedule's longest delay with completion events: the polls are only the fallback."""
 _STATUS_GET = {"v2": r"/jobs/[^/]+$", "classic": r"/jobs/[0-9a-f]+$"}
 """The path of a job's status GET on each emulator."""
 
@@ -65,6 +71,10 @@ class Timeline:
         """As the outbox wrapper of the wiring: the app sends here, not to the queues."""
         return self
 
+    def at(self, due: datetime, action: Callable[[], object]) -> None:
+        """Something the service does at `due` (a job's end and its event), in time order."""
+        heapq.heappush(self.heap, (due, -len(self.heap) - 1, action))
+
 
 def deliver(app: Any, timeline: Timeline, over: Callable[[], bool]) -> tuple[float, int]:
     """Deliver messages in due order, the clock moved to each; seconds inside the handlers and
@@ -83,6 +93,8 @@ def deliver(app: Any, timeline: Timeline, over: Callable[[], bool]) -> tuple[flo
             app.on_track_run(msg, delivery=Delivery(f"v2bench-{seq}"))
         elif isinstance(msg, EvaluateRun):
             app.on_evaluate(msg, delivery=Delivery(f"v2bench-{seq}"))
+        elif callable(msg):
+            msg()
         else:
             continue  # run events go to the notify function, not the pipeline
         inside += time.perf_counter() - start
@@ -135,8 +147,40 @@ def schedule() -> tuple[timedelta, timedelta]:
     return first, most
 
 
-def track(connection: str, backend: str, duration: int) -> dict[str, Any]:
-    """Track one job of `duration` seconds from drop to the run's end; what it cost."""
+class CompletionEvents:
+    """Azure ML's side of the job events: when a started job's time is up, the job ends and its
+    RunCompleted event goes to the app's `job_events` handler."""
+
+    def __init__(self, app: Any, emulator: Any, timeline: Timeline, duration: int) -> None:
+        self.app, self.emulator, self.timeline = app, emulator, timeline
+        self.duration = duration
+        self.scheduled: set[str] = set()
+        self.delivered = 0
+
+    def watch(self) -> None:
+        """Schedule the end of every job that has started since the last look."""
+        for job in list(self.emulator.training.jobs.values()):
+            if job.started is not None and job.name not in self.scheduled:
+                self.scheduled.add(job.name)
+                due = datetime.fromtimestamp(job.started + self.duration, UTC)
+                self.timeline.at(due, functools.partial(self.end, job))
+
+    def end(self, job: Any) -> None:
+        from retrain.azureml.events import job_completed
+
+        training = self.emulator.training
+        seen = len(training.events)
+        training.advance(job)
+        for event in training.events[seen:]:
+            found = job_completed(event["eventType"], event["topic"], event["data"])
+            if found is not None:
+                self.delivered += 1
+                self.app.on_job_completed(found)
+
+
+def track(connection: str, backend: str, duration: int, *, events: bool = False) -> dict[str, Any]:
+    """Track one job of `duration` seconds from drop to the run's end; what it cost. With
+    `events` (v2), the job's completion event reaches the app and the polls grow to 1 hour."""
     from localdev.sample import housing_csv
     from retrain import wiring
     from retrain.clock import ManualClock
@@ -145,6 +189,8 @@ def track(connection: str, backend: str, duration: int) -> dict[str, Any]:
     clock = ManualClock(datetime.now(UTC))
     suffix = "-" + uuid.uuid4().hex[:8]
     first, most = schedule()
+    if events:
+        most = EVENTS_MAX_DELAY
     with service(backend, clock, duration, connection, suffix) as (emulator, spec):
         settings = stack.app_settings(connection, [spec], suffix=suffix)
         settings.update(
@@ -164,9 +210,17 @@ def track(connection: str, backend: str, duration: int) -> dict[str, Any]:
             runs = app.runs("housing")
             return bool(runs) and runs[-1]["state"] in ("promoted", "rejected", "failed")
 
+        completions = CompletionEvents(app, emulator, timeline, duration) if events else None
+
+        def done() -> bool:
+            if completions is not None:
+                completions.watch()
+            return over()
+
         with mock.patch.object(time, "sleep", wraps=time.sleep) as sleeper:
-            inside, invocations = deliver(app, timeline, over)
+            inside, invocations = deliver(app, timeline, done)
         polls = emulator.count("GET", _STATUS_GET[backend])
+        run = app.runs("housing")[-1]
         bound = math.ceil(math.log2(duration / first.total_seconds())) + duration / most.seconds
         return {
             "status GETs": polls,
@@ -175,33 +229,52 @@ def track(connection: str, backend: str, duration: int) -> dict[str, Any]:
             "invocations": invocations,
             "seconds inside invocations": round(inside, 2),
             "seconds slept": round(sum(float(c.args[0]) for c in sleeper.call_args_list), 3),
-            "run": app.runs("housing")[-1]["state"],
+            "run": run["state"],
             "budget": round(bound + 2, 1),
+            "end to gate (s)": to_gate(run, emulator, duration) if backend == "v2" else None,
+            "events delivered": completions.delivered if completions else 0,
         }
+
+
+def to_gate(run: dict[str, Any], emulator: Any, duration: int) -> float:
+    """Seconds from the job's end (on the emulator's clock) to the run reaching `trained`."""
+    (job,) = emulator.training.jobs.values()
+    trained = next(h["at"] for h in run["history"] if h["state"] == "trained")
+    ended = float(job.started) + duration
+    return round(datetime.fromisoformat(str(trained)).timestamp() - ended, 1)
 
 
 def measure(connection: str, durations: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     """Every backend at every duration: `{"v2, 1 hour": {...}, ...}`."""
-    return {
-        f"{backend}, {label(d)}": track(connection, backend, d)
-        for d in durations
-        for backend in BACKENDS
-    }
+    results: dict[str, dict[str, Any]] = {}
+    for d in durations:
+        for backend in BACKENDS:
+            results[f"{backend}, {label(d)}"] = track(connection, backend, d)
+        results[f"v2 + events, {label(d)}"] = track(connection, "v2", d, events=True)
+    return results
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     """The figures as a markdown table, one row per (backend, duration)."""
     first, most = schedule()
-    columns = ["status GETs", "track messages", "queue messages", "seconds inside invocations"]
+    columns = [
+        "status GETs",
+        "track messages",
+        "queue messages",
+        "seconds inside invocations",
+        "end to gate (s)",
+    ]
     lines = [
         f"Poll schedule: {first.total_seconds():g} s doubling to {most.total_seconds():g} s "
-        "(the defaults), a delayed message per poll; manual clock.",
+        "(the defaults), a delayed message per poll; manual clock. `v2 + events`: the job's "
+        f"RunCompleted event delivered as it ends, the polls growing to "
+        f"{EVENTS_MAX_DELAY.total_seconds():g} s.",
         "",
         "| job | " + " | ".join(columns) + " | slept | run | polls budget |",
         "|---|" + "---|" * (len(columns) + 3),
     ]
     for name, row in results.items():
-        cells = [str(row[c]) for c in columns]
+        cells = ["-" if row[c] is None else str(row[c]) for c in columns]
         extra = [f"{row['seconds slept']} s", row["run"], f"<= {row['budget']}"]
         lines.append(f"| {name} | " + " | ".join(cells + extra) + " |")
     return "\n".join(lines)

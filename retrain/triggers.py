@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from retrain import wiring
+from retrain.azureml.events import job_completed
 from retrain.ingest import blob_from_event
 from retrain.messages import CheckBatch, parse_evaluation, parse_event, parse_jobs
 from retrain.pipeline import Delivery, QueueKind
@@ -39,6 +40,17 @@ def blob_event(event_id: str, event_type: str, data: Any) -> None:
         )
         return
     retrainer.on_blob(*found)
+
+
+def job_event(event_id: str, event_type: str, topic: str | None, data: Any) -> None:
+    """An Azure ML run event: a completed job of a running run goes to the gate now (any other
+    event is skipped)."""
+    found = job_completed(event_type, topic, data)
+    if found is None:
+        log.info("event %s (%s) skipped: not a completed job of this app", event_id, event_type)
+        return
+    outcome = wiring.retrainer().on_job_completed(found)
+    log.info("event %s: job %s of run %s: %s", event_id, found.job, found.run_id, outcome)
 
 
 def jobs(body: bytes, message_id: str | None, dequeue_count: int | None) -> None:

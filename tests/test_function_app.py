@@ -29,6 +29,7 @@ def test_functions_and_their_triggers(functions: dict[str, Any]) -> None:
         "evaluate",
         "evaluate_poison",
         "ingest",
+        "job_events",
         "notify",
         "sweep",
         "train",
@@ -39,6 +40,7 @@ def test_functions_and_their_triggers(functions: dict[str, Any]) -> None:
     assert functions["ingest"].get_trigger().path == "%RETRAIN_DATA_CONTAINER%/{name}"
     assert functions["train"].get_trigger().queue_name == "%RETRAIN_JOBS_QUEUE%"
     assert functions["evaluate"].get_trigger().queue_name == "%RETRAIN_EVALUATIONS_QUEUE%"
+    assert functions["job_events"].get_trigger().get_binding_name() == "eventGridTrigger"
 
 
 def test_every_storage_trigger_connects_through_the_settings_the_app_reads(

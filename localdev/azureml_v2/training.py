@@ -8,6 +8,7 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from localdev import learn
@@ -86,6 +87,9 @@ class Training:
         read ("blob": its path in the datastore, "sha256" of its bytes) and the data version it
         holds ("version": (source, etag) from the copy's `retrain_source` metadata, else the
         blob's own (path, etag))."""
+        self.events: list[dict[str, Any]] = []
+        """The Event Grid events the workspace published, in order (EventGridEvent schema): a
+        RunStatusChanged for every job that ended and a RunCompleted for each that completed."""
 
     # ---- ARM
 
@@ -175,6 +179,7 @@ class Training:
             if job.cancel_at is not None:
                 if now >= job.cancel_at + emu.faults.cancel_seconds:
                     job.state, job.error = "Canceled", "Canceled by the user"
+                    self._publish(job, "RunStatusChanged")
                 return
             if job.state == "NotStarted":
                 job.state, job.started = "Running", now
@@ -185,6 +190,7 @@ class Training:
             if emu.faults.fail_jobs > 0:
                 emu.faults.fail_jobs -= 1
                 job.state, job.error = "Failed", emu.faults.fail_details
+                self._publish(job, "RunStatusChanged")
                 return
             self._finish(job)
 
@@ -230,6 +236,44 @@ class Training:
             job.state, job.error = "Failed", f"UserError: {exc}"
         else:
             job.state = "Completed"
+            self._publish(job, "RunCompleted")
+        self._publish(job, "RunStatusChanged")
+
+    def _publish(self, job: Job, kind: str) -> None:
+        """Record the event Azure ML would publish through Event Grid for `job` (§ Event Grid
+        events of the README: a job's name as `runId`, its tags as `runTags`)."""
+        data: dict[str, Any] = {
+            "experimentId": str(uuid.uuid5(uuid.NAMESPACE_URL, self._experiment(job))),
+            "experimentName": self._experiment(job),
+            "runId": job.name,
+            "runType": None,
+            "runTags": dict(self._tags(job)),
+            "runProperties": {},
+        }
+        if kind == "RunStatusChanged":
+            data["runStatus"] = job.state
+        self.events.append(
+            {
+                "id": uuid.uuid4().hex,
+                "topic": self.emu.ws_path,
+                "subject": f"experiments/{data['experimentId']}/runs/{job.name}",
+                "eventType": f"Microsoft.MachineLearningServices.{kind}",
+                "eventTime": datetime.fromtimestamp(self.emu.seconds(), UTC).isoformat(),
+                "data": data,
+                "dataVersion": "",
+                "metadataVersion": "1",
+            }
+        )
+
+    @staticmethod
+    def _experiment(job: Job) -> str:
+        name = job.props.get("experimentName")
+        return name if isinstance(name, str) and name else "Default"
+
+    @staticmethod
+    def _tags(job: Job) -> dict[str, Any]:
+        tags = job.props.get("tags")
+        return tags if isinstance(tags, dict) else {}
 
     def _train(self, job: Job) -> None:
         if job.error is not None:

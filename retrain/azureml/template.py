@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from retrain.azureml.events import MODEL_TAG, RUN_TAG
 from retrain.azureml.workspace import as_object
 from retrain.errors import UsageError
 
@@ -172,7 +173,7 @@ def build_job(
     tags = filled["properties"].setdefault("tags", {})
     if not isinstance(tags, dict):
         raise UsageError("job template: tags must be a JSON object")
-    tags.update({"retrain.model": model, "retrain.batch": batch})
+    tags.update({MODEL_TAG: model, RUN_TAG: batch})
     return filled  # type: ignore[no-any-return]
 
 

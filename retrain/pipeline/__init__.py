@@ -18,6 +18,7 @@ that the triggers, the CLI and the local tools call:
 
 from __future__ import annotations
 
+from retrain.azureml.events import JobCompleted
 from retrain.ledger import Doc
 from retrain.messages import CheckBatch, EvaluateRun, TrackRun
 from retrain.pipeline.arrivals import Arrivals
@@ -81,6 +82,10 @@ class Retrainer:
     def on_track_run(self, msg: TrackRun, *, delivery: Delivery | None = None) -> str:
         """Submit, start or poll the run's training job; never waits inside the invocation."""
         return self._training.on_track_run(msg, delivery=delivery)
+
+    def on_job_completed(self, event: JobCompleted) -> str:
+        """A job completion event: its run goes to the gate without waiting for its next poll."""
+        return self._training.on_job_completed(event)
 
     def on_evaluate(self, msg: EvaluateRun, *, delivery: Delivery | None = None) -> str:
         """Gate the trained model; promote it through the model's target when it is better."""

@@ -8,6 +8,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from retrain.azureml.events import JobCompleted
+from retrain.azureml.spec import AzureMLSpec
 from retrain.errors import (
     InputRejected,
     PermanentError,
@@ -365,17 +367,7 @@ class Training(RunStep):
         spec, jobs, msg = track.spec, track.jobs, track.msg
         status = jobs.status(run["job_id"])
         if status.phase is Phase.FINISHED:
-            self._runs.move(
-                spec,
-                msg.run_id,
-                RunState.RUNNING,
-                RunState.TRAINED,
-                now,
-                note=f"{jobs.what} finished",
-            )
-            self._ctx.outbox.send(
-                self._ctx.places.evaluations_queue, EvaluateRun(model=spec.name, run_id=msg.run_id)
-            )
+            self._trained(spec, msg.run_id, now, f"{jobs.what} finished")
             return RunState.TRAINED.value
         if status.phase in (Phase.FAILED, Phase.CANCELLED):
             return self._runs.fail(
@@ -393,6 +385,42 @@ class Training(RunStep):
             )
         self._poll_later(spec, msg.run_id, msg.poll + 1)
         return RunState.RUNNING.value
+
+    def _trained(self, spec: ModelSpec, run_id: str, now: datetime, note: str) -> bool:
+        """Move a running run whose job finished to `trained` and hand it to the gate; whether
+        this call moved it (one of the poll and a completion event does)."""
+        _, moved = self._runs.move(spec, run_id, RunState.RUNNING, RunState.TRAINED, now, note=note)
+        if moved:
+            self._ctx.outbox.send(
+                self._ctx.places.evaluations_queue, EvaluateRun(model=spec.name, run_id=run_id)
+            )
+        return moved
+
+    def on_job_completed(self, event: JobCompleted) -> str:
+        """A job completion event (Azure ML through Event Grid): the run whose job it names
+        goes to the gate now, without waiting for its next poll. Only a running run of a
+        configured `azureml` model, in the workspace the event comes from, whose recorded job is
+        the one completed; anything else is skipped and the poll chain stays the judge."""
+        ctx = self._ctx
+        spec = ctx.models.get(event.model)
+        training = spec.training if spec is not None else None
+        if spec is None or not isinstance(training, AzureMLSpec):
+            return "skipped"
+        if training.workspace_ref.path.casefold() != event.workspace.casefold():
+            log.warning(
+                "job event for %s of %s from workspace %s, not the model's: skipped",
+                event.run_id,
+                event.model,
+                event.workspace,
+            )
+            return "skipped"
+        run = ctx.ledger.get(run_key(spec.name, event.run_id))
+        if run is None or run.get("job_id") != event.job:
+            return "skipped"
+        if run["state"] != RunState.RUNNING:
+            return str(run["state"])  # polled already, or not started as far as it knows
+        moved = self._trained(spec, event.run_id, ctx.clock.now(), "job completed (its event)")
+        return RunState.TRAINED.value if moved else "duplicate"
 
     def _poll_later(
         self,

@@ -233,3 +233,62 @@ class TestV2Pipeline:
             assert s.emulator.violations == []
             assert s.emulator.count("PUT", r"/deployments/blue$") == 1
             assert s.traffic() == {"blue": 100}
+
+    def test_a_job_completion_event_takes_the_run_to_the_gate_before_any_poll(
+        self, storage: Storage
+    ) -> None:
+        """Azure ML's RunCompleted event (Event Grid, the `job_events` function): the run is
+        judged at once, with the job never polled; its first poll, due a minute later, finds
+        the run moved on. Events from elsewhere, or of other runs, change nothing."""
+        import azure.functions as func
+
+        def deliver(event: dict[str, Any], **changes: Any) -> bool:
+            event = {**event, **changes}
+            return s.runner.deliver_event(
+                "job_events",
+                func.EventGridEvent(
+                    id=event["id"],
+                    data=event["data"],
+                    topic=event["topic"],
+                    subject=event["subject"],
+                    event_type=event["eventType"],
+                    event_time=None,
+                    data_version=event["dataVersion"],
+                ),
+            )
+
+        slow_polls = {"RETRAIN_POLL_FIRST_DELAY": "PT60S", "RETRAIN_POLL_MAX_DELAY": "PT10M"}
+        with open_v2_stack(storage, env=slow_polls) as s:
+            s.emulator.faults.job_seconds = 0
+            s.upload("housing/2026-12-01.csv", housing_csv(60, seed=17, noise=40))
+            for _ in range(200):
+                s.runner.step()  # the first ingests the file and makes the state container
+                runs = s.runs()
+                if runs and runs[0]["state"] == "running":
+                    break
+            (run,) = s.runs()
+            assert run["state"] == "running"
+            job = s.emulator.training.jobs[run["job_id"]]
+            s.emulator.training.advance(job)  # the job ends in Azure ML, on its own
+            completed, changed = s.emulator.training.events
+            assert completed["eventType"].endswith("RunCompleted")
+
+            other_ws = completed["topic"].replace("/workspaces/ws1", "/workspaces/other")
+            assert deliver(completed, topic=other_ws)
+            assert deliver(completed, data={**completed["data"], "runId": "someone-elses"})
+            assert s.runs()[0]["state"] == "running"
+
+            assert deliver(changed)  # RunStatusChanged to Completed
+            assert deliver(completed)  # and the RunCompleted of the same job: one move
+            trained = s.runs()[0]
+            assert trained["state"] in ("trained", "promoting"), trained["state"]
+            assert "job completed (its event)" in str(trained["history"])
+            assert s.emulator.count("GET", rf"/jobs/{run['job_id']}$") == 0  # never polled
+            for _ in range(200):  # the gate runs from the evaluations queue, undelayed
+                if s.runs()[0]["state"] != "trained":
+                    break
+                s.runner.step()
+            judged = s.runs()[0]
+            assert judged["state"] == "promoting", judged.get("error")
+            assert "no champion to beat" in str(judged["history"])
+            assert s.emulator.count("GET", rf"/jobs/{run['job_id']}$") == 0
