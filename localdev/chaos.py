@@ -331,6 +331,8 @@ class Scenario:
         self.late: Counter[str] = Counter()
         """Requests the emulator holds right now (a late act lands when its hold ends)."""
         self.late_lock = threading.Lock()
+        self.unanswered = 0
+        """The service calls this scenario leaves with no answer (see `_waits`)."""
 
     # ---------------------------------------------------------------- set-up
 
@@ -441,6 +443,13 @@ class Scenario:
         workers = [Worker(i, skew, self) for i, skew in enumerate(self.result.skews)]
         for w in workers:
             w.start()
+        # A call with no answer (dropped, answered late, answer lost) is followed one call bound
+        # later, and so is the call of a worker that died: each may add that much to the end.
+        self.unanswered = sum(
+            1
+            for f in emulator.faults.http
+            if f.get("drop") or {"delay", "delay_answer", "lose_response"} & set(f)
+        )
         settled = False
         try:
             settled = self._drive(workers, blobs, data)
@@ -496,7 +505,7 @@ class Scenario:
         )
         states = blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
         next_settle = 0.0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline + self._waits(workers):
             now = time.monotonic() - start
             for w in workers:
                 w.tend()
@@ -525,6 +534,12 @@ class Scenario:
                     return True
             time.sleep(TICK)
         return False
+
+    def _waits(self, workers: list[Worker]) -> float:
+        """What the protocol's waits after calls with no answer may add to the deadline: one
+        call bound per such call and per worker death so far (at most ten)."""
+        deaths = sum(w.starts - 1 for w in workers)
+        return CALL_BOUND * min(self.unanswered + deaths, 10)
 
     # --------------------------------------------------------------- actions
 

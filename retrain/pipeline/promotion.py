@@ -90,7 +90,7 @@ class Deployment(RunStep):
                 spec,
                 run,
                 f"promotion failed: {msg.retries} tries of the target call in a row ended "
-                "with no answer",
+                "with no answer (the call timed out, or the worker making it ended)",
             )
         step = Step()
         try:
