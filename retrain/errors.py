@@ -93,6 +93,9 @@ class RemoteError(RetrainError):
         super().__init__(redact(message))
         self.status = status
         self.retry_after = retry_after
+        self.change_unanswered = False
+        """A change (PUT, PATCH, POST, DELETE) that got no answer, or only a gateway's 502/504:
+        the service may still act on it, late (set by `retrain.http.call`)."""
 
 
 class TransientRemoteError(RemoteError, TransientError):

@@ -16,6 +16,9 @@ from urllib3.util.retry import Retry
 from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+GATEWAY_STATUSES = (502, 504)
+READS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that change nothing: one of them with no answer leaves nothing to wait for."""
 RETRIES = 4
 """Retries of one call (connection failures; 429/5xx for idempotent methods)."""
 MAX_RETRY_WAIT = 5
@@ -174,7 +177,9 @@ def call(
             allow_redirects=follow_redirects,
         )
     except requests.exceptions.RequestException as exc:
-        raise _unanswered(what, exc) from exc
+        error = _unanswered(what, exc)
+        error.change_unanswered = method.upper() not in READS
+        raise error from exc
     if not follow_redirects and 300 <= response.status_code < 400:
         location = redact(response.headers.get("Location") or "nowhere")
         raise PermanentRemoteError(
@@ -191,11 +196,14 @@ def call(
             404: "the URL does not exist (check the configured URL and names)",
         }.get(status, "")
         body = redact(describe(response)) if describe else _snippet(response)
-        raise kind(
+        failed = kind(
             f"{what}: HTTP {status}{' - ' + hint if hint else ''}{': ' + body if body else ''}",
             status=status,
             retry_after=retry_after(response),
         )
+        # A gateway's 502/504 answers for the gateway: the service behind it may have acted.
+        failed.change_unanswered = method.upper() not in READS and status in GATEWAY_STATUSES
+        raise failed
     return response
 
 

@@ -123,6 +123,15 @@ class Canary(RunStep):
             return self._holding(spec, traffic, run, msg)
         return self._moving(spec, traffic, run, msg)
 
+    def overdue(self, spec: ModelSpec, run: Doc) -> bool:
+        """Whether the run's canary steps are past the promotion's deadline (then the next
+        look stops them; a run without canary steps is never overdue here)."""
+        canary = (run.get("deployment") or {}).get("canary")
+        timeout = getattr(spec.target, "provisioning_timeout", None)
+        if not canary or timeout is None or canary["phase"] == "restoring":
+            return False
+        return self._ctx.clock.now() >= self._deadline(run, timeout)
+
     def _moving(
         self, spec: ModelSpec, target: TrafficTarget, run: Doc, msg: EvaluateRun
     ) -> Progress | str:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from retrain.deploy import SUCCEEDED, DeployTarget, Progress
-from retrain.errors import PermanentError, TransientRemoteError
+from retrain.deploy import DeployTarget, Progress
+from retrain.errors import PermanentError, RemoteError, TransientRemoteError
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
 from retrain.pipeline.canary import Canary
@@ -40,8 +40,9 @@ the run fails; each next try comes one call bound after the last."""
 
 
 def unanswered(exc: TransientRemoteError) -> bool:
-    """Whether a call got no answer at all: the service may still act on it, late."""
-    return exc.status is None
+    """Whether a change sent to the service got no answer: the service may still act on it,
+    late. (A read with no answer, or an answered failure, leaves nothing to wait for.)"""
+    return exc.change_unanswered
 
 
 def _fenced(token: str, change: Callable[[Doc], None]) -> Callable[[Doc], Doc | None]:
@@ -83,14 +84,15 @@ class Deployment(RunStep):
             run = self._gate.judge(spec, run, ctx.clock.now())
         if run["state"] != RunState.PROMOTING:
             return str(run["state"])
-        if msg.retries > MAX_UNANSWERED:
+        if msg.retries > MAX_UNANSWERED and not self._landed(spec, run):
             # Sent one call bound after the last call that got no answer: the target has had
             # time to act on it, and the restore check the failure owes may look now.
             return self._runs.fail(
                 spec,
                 run,
-                f"promotion failed: {msg.retries} tries of the target call in a row ended "
-                "with no answer (the call timed out, or the worker making it ended)",
+                f"promotion failed: {msg.retries} tries of the target call were sent again "
+                "(no answer: the call timed out or the worker making it ended; or the "
+                "service's Retry-After)",
             )
         step = Step()
         try:
@@ -98,7 +100,7 @@ class Deployment(RunStep):
         except PermanentError as exc:  # a refused call, an unusable answer or reference
             return self._runs.fail(spec, run, f"promotion failed: {exc}")
         except TransientRemoteError as exc:
-            if unanswered(exc):
+            if unanswered(exc) and msg.retries <= MAX_UNANSWERED:
                 # The service may act on the call late: look again (and change anything) only
                 # once one call's worst case has passed, by when it has acted.
                 return self._again(spec, msg, step, exc, ctx.timing.call_bound)
@@ -107,6 +109,21 @@ class Deployment(RunStep):
             # Honour the service's Retry-After with a delayed copy of the message, instead of
             # failing the invocation and waiting out the queue's visibility timeout.
             return self._again(spec, msg, step, exc, timedelta(seconds=exc.retry_after))
+
+    def _landed(self, spec: ModelSpec, run: Doc) -> bool:
+        """Whether the target serves the run's model after all (a call whose answer was lost
+        did land): then the promotion goes on to verify and crown it."""
+        try:
+            return self._ctx.target_for(spec).serves(ModelRef.load(run["outputs"]["model"]))
+        except RemoteError as exc:
+            log.warning(
+                "run %s of %s: the target cannot say what it serves: %s",
+                run["run_id"],
+                spec.name,
+                exc,
+                extra=dims(spec.name, run["run_id"]),
+            )
+            return False
 
     def _again(
         self, spec: ModelSpec, msg: EvaluateRun, step: Step, exc: Exception, after: timedelta
@@ -150,16 +167,14 @@ class Deployment(RunStep):
             if not claim:
                 return "duplicate"
             step.polled = True
-            if claim == "again":
+            if claim == "again" and not self._canary.overdue(spec, run):
                 # The failed attempt may have just asked how the step is doing, or sent a
                 # change whose answer never came (the service may act on it late): look in
-                # the chain's next poll, one call bound on at the least.
-                self._look_later(spec, run, msg, self._ctx.timing.call_bound)
-                return "provisioning"
+                # the chain's next poll, one call bound on at the least (past the promotion's
+                # timeout, the run fails or its canary stops instead).
+                return self._provisioning(spec, run, msg, self._ctx.timing.call_bound)
             if pending.get("canary"):
                 progress = self._canary.advance(spec, target, run, msg)
-            elif pending.get("operation") is None:
-                progress = SUCCEEDED  # the deploy call finished at once: verify and crown
             else:
                 progress = target.progress(pending["operation"])
         if not isinstance(progress, str) and progress.state == "staged":
@@ -177,14 +192,16 @@ class Deployment(RunStep):
             )
         return self._crown(spec, run, ref)
 
-    def _provisioning(self, spec: ModelSpec, run: Doc, msg: EvaluateRun) -> str:
+    def _provisioning(
+        self, spec: ModelSpec, run: Doc, msg: EvaluateRun, at_least: timedelta = MIN_POLL_GAP
+    ) -> str:
         """The target is still provisioning: look again later, or fail past its timeout."""
         ctx = self._ctx
         deployment = run["deployment"]
         timeout = getattr(spec.target, "provisioning_timeout", None)
         if timeout is not None and ctx.clock.now() >= parse(deployment["started_at"]) + timeout:
             return self._runs.fail(spec, run, f"provisioning did not finish within {timeout}")
-        poll = self._look_later(spec, run, msg)
+        poll = self._look_later(spec, run, msg, at_least)
         log.info(
             "run %s of %s: the target is provisioning (poll %d)",
             run["run_id"],

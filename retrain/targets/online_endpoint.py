@@ -112,7 +112,9 @@ class OnlineEndpoint:
 
     def progress(self, operation: str | None) -> Progress:
         """Poll the pending step once; start the next when it is done."""
-        step, _, rest = (operation or "").partition(" ")
+        if operation is None:
+            return SUCCEEDED  # `deploy` answered succeeded: traffic had moved and settled
+        step, _, rest = operation.partition(" ")
         deployment, _, lro = rest.partition(" ")
         if step not in STEPS or deployment not in self._spec.deployments:
             raise PermanentRemoteError(

@@ -87,7 +87,9 @@ class SplitEndpoint:
         if len(self.puts) != self.stuck_put:
             self.map = wanted
         if len(self.puts) == self.lose_answer_of_put:
-            raise TransientRemoteError("PUT online endpoint housing: connection lost")
+            lost = TransientRemoteError("PUT online endpoint housing: connection lost")
+            lost.change_unanswered = True
+            raise lost
         return Progress("pending", operation="settle")
 
     def smoke(self, deployment: str) -> str | None:

@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 import responses
 import urllib3.util.retry
 from responses import matchers
@@ -16,7 +17,7 @@ from responses import matchers
 from retrain.bes import BesClient, JobState, parse_state
 from retrain.deploy import ClassicEndpoint
 from retrain.errors import ConfigError, PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.http import MAX_RETRY_AFTER, make_session, redact
+from retrain.http import MAX_RETRY_AFTER, call, make_session, redact
 from retrain.ports import ModelRef
 from tests.client_support import EP, JOBS, REF, bes, classic
 from tests.fakes import blob_reader
@@ -360,3 +361,31 @@ def test_a_storage_error_quoting_a_signed_url_is_redacted() -> None:
     text = str(storage_error("freeze data/a.csv", exc))
     assert "c2VjcmV0c2lnbmF0dXJl" not in text
     assert "freeze data/a.csv" in text
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("method", "answer", "unanswered"),
+    [
+        ("PUT", {"body": requests.exceptions.ReadTimeout("read timed out")}, True),
+        ("POST", {"body": requests.exceptions.ConnectionError("reset")}, True),
+        ("PUT", {"status": 504}, True),  # a gateway's answer, not the service's
+        ("PATCH", {"status": 502}, True),
+        ("PUT", {"status": 503}, False),  # the service answered: it did not act
+        ("PUT", {"status": 429}, False),
+        ("GET", {"body": requests.exceptions.ReadTimeout("read timed out")}, False),
+        ("GET", {"status": 504}, False),
+    ],
+)
+def test_a_change_with_no_answer_is_told_from_an_answered_failure(
+    method: str, answer: dict[str, object], unanswered: bool
+) -> None:
+    """A change that got no answer may still be acted on by the service: the pipeline must not
+    send it again before the call's worst case has passed. A read, or an answered refusal,
+    leaves nothing to wait for."""
+    url = "https://svc.example.net/thing"
+    responses.add(method, url, **answer)  # type: ignore[arg-type]
+    session = requests.Session()  # no retries: one call
+    with pytest.raises(RemoteError) as info:
+        call(session, method, url, what=f"{method} thing", timeout=(1, 1), headers={})
+    assert info.value.change_unanswered is unanswered

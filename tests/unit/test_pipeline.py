@@ -571,6 +571,54 @@ class TestAsyncPromotion:
         assert w.run()["state"] == "failed"
         assert "provisioning did not finish within 0:01:40" in w.run()["error"]
 
+    def test_polls_failing_past_the_timeout_end_the_run_even_when_redelivered(self) -> None:
+        """Every poll's status call fails with an answer (the host redelivers each one): the
+        redeliveries look again later, and past the timeout the run fails, not loops."""
+        target = {
+            "kind": "new",
+            "subscription_id": "s",
+            "resource_group": "r",
+            "web_service": "w",
+            "provisioning_timeout": 1800,
+        }
+        w = self.trained(["pending"], target=target)
+        w.deliver()  # deploy -> pending, poll 1 scheduled
+
+        def busy(operation: str | None) -> Progress:
+            raise TransientRemoteError("GET web service: HTTP 503", status=503)
+
+        w.target.progress = busy  # type: ignore[method-assign]
+        for attempt in range(40):
+            ((_, poll, delay),) = w.outbox.take()
+            assert isinstance(poll, EvaluateRun)
+            w.clock.advance(seconds=delay.total_seconds())
+            try:
+                answer = w.retrainer.on_evaluate(poll, delivery=Delivery(f"p-{attempt}"))
+            except TransientRemoteError:
+                w.clock.advance(seconds=30)  # the host's visibility timeout, then again
+                answer = w.retrainer.on_evaluate(poll, delivery=Delivery(f"p-{attempt}", 2))
+            if answer == "failed":
+                break
+        assert w.run()["state"] == "failed"
+        assert "provisioning did not finish within 0:30:00" in w.run()["error"]
+
+    def test_a_pending_deploy_without_an_operation_is_followed_to_the_end(self) -> None:
+        """A target that answers 'pending' with no operation to follow (a New web service
+        still Provisioning) is asked again through `progress(None)` until it serves."""
+        w = self.trained(["pending", "pending"])
+        deploy = w.target.deploy
+
+        def no_operation(model: ModelRef) -> Progress:
+            progress = deploy(model)
+            return Progress(progress.state, progress.detail)  # the operation dropped
+
+        w.target.deploy = no_operation  # type: ignore[method-assign]
+        answers: list[str] = []
+        while w.outbox.sent:
+            answers += w.deliver()
+        assert answers[-1] == "promoted"
+        assert w.run()["state"] == "promoted"
+
     def test_stale_provisioning_poll_is_dropped(self) -> None:
         w = self.trained(["pending", "pending", "pending"])
         w.deliver()  # deploy -> pending, poll 1 scheduled

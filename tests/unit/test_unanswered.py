@@ -30,8 +30,15 @@ class SilentTarget(FakeTarget):
         progress = super().deploy(model)  # the service acts on it ...
         if self.silent:
             self.silent -= 1  # ... and the answer is lost, or it was an answered 503
-            raise TransientRemoteError("PUT deployment housing/blue: timed out", status=self.status)
+            raise lost_answer("PUT deployment housing/blue: timed out", self.status)
         return progress
+
+
+def lost_answer(text: str, status: int | None = None) -> TransientRemoteError:
+    """The error `retrain.http.call` raises for a change with no answer (or an answered one)."""
+    error = TransientRemoteError(text, status=status)
+    error.change_unanswered = status is None
+    return error
 
 
 def trained(target: FakeTarget) -> tuple[World, EvaluateRun]:
@@ -71,8 +78,16 @@ def test_an_answered_failure_gives_the_lease_back_for_the_hosts_retry() -> None:
     assert w.retrainer.on_evaluate(msg, delivery=Delivery("e-1", 2)) == "promoted"
 
 
+class DeadTarget(SilentTarget):
+    """Never answers, and never acts."""
+
+    def deploy(self, model: ModelRef) -> Progress:
+        self.calls += 1
+        raise lost_answer("PUT deployment housing/blue: timed out")
+
+
 def test_a_target_that_never_answers_fails_the_run_after_its_tries() -> None:
-    w, msg = trained(SilentTarget(1000))
+    w, msg = trained(DeadTarget(0))
     answers = [w.retrainer.on_evaluate(msg, delivery=Delivery("e-1"))]
     while w.outbox.sent:
         answers += w.deliver()
@@ -80,8 +95,19 @@ def test_a_target_that_never_answers_fails_the_run_after_its_tries() -> None:
     assert w.target.calls == MAX_UNANSWERED + 1
     run = w.run()
     assert run["state"] == "failed"
-    assert "ended with no answer" in run["error"]
+    assert "were sent again (no answer" in run["error"]
     assert "target_after" in run  # the restore check ran, a call bound after the last call
+
+
+def test_a_deploy_that_landed_unanswered_each_time_is_crowned_not_failed() -> None:
+    """Every answer lost until the tries are spent: the target serves the model all along, so
+    the last copy verifies and crowns it (failing would make the restore undo it)."""
+    w, msg = trained(SilentTarget(MAX_UNANSWERED + 1))
+    answers = [w.retrainer.on_evaluate(msg, delivery=Delivery("e-1"))]
+    while w.outbox.sent:
+        answers += w.deliver()
+    assert answers[-1] == "promoted"
+    assert len(w.target.deploys) == 1
 
 
 def test_a_crashed_holders_redelivery_takes_over_one_call_bound_later() -> None:
