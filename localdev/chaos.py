@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -462,6 +463,24 @@ class Scenario:
         if not settled:
             self.result.violate("not settled", self._unsettled(blobs, data))
         self._check(blobs, data, emulator, workers)
+        if self.result.violations:
+            self._dump(blobs, data)
+
+    def _dump(self, blobs: BlobServiceClient, data: ContainerClient) -> None:
+        """What a violation is judged from, kept beside the workers' logs (with `--keep`): every
+        document of the app's state, the data blobs as they are, and the versions written."""
+        states = blobs.get_container_client(self.settings["RETRAIN_STATE_CONTAINER"])
+        out = self.dir / "state"
+        with contextlib.suppress(ResourceNotFoundError):
+            for b in states.list_blobs():
+                path = out / b.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(states.download_blob(b.name).readall())
+        current = [{"name": b.name, "etag": normalize_etag(b.etag)} for b in data.list_blobs()]
+        uploads = [dataclasses.asdict(u) for u in self.uploads]
+        (self.dir / "data.json").write_text(
+            json.dumps({"current": current, "uploads": uploads}, indent=1), encoding="utf-8"
+        )
 
     def _drive(
         self, workers: list[Worker], blobs: BlobServiceClient, data: ContainerClient
