@@ -201,7 +201,12 @@ class Deployment(RunStep):
         timeout = getattr(spec.target, "provisioning_timeout", None)
         if timeout is not None and ctx.clock.now() >= parse(deployment["started_at"]) + timeout:
             return self._runs.fail(spec, run, f"provisioning did not finish within {timeout}")
-        poll = self._look_later(spec, run, msg, at_least)
+        poll = max(msg.poll, int(deployment["polls"])) + 1
+        ctx.outbox.send(
+            ctx.places.evaluations_queue,
+            EvaluateRun(model=spec.name, run_id=run["run_id"], poll=poll),
+            delay=max(ctx.timing.delay(poll), at_least),
+        )
         log.info(
             "run %s of %s: the target is provisioning (poll %d)",
             run["run_id"],
@@ -210,18 +215,6 @@ class Deployment(RunStep):
             extra=dims(spec.name, run["run_id"]),
         )
         return "provisioning"
-
-    def _look_later(
-        self, spec: ModelSpec, run: Doc, msg: EvaluateRun, at_least: timedelta = MIN_POLL_GAP
-    ) -> int:
-        """Send the chain's next poll, after its backoff delay (and `at_least`); its number."""
-        poll = max(msg.poll, int(run["deployment"]["polls"])) + 1
-        self._ctx.outbox.send(
-            self._ctx.places.evaluations_queue,
-            EvaluateRun(model=spec.name, run_id=run["run_id"], poll=poll),
-            delay=max(self._ctx.timing.delay(poll), at_least),
-        )
-        return poll
 
     def _deploy(
         self,
