@@ -91,6 +91,9 @@ param httpConnectTimeout string = '5'
 @description('RETRAIN_HTTP_READ_TIMEOUT in seconds.')
 param httpReadTimeout string = '60'
 
+@description('RETRAIN_HTTP_MAX_RETRY_WAIT in seconds (1 to 60).')
+param httpMaxRetryWait string = '5'
+
 @description('RETRAIN_WEBHOOK_URL (https); empty for no webhook.')
 param webhookUrl string = ''
 
@@ -331,6 +334,7 @@ var baseSettings = {
   RETRAIN_POLL_MAX_DELAY: pollMaxDelay
   RETRAIN_HTTP_CONNECT_TIMEOUT: httpConnectTimeout
   RETRAIN_HTTP_READ_TIMEOUT: httpReadTimeout
+  RETRAIN_HTTP_MAX_RETRY_WAIT: httpMaxRetryWait
   RETRAIN_WEBHOOK_URL: webhookUrl
 }
 var webhookSecretSetting = empty(webhookSecretUri) ? {} : {

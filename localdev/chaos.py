@@ -80,7 +80,9 @@ log = logging.getLogger("chaos")
 
 CONNECT_TIMEOUT = 1.0
 READ_TIMEOUT = 1.0
-CALL_BOUND = worst_call(CONNECT_TIMEOUT, READ_TIMEOUT)
+MAX_RETRY_WAIT = 1
+"""The longest wait between two attempts of one call (the emulators ask for 1 s at most)."""
+CALL_BOUND = worst_call(CONNECT_TIMEOUT, READ_TIMEOUT, MAX_RETRY_WAIT)
 _LEASES = Timing(
     timedelta(seconds=1), timedelta(seconds=4), call_bound=timedelta(seconds=CALL_BOUND)
 )
@@ -428,6 +430,7 @@ class Scenario:
         settings.update(
             RETRAIN_HTTP_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
             RETRAIN_HTTP_READ_TIMEOUT=str(READ_TIMEOUT),
+            RETRAIN_HTTP_MAX_RETRY_WAIT=str(MAX_RETRY_WAIT),
             RETRAIN_SWEEP_STALL="PT1S",
         )
         self.settings = settings

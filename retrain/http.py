@@ -22,14 +22,12 @@ READS = frozenset({"GET", "HEAD", "OPTIONS"})
 RETRIES = 4
 """Retries of one call (connection failures; 429/5xx for idempotent methods)."""
 MAX_RETRY_WAIT = 5
-"""The longest wait between two attempts of one call, backoff or Retry-After; a service that
-asks for longer gets the call back as a retryable error carrying its Retry-After, and the
-handler re-sends its message with that delay instead of waiting inside the invocation."""
+"""The longest wait between two attempts of one call, backoff or Retry-After, by default
+(RETRAIN_HTTP_MAX_RETRY_WAIT): a service that asks for longer gets the call back as a retryable
+error carrying its Retry-After, and the handler re-sends its message with that delay instead of
+waiting inside the invocation."""
 MIN_RETRY_GAP = 1.0
 """Seconds between two attempts of one call, at least: BES clients poll at 1 s or slower."""
-MAX_RETRY_AFTER = MAX_RETRY_WAIT
-"""The longest Retry-After honoured inside one call; a longer one is cut to this (and the
-service's full Retry-After comes back on the final error, for the handler's re-send)."""
 _URL_QUERY = re.compile(r"(https?://[^\s\"'?<>]+)\?[^\s\"'<>]+")
 _SAS_QUERY = re.compile(r"(?i)(?<![\w%])\??sv=\d{4}-\d{2}-\d{2}[^\s\"'<>]*")
 _SIG = re.compile(r"(?i)\b(sig|signature|key|token|code|password|secret)(=|%3d)[^&;\s\"'<>]+")
@@ -49,10 +47,13 @@ def redact(text: str) -> str:
     return _SIG.sub(r"\1=<redacted>", text)
 
 
-def worst_call(connect_timeout: float, read_timeout: float) -> float:
-    """Seconds one call through `make_session` can take at most: every attempt timing out,
-    with the longest wait between attempts. Leases that guard a call are derived from it."""
-    return (connect_timeout + read_timeout) * (RETRIES + 1) + MAX_RETRY_WAIT * RETRIES
+def worst_call(
+    connect_timeout: float, read_timeout: float, max_wait: float = MAX_RETRY_WAIT
+) -> float:
+    """Seconds one call through `make_session(max_wait=...)` can take at most: every attempt
+    timing out, with the longest wait between attempts. Leases that guard a call are derived
+    from it."""
+    return (connect_timeout + read_timeout) * (RETRIES + 1) + max_wait * RETRIES
 
 
 def shape_error(what: str, field: str, expected: str, got: Any) -> PermanentRemoteError:
@@ -88,8 +89,8 @@ class PacedRetry(Retry):
 
     urllib3 makes its first retry at once (zero backoff), so a dropped answer to a status GET
     would be asked again within milliseconds; here every retry waits at least MIN_RETRY_GAP.
-    A Retry-After above MAX_RETRY_AFTER (`retry_after_max`) is cut, so a hostile or broken
-    header cannot hold an invocation for hours.
+    A Retry-After above the session's longest wait (`retry_after_max`) is cut, so a hostile or
+    broken header cannot hold an invocation for hours.
     """
 
     def get_backoff_time(self) -> float:
@@ -99,10 +100,12 @@ class PacedRetry(Retry):
         return max(MIN_RETRY_GAP, super().parse_retry_after(retry_after))
 
 
-def make_session(*, total_retries: int = RETRIES, backoff: float = 0.5) -> requests.Session:
+def make_session(
+    *, total_retries: int = RETRIES, backoff: float = 0.5, max_wait: int = MAX_RETRY_WAIT
+) -> requests.Session:
     """A session that retries idempotent calls (GET, DELETE) on 429/5xx, honouring Retry-After.
 
-    Every retry waits at least MIN_RETRY_GAP and at most MAX_RETRY_AFTER for a Retry-After.
+    Every retry waits at least MIN_RETRY_GAP and at most `max_wait`, backoff or Retry-After.
 
     POSTs and PATCHes are retried only when the connection failed before the request was sent:
     BES submit has no idempotency key, so a retry after the request reached the service could
@@ -116,9 +119,9 @@ def make_session(*, total_retries: int = RETRIES, backoff: float = 0.5) -> reque
         allowed_methods=frozenset({"GET", "DELETE", "HEAD"}),
         status_forcelist=RETRY_STATUSES,
         backoff_factor=backoff,
-        backoff_max=MAX_RETRY_WAIT,
+        backoff_max=max_wait,
         respect_retry_after_header=True,
-        retry_after_max=MAX_RETRY_AFTER,
+        retry_after_max=max_wait,
         raise_on_status=False,
     )
     session = requests.Session()

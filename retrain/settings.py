@@ -25,6 +25,7 @@ from retrain.azureml.spec import AzureMLSpec, OnlineEndpointSpec
 from retrain.classic_spec import BesSpec, ClassicTarget, NewTarget
 from retrain.connection import StorageSettings
 from retrain.errors import ConfigError
+from retrain.http import MAX_RETRY_WAIT
 from retrain.specbase import Spec as _Spec
 from retrain.specbase import require_https as _require_https
 
@@ -220,6 +221,14 @@ class Settings(StorageSettings):
     http_read_timeout: float = Field(
         default=60.0, gt=0, validation_alias="RETRAIN_HTTP_READ_TIMEOUT"
     )
+    http_max_retry_wait: int = Field(
+        default=MAX_RETRY_WAIT,
+        ge=1,
+        le=60,
+        validation_alias="RETRAIN_HTTP_MAX_RETRY_WAIT",
+    )
+    """Seconds one call waits between two attempts at most (backoff or a service's
+    Retry-After); a longer Retry-After goes back to the queue as the message's delay."""
 
     @field_validator(
         "data_container", "artifacts_container", "state_container", "quarantine_container"

@@ -176,7 +176,7 @@ def build(
     decorate = decorate or PortWrappers()
     data = decorate.data(BlobData(blobs))
     shared = Shared(
-        session=make_session(),
+        session=make_session(max_wait=settings.http_max_retry_wait),
         timeout=(settings.http_connect_timeout, settings.http_read_timeout),
         data=data,
         read=sas_reader(data, clock),
@@ -208,7 +208,7 @@ def build(
             settings.poll_first_delay,
             settings.poll_max_delay,
             settings.sweep_stall,
-            call_bound=timedelta(seconds=worst_call(*shared.timeout)),
+            call_bound=timedelta(seconds=worst_call(*shared.timeout, settings.http_max_retry_wait)),
         ),
         clock=clock,
     )
@@ -250,7 +250,7 @@ def check_target_setup(settings: Settings, name: str) -> list[str]:
     arm = ArmClient(
         spec.target.workspace_ref,
         credential=arm_credential(spec.target.token_setting, spec.name),
-        session=make_session(),
+        session=make_session(max_wait=settings.http_max_retry_wait),
         timeout=(settings.http_connect_timeout, settings.http_read_timeout),
     )
     return check_endpoint(arm, spec.target)
@@ -292,6 +292,6 @@ def webhook() -> Webhook | None:
     return Webhook(
         str(settings.webhook_url),
         secret,
-        session=make_session(),
+        session=make_session(max_wait=settings.http_max_retry_wait),
         timeout=(settings.http_connect_timeout, settings.http_read_timeout),
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from localdev import stack
-from tests.identity_support import OAuthAzurite, oauth_azurite
+from localdev.oauth import OAuthAzurite, oauth_azurite
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def azurite_connection() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def oauth_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthAzurite]:
-    """A private Azurite 3.37 that takes OAuth tokens over HTTPS (see tests/identity_support)."""
+    """A private Azurite 3.37 that takes OAuth tokens over HTTPS (see localdev.oauth)."""
     workdir: Path = tmp_path_factory.mktemp("oauth-azurite")
     with oauth_azurite(workdir) as storage:
         yield storage

@@ -16,19 +16,13 @@ from azure.storage.queue import QueueClient
 from localdev import stack, v2stack
 from localdev.amlemu import Emulator
 from localdev.azureml_v2 import Emulator as V2Emulator
+from localdev.oauth import FakeTokenCredential
 from localdev.runner import LocalRunner, storage_connection
 from retrain.connection import PREFIX
-from tests.identity_support import FakeTokenCredential
 
 STORAGE_MODES = ["key", pytest.param("identity", marks=pytest.mark.identity)]
 """Both storage modes, as the params of a module's `storage_mode` fixture; the identity
 variants carry the `identity` marker (`-m "not identity"` leaves them out)."""
-STORAGE_MODES_EXTENDED = [
-    "key",
-    pytest.param("identity", marks=[pytest.mark.identity, pytest.mark.extended]),
-]
-"""The same, for modules whose identity variants run in `make test-extended` rather than in
-`make test` (CI's time budget): they also carry the `extended` marker."""
 
 
 @dataclass(frozen=True)

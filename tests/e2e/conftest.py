@@ -23,9 +23,9 @@ import pytest
 
 from localdev import stack
 from localdev.amlemu import Emulator, EmulatorServer
+from localdev.oauth import TOKEN_HEADER, FakeTokenCredential, OAuthAzurite
 from localdev.runner import LocalRunner
 from retrain.connection import PREFIX, StorageConnection
-from tests.identity_support import TOKEN_HEADER, FakeTokenCredential, OAuthAzurite
 from tests.stack_support import MakeStack, Stack, Storage
 
 pytestmark = pytest.mark.e2e

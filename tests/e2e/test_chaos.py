@@ -71,15 +71,7 @@ def test_promise_holds_under_faults(azurite_connection: str, mix: str) -> None:
     assert result.total == 0, "\n".join(result.details)
 
 
-EXTENDED = {"v2: canary steps, kills, crashes after side effects, lost responses, stale traffic"}
-"""Mixes `make test-extended` runs rather than `make test` (CI's time budget: a canary's holds
-and a crashed promotion's lease make this one take 1-3 minutes)."""
-
-
-@pytest.mark.parametrize(
-    "mix",
-    [pytest.param(m, marks=pytest.mark.extended) if m in EXTENDED else m for m in sorted(V2_MIXES)],
-)
+@pytest.mark.parametrize("mix", sorted(V2_MIXES))
 def test_promise_holds_under_faults_on_azure_ml_v2(azurite_connection: str, mix: str) -> None:
     """An Azure ML job and an online endpoint: the same checks, plus the endpoint's traffic
     map serves the champion and the v2 emulator refused nothing. Rerun one with

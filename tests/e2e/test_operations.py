@@ -17,12 +17,12 @@ import pytest
 from localdev.sample import housing_csv
 from retrain import wiring
 from retrain.cli import main
-from tests.stack_support import STORAGE_MODES_EXTENDED, MakeStack, Stack
+from tests.stack_support import STORAGE_MODES, MakeStack, Stack
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(params=STORAGE_MODES_EXTENDED)
+@pytest.fixture(params=STORAGE_MODES)
 def storage_mode(request: pytest.FixtureRequest) -> str:
     """Every test here runs on a connection string and on an identity connection."""
     return str(request.param)

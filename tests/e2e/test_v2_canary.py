@@ -16,7 +16,7 @@ from localdev import stack, v2stack
 from localdev.azureml_v2 import EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
-from tests.stack_support import STORAGE_MODES_EXTENDED, Storage, V2Stack
+from tests.stack_support import STORAGE_MODES, Storage, V2Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ class CanaryStack(V2Stack):
         ]
 
 
-@pytest.fixture(params=STORAGE_MODES_EXTENDED)
+@pytest.fixture(params=STORAGE_MODES)
 def storage_mode(request: pytest.FixtureRequest) -> str:
     """Every test here runs on a connection string and on an identity connection."""
     return str(request.param)

@@ -21,7 +21,7 @@ from localdev.azureml_v2 import EmulatorServer
 from localdev.runner import LocalRunner
 from localdev.sample import housing_csv
 from retrain.cli import main
-from tests.stack_support import STORAGE_MODES_EXTENDED, Storage, V2Stack
+from tests.stack_support import STORAGE_MODES, Storage, V2Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -82,7 +82,7 @@ def open_v2_stack(
         yield PipelineStack(runner, emulator, settings, storage.blobs(), server.url)
 
 
-@pytest.fixture(params=STORAGE_MODES_EXTENDED)
+@pytest.fixture(params=STORAGE_MODES)
 def storage_mode(request: pytest.FixtureRequest) -> str:
     """Every test here runs on a connection string and on an identity connection."""
     return str(request.param)
@@ -222,7 +222,11 @@ class TestV2Pipeline:
         fault-injection run, seed 6400026), and the host hands the failed message back sooner
         (here at once): the retry looks only once the call's worst case has passed and follows
         the operation. A second PUT before would meet the first one running (409)."""
-        fast = {"RETRAIN_HTTP_CONNECT_TIMEOUT": "0.5", "RETRAIN_HTTP_READ_TIMEOUT": "0.5"}
+        fast = {  # one call at most (0.5 + 0.5) x 5 + 1 x 4 = 9 s
+            "RETRAIN_HTTP_CONNECT_TIMEOUT": "0.5",
+            "RETRAIN_HTTP_READ_TIMEOUT": "0.5",
+            "RETRAIN_HTTP_MAX_RETRY_WAIT": "1",
+        }
         with open_v2_stack(storage, env=fast, failure_visibility=timedelta(0)) as s:
             s.emulator.faults.http = [{"delay": 2.0, "method": "PUT", "path": "/deployments/"}]
             s.emulator.faults.provisioning_seconds = 4  # a PUT sent again is still running

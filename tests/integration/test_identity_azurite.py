@@ -19,6 +19,7 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient, TextBase64DecodePolicy
 
 from localdev import stack
+from localdev.oauth import FakeTokenCredential, OAuthAzurite
 from retrain.bes import BlobRef
 from retrain.blobdata import BlobData
 from retrain.connection import StorageConnection
@@ -28,7 +29,6 @@ from retrain.settings import Settings
 from retrain.storage import BlobVersion
 from retrain.storage_check import StoragePlaces, check
 from retrain.wiring import PortWrappers, build
-from tests.identity_support import FakeTokenCredential, OAuthAzurite
 
 pytestmark = pytest.mark.integration
 

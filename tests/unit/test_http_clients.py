@@ -17,7 +17,7 @@ from responses import matchers
 from retrain.bes import BesClient, JobState, parse_state
 from retrain.deploy import ClassicEndpoint
 from retrain.errors import ConfigError, PermanentRemoteError, RemoteError, TransientRemoteError
-from retrain.http import MAX_RETRY_AFTER, call, make_session, redact
+from retrain.http import MAX_RETRY_WAIT, call, make_session, redact, worst_call
 from retrain.ports import ModelRef
 from tests.client_support import EP, JOBS, REF, bes, classic
 from tests.fakes import blob_reader
@@ -290,7 +290,12 @@ def test_retries_keep_1_s_between_polls_of_a_job_even_with_retry_after_0() -> No
     assert min(gaps) >= 1.0
 
 
-def test_a_huge_retry_after_is_cut_inside_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("max_wait", [None, 2])
+def test_a_huge_retry_after_is_cut_inside_the_call(
+    monkeypatch: pytest.MonkeyPatch, max_wait: int | None
+) -> None:
+    """Cut to the session's longest wait (RETRAIN_HTTP_MAX_RETRY_WAIT, 5 s by default), which
+    is what the call bound and the leases derived from it count on."""
     waits: list[float] = []
 
     class RecordingTime:
@@ -303,10 +308,13 @@ def test_a_huge_retry_after_is_cut_inside_the_call(monkeypatch: pytest.MonkeyPat
             waits.append(seconds)
 
     monkeypatch.setattr(urllib3.util.retry, "time", RecordingTime)
+    session = make_session() if max_wait is None else make_session(max_wait=max_wait)
     with _StatusServer([503], retry_after="86400") as jobs:
-        client = BesClient(jobs, "k", session=make_session(), timeout=(2, 2))
+        client = BesClient(jobs, "k", session=session, timeout=(2, 2))
         assert client.status("abc").state is JobState.FINISHED
-    assert waits == [MAX_RETRY_AFTER]  # not a day; the lease math counts on this bound
+    longest = MAX_RETRY_WAIT if max_wait is None else max_wait
+    assert waits == [longest]  # not a day
+    assert worst_call(2, 2, longest) == 4 * 5 + longest * 4
 
 
 def prober() -> BesClient:

