@@ -68,6 +68,7 @@ from azure.storage.queue import QueueServiceClient
 from localdev import azureml_v2 as v2emu
 from localdev import chaos_v2, stack, v2stack
 from localdev.amlemu import Emulator, EmulatorServer
+from localdev.oauth import OAuthAzurite, oauth_azurite
 from localdev.sample import housing_csv
 from retrain.http import worst_call
 from retrain.ledger import log_key
@@ -159,6 +160,9 @@ class Result:
     seed: int
     faults: list[str]
     kind: str = "classic"
+    storage: str = "key"
+    """How the app reached storage: "key" (a connection string) or "identity" (OAuth tokens
+    from an identity connection, user-delegation SAS; localdev.oauth)."""
     figures: Counter[str] = field(default_factory=Counter)
     skews: list[float] = field(default_factory=list)
     states: Counter[str] = field(default_factory=Counter)
@@ -196,6 +200,7 @@ class Result:
         skew = f" skew={min(self.skews):+.0f}..{max(self.skews):+.0f}s" if any(self.skews) else ""
         return (
             f"  scenario {index:>3} seed {self.seed}: {self.seconds:5.1f}s {self.kind} "
+            f"{'' if self.storage == 'key' else '(identity) '}"
             f"faults={','.join(self.faults) or '-'} {shown}{skew} runs={dict(self.states)} "
             f"violations={self.total}" + (f" {dict(self.violations)}" if self.total else "")
         )
@@ -219,9 +224,7 @@ class Worker:
         self.starts += 1
         name = f"worker-{self.index}-{self.starts}"
         args = [
-            sys.executable,
-            "-m",
-            "localdev.chaosworker",
+            *s.program("localdev.chaosworker"),
             "--settings",
             str(s.settings_path),
             "--report",
@@ -298,17 +301,20 @@ class Cli:
 
 
 class Scenario:
-    """One seeded scenario against the Azurite at `connection`."""
+    """One seeded scenario against the Azurite `storage`: a connection string (the app gets
+    it too), or an OAuth Azurite (the app gets an identity connection and a token credential;
+    the harness and the emulated services read with the account's key)."""
 
     def __init__(
         self,
-        connection: str,
+        storage: str | OAuthAzurite,
         seed: int,
         workdir: Path,
         faults: list[str] | None = None,
         kind: str = "classic",
     ) -> None:
-        self.connection = connection
+        self.identity = storage if isinstance(storage, OAuthAzurite) else None
+        self.connection = storage if isinstance(storage, str) else storage.key_connection()
         self.seed = seed
         self.kind = kind
         self.rng = random.Random(seed)
@@ -320,7 +326,7 @@ class Scenario:
             drawn = sorted(f for f in FAULTS if rng.random() < ODDS.get(f, 0.3))
         faults = drawn if faults is None else sorted(faults)
         self.faults = faults
-        self.result = Result(seed, faults, kind)
+        self.result = Result(seed, faults, kind, "key" if self.identity is None else "identity")
         self.dir = workdir / f"scenario-{seed}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.settings_path = self.dir / "settings.json"
@@ -393,7 +399,21 @@ class Scenario:
 
     # ------------------------------------------------------------------ run
 
+    def program(self, module: str) -> list[str]:
+        """The command line that runs `module` as the app's programs run here: with the fake
+        identity (localdev.oauth) when the app connects to storage with one."""
+        wrap = [] if self.identity is None else ["localdev.oauth"]
+        return [sys.executable, "-m", *wrap, module]
+
     def run(self) -> Result:
+        if self.identity is None:
+            return self._run()
+        # The emulated services in this process read and write through the app's SAS URLs,
+        # over the OAuth Azurite's HTTPS.
+        with _env(REQUESTS_CA_BUNDLE=str(self.identity.cert)):
+            return self._run()
+
+    def _run(self) -> Result:
         started = time.monotonic()
         suffix = "-" + uuid.uuid4().hex[:8]
         overrides: dict[str, Any] = {
@@ -409,7 +429,13 @@ class Scenario:
                 spec = chaos_v2.model_spec(server.url, self.rng, self.faults, **overrides)
                 self._play(spec, suffix, v2)
         else:
-            emulator = Emulator(stack.emulator_config())
+            config = stack.emulator_config()
+            if self.identity is not None:
+                # As in the identity e2e tests: BES hands back the SAS the app minted; only a
+                # New web service reads its linked account with the account's key.
+                new = "new target" in self.faults
+                config["account_key"] = self.identity.account_key if new else None
+            emulator = Emulator(config)
             self._observe(emulator)
             with EmulatorServer(emulator) as server:
                 emulator.faults.http = self._http_faults()
@@ -427,6 +453,9 @@ class Scenario:
         """Run the workers on `spec` until the scenario settles (or its deadline), then check."""
         rng = self.rng
         settings = stack.app_settings(self.connection, [spec], suffix=suffix)
+        if self.identity is not None:
+            del settings["AzureWebJobsStorage"]
+            settings.update(self.identity.identity_settings())
         settings.update(
             RETRAIN_HTTP_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
             RETRAIN_HTTP_READ_TIMEOUT=str(READ_TIMEOUT),
@@ -436,6 +465,8 @@ class Scenario:
         self.settings = settings
         self.settings_path.write_text(json.dumps(settings), encoding="utf-8")
         self.env = {**os.environ, **settings}
+        if self.identity is not None:
+            self.env["REQUESTS_CA_BUNDLE"] = str(self.identity.cert)
         blobs = BlobServiceClient.from_connection_string(self.connection)
         data = blobs.get_container_client(settings["RETRAIN_DATA_CONTAINER"])
         data.create_container()
@@ -665,7 +696,7 @@ class Scenario:
         out = self.dir / f"cli-{len(self.cli)}.log"
         with out.open("wb") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "retrain", "--json", *command, "--by", "chaos"],
+                [*self.program("retrain"), "--json", *command, "--by", "chaos"],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 cwd=stack.ROOT,
@@ -995,16 +1026,17 @@ def draw_kind(seed: int, kinds: tuple[str, ...] = KINDS) -> str:
 
 
 def run_scenario(
-    connection: str,
+    storage: str | OAuthAzurite,
     seed: int,
     workdir: Path | None = None,
     *,
     faults: list[str] | None = None,
     kind: str | None = None,
 ) -> Result:
-    """One seeded scenario against the Azurite at `connection`; `faults` replaces the mix the
-    seed would draw (each fault's timing and details still come from the seed), `kind`
-    ("classic" or "v2") the kind of model it would draw."""
+    """One seeded scenario against the Azurite `storage` (a connection string, or an OAuth
+    Azurite the app reaches with an identity); `faults` replaces the mix the seed would draw
+    (each fault's timing and details still come from the seed), `kind` ("classic" or "v2")
+    the kind of model it would draw."""
     kind = kind or draw_kind(seed)
     known = chaos_v2.FAULTS if kind == "v2" else FAULTS
     if kind not in KINDS:
@@ -1012,9 +1044,24 @@ def run_scenario(
     if faults is not None and (unknown := set(faults) - set(known)):
         raise ValueError(f"unknown {kind} faults {sorted(unknown)}; known: {', '.join(known)}")
     if workdir is not None:
-        return Scenario(connection, seed, workdir, faults, kind).run()
+        return Scenario(storage, seed, workdir, faults, kind).run()
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        return Scenario(connection, seed, Path(tmp), faults, kind).run()
+        return Scenario(storage, seed, Path(tmp), faults, kind).run()
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, restored after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def summarize(
@@ -1027,8 +1074,10 @@ def summarize(
     exceptions: Counter[str] = Counter()
     faults: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
     for r in results:
         kinds[r.kind] += 1
+        modes[r.storage] += 1
         figures.update(r.figures)
         violations.update(r.violations)
         states.update(r.states)
@@ -1040,6 +1089,7 @@ def summarize(
         "scenarios": len(results),
         "seeds": [seed],
         "scenarios_by_kind": dict(sorted(kinds.items())),
+        "scenarios_by_storage": dict(sorted(modes.items())),
         "seconds": round(sum(r.seconds for r in results), 1),
         "longest_scenario_seconds": round(max((r.seconds for r in results), default=0), 1),
         "scenarios_with_fault": dict(sorted(faults.items())),
@@ -1093,6 +1143,20 @@ def _merge(paths: list[str]) -> int:
 
 
 @contextlib.contextmanager
+def _storage(mode: str) -> Iterator[str | OAuthAzurite]:
+    """A private Azurite of the mode asked for: its connection string, or the OAuth one."""
+    if mode == "key":
+        with stack.azurite() as connection:
+            yield connection
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="chaos-oauth-") as tmp,
+        oauth_azurite(Path(tmp)) as oauth,
+    ):
+        yield oauth
+
+
+@contextlib.contextmanager
 def _workdir(keep: str | None) -> Iterator[Path]:
     if keep:
         path = Path(keep)
@@ -1121,6 +1185,14 @@ def main() -> int:
         help="kinds of model to run, comma-separated: classic, v2 (default both: a third of "
         "the seeds run v2; `--kinds classic` runs every seed as before v2 existed)",
     )
+    parser.add_argument(
+        "--storage",
+        choices=("key", "identity"),
+        default="key",
+        help="how the app reaches storage: a connection string to Azurite 3.35 (default), or "
+        "an identity connection to an OAuth Azurite 3.37 with a token credential and "
+        "user-delegation SAS (localdev.oauth)",
+    )
     parser.add_argument("--json", type=str, help="also write the summary to this file")
     parser.add_argument(
         "--keep", type=str, help="keep each scenario's worker and CLI output under this folder"
@@ -1142,17 +1214,17 @@ def main() -> int:
     logging.basicConfig(level=logging.CRITICAL)
     print(
         f"chaos: {args.scenarios} scenario(s) from seed {args.seed} ({', '.join(kinds)}), "
-        "worker processes, "
+        f"worker processes, {args.storage} storage, "
         f"deploy lease {DEPLOY_LEASE:.0f} s",
         flush=True,
     )
     results = []
     errors: list[str] = []
-    with stack.azurite() as connection, _workdir(args.keep) as workdir:
+    with _storage(args.storage) as storage, _workdir(args.keep) as workdir:
         for i in range(args.first, args.first + args.scenarios):
             seed = args.seed * 100_000 + i
             try:
-                result = run_scenario(connection, seed, workdir, kind=draw_kind(seed, kinds))
+                result = run_scenario(storage, seed, workdir, kind=draw_kind(seed, kinds))
             except Exception as exc:  # noqa: BLE001 - any harness failure is reported below
                 # The harness itself failed: say so and go on; the run does not pass.
                 errors.append(f"seed {seed}: {type(exc).__name__}: {exc}"[:300])
