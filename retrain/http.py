@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -13,7 +15,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from retrain.errors import PermanentRemoteError, RemoteError, TransientRemoteError
+from retrain.errors import PermanentRemoteError, RemoteError, TransientError, TransientRemoteError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 GATEWAY_STATUSES = (502, 504)
@@ -54,6 +56,30 @@ def worst_call(
     timing out, with the longest wait between attempts. Leases that guard a call are derived
     from it."""
     return (connect_timeout + read_timeout) * (RETRIES + 1) + max_wait * RETRIES
+
+
+class CallTooLate(TransientError):
+    """A call not sent: even at its longest it would have ended after the lease that guards it
+    (`calls_end_by`). Nothing reached the service; the caller gives the lease back and tries
+    again."""
+
+
+_LATEST_START: ContextVar[tuple[Callable[[], float], float] | None] = ContextVar(
+    "retrain_latest_call_start", default=None
+)
+
+
+@contextlib.contextmanager
+def calls_end_by(monotonic: Callable[[], float], end: float, bound: float) -> Iterator[None]:
+    """Inside the block a call is sent only if it ends by `end` (on the `monotonic` clock) even
+    at its longest, `bound` seconds (`worst_call`); otherwise `call` raises CallTooLate. Guards
+    a lease: however many calls an adapter makes under it, none is still on its way when the
+    lease runs out and another copy may take over."""
+    token = _LATEST_START.set((monotonic, end - bound))
+    try:
+        yield
+    finally:
+        _LATEST_START.reset(token)
 
 
 def shape_error(what: str, field: str, expected: str, got: Any) -> PermanentRemoteError:
@@ -169,7 +195,11 @@ def call(
     With `follow_redirects=False` a 3xx answer is an error: the request (and its headers) is
     not re-sent to wherever the answer points. `describe` turns an error answer's body into
     the text the error carries (a service's own error shape); by default, a redacted snippet.
+    Inside `calls_end_by`, a call that could end past its end is not sent (CallTooLate).
     """
+    limit = _LATEST_START.get()
+    if limit is not None and limit[0]() > limit[1]:
+        raise CallTooLate(f"{what}: not sent, it could end after the deploy lease runs out")
     try:
         response = session.request(
             method,

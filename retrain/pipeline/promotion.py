@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from retrain.deploy import DeployTarget, Progress
 from retrain.errors import PermanentError, RemoteError, TransientRemoteError
+from retrain.http import CallTooLate, calls_end_by
 from retrain.ledger import Doc, model_key, run_key
 from retrain.messages import EvaluateRun
 from retrain.pipeline.canary import Canary
@@ -17,6 +18,7 @@ from retrain.pipeline.context import (
     MIN_POLL_GAP,
     Delivery,
     Step,
+    Timing,
     delivery_doc,
     dims,
     is_redelivery,
@@ -59,6 +61,13 @@ def _fenced(token: str, change: Callable[[Doc], None]) -> Callable[[Doc], Doc | 
     return apply
 
 
+def _reserved(left: timedelta, timing: Timing) -> None:
+    """Start a deploy only with its usual calls' worst case left of the lease (a call that would
+    end past the lease is refused anyway; this spares starting one that would be cut short)."""
+    if left < timing.deploy_reserve:
+        raise CallTooLate("too little of the deploy lease is left to deploy")
+
+
 def _give_back(d: Doc) -> None:
     d["deployment"], d["deploy_tried"] = None, True
 
@@ -91,8 +100,8 @@ class Deployment(RunStep):
                 spec,
                 run,
                 f"promotion failed: {msg.retries} tries of the target call were sent again "
-                "(no answer: the call timed out or the worker making it ended; or the "
-                "service's Retry-After)",
+                "(no answer: the call timed out or the worker making it ended; the service's "
+                "Retry-After; or too slow to end within the deploy lease)",
             )
         step = Step()
         try:
@@ -340,21 +349,32 @@ class Deployment(RunStep):
         began: float,
         step: Step,
     ) -> Progress | None:
-        """The target call under the lease; None when too little lease was left to start it
-        (the lease is given back and the message sent again)."""
+        """The target calls under the lease; None when too little lease was left to make them
+        (the lease is given back and the message sent again). However many calls the target
+        makes, none starts unless it ends, at its longest, before the lease runs out."""
         ctx = self._ctx
         lease = ctx.timing.deploy_lease
+        bound = ctx.timing.call_bound.total_seconds()
         try:
-            state = ctx.ledger.get(model_key(spec.name)) or {}
-            if not state.get("champion"):
-                target.preflight()  # a first promotion checks the target is set up right
-            left = lease - timedelta(seconds=ctx.clock.monotonic() - began)
-            if left < ctx.timing.deploy_reserve:
-                # Too late in the lease to start the call safely: give it back, go again.
-                ctx.ledger.update(key, _fenced(token, _give_back))
-                ctx.outbox.send(ctx.places.evaluations_queue, msg, delay=MIN_POLL_GAP)
-                return None
-            return target.deploy(ref)
+            with calls_end_by(ctx.clock.monotonic, began + lease.total_seconds(), bound):
+                state = ctx.ledger.get(model_key(spec.name)) or {}
+                if not state.get("champion"):
+                    target.preflight()  # a first promotion checks the target is set up right
+                _reserved(lease - timedelta(seconds=ctx.clock.monotonic() - began), ctx.timing)
+                return target.deploy(ref)
+        except CallTooLate as exc:
+            # Nothing was sent that could still land: give the lease back, go again.
+            log.info(
+                "run %s of %s: %s; sent again",
+                msg.run_id,
+                spec.name,
+                exc,
+                extra=dims(spec.name, msg.run_id),
+            )
+            ctx.ledger.update(key, _fenced(token, _give_back))
+            again = msg.model_copy(update={"retries": msg.retries + 1})
+            ctx.outbox.send(ctx.places.evaluations_queue, again, delay=MIN_POLL_GAP)
+            return None
         except TransientRemoteError as exc:
             if unanswered(exc):
                 step.lease = token  # kept: see `Step.lease`
