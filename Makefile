@@ -3,7 +3,7 @@ PY := .venv/bin/python
 
 .PHONY: setup demo test lint infra-check emulator run clean chaos chaos-long bench
 
-setup: .venv/.installed node_modules/.installed .venv-infra/.installed
+setup: .venv/.installed node_modules/.installed .venv-infra/.installed .venv-worker/.installed
 
 .venv/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv .venv
@@ -14,6 +14,19 @@ setup: .venv/.installed node_modules/.installed .venv-infra/.installed
 .venv-infra/.installed: requirements-infra.txt
 	python3 -m venv .venv-infra
 	.venv-infra/bin/pip install --quiet --disable-pip-version-check -r requirements-infra.txt
+	touch $@
+
+# Python 3.13 for the real-worker contract test (tests/test_real_worker.py): pyenv's, else one on
+# PATH. Without it the test is skipped, saying why.
+PY313 := $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) \
+  $(shell command -v python3.13 2>/dev/null))
+
+.venv-worker/.installed: requirements.txt requirements-worker.txt
+	if [ -n "$(PY313)" ] && "$(PY313)" -V >/dev/null 2>&1; then \
+	  "$(PY313)" -m venv .venv-worker && \
+	  grep -v '^azure-functions==' requirements.txt | .venv-worker/bin/pip install --quiet \
+	    --disable-pip-version-check -r /dev/stdin -r requirements-worker.txt; \
+	else mkdir -p .venv-worker; echo "no Python 3.13: tests/test_real_worker.py will be skipped"; fi
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
