@@ -41,11 +41,11 @@ demo: setup
 # pytest's addopts, so one layer can run alone (the unit layer alone covers 87 %).
 COVERAGE := --cov=retrain --cov-report=term-missing:skip-covered --cov-fail-under=93
 
-# In 4 processes (pytest-xdist): the end-to-end tests mostly wait on emulated queues and
+# In 5 processes (pytest-xdist): the end-to-end tests mostly wait on emulated queues and
 # services, so on 2 cores they overlap well; work stealing hands a test queued behind a long
 # one (the fault-injection mixes) to a process that is free.
 test: setup
-	$(PY) -m pytest -n 4 --dist worksteal $(COVERAGE)
+	$(PY) -m pytest -n 5 --dist worksteal $(COVERAGE)
 
 lint: setup
 	.venv/bin/ruff check .

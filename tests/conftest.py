@@ -13,6 +13,29 @@ from localdev import stack
 from localdev.oauth import OAuthAzurite, oauth_azurite
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In N test processes (pytest-xdist), start every process on its share of the `long`
+    tests. Work stealing hands each process one contiguous slice of the collection first, and an
+    idle process takes tests from the end of another's queue: long tests left where they fall
+    start late, one after another, and the run ends waiting on them. Here they head the slices
+    (the order of the rest is kept); this changes when a test runs, never what it checks."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    long = [item for item in items if item.get_closest_marker("long")]
+    if workers < 2 or not long:
+        return
+    rest = iter([item for item in items if not item.get_closest_marker("long")])
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for n, item in enumerate(long):
+        heads[n % workers].append(item)
+    ordered: list[pytest.Item] = []
+    left = len(items)
+    for k, head in enumerate(heads):
+        size = left // (workers - k)  # the slice work stealing sends this process first
+        left -= size
+        ordered += head + [item for _, item in zip(range(size - len(head)), rest, strict=False)]
+    items[:] = ordered + list(rest)
+
+
 @pytest.fixture(autouse=True)
 def _environment_as_found() -> Iterator[None]:
     """Every test leaves the process environment as it found it: stacks apply app settings to

@@ -17,7 +17,7 @@ from localdev.chaos import run_scenario
 from localdev.oauth import OAuthAzurite
 from tests.stack_support import STORAGE_MODES
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 SEED = 7
 MIXES = {

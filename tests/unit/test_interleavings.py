@@ -387,6 +387,7 @@ def counted_tokens() -> Any:
     return lambda nbytes=3: f"{next(count):0{2 * nbytes}x}"
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     "events",
     [
