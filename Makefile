@@ -17,7 +17,7 @@ setup: .venv/.installed node_modules/.installed .venv-infra/.installed .venv-wor
 	touch $@
 
 # Python 3.13 for the real-worker contract test (tests/test_real_worker.py): pyenv's, else one on
-# PATH. Without it the test is skipped, saying why.
+# PATH. Without it the test is skipped, saying why (and the next `make setup` looks again).
 PY313 := $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) \
   $(shell command -v python3.13 2>/dev/null))
 
@@ -25,9 +25,8 @@ PY313 := $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) \
 	if [ -n "$(PY313)" ] && "$(PY313)" -V >/dev/null 2>&1; then \
 	  "$(PY313)" -m venv .venv-worker && \
 	  grep -v '^azure-functions==' requirements.txt | .venv-worker/bin/pip install --quiet \
-	    --disable-pip-version-check -r /dev/stdin -r requirements-worker.txt; \
-	else mkdir -p .venv-worker; echo "no Python 3.13: tests/test_real_worker.py will be skipped"; fi
-	touch $@
+	    --disable-pip-version-check -r /dev/stdin -r requirements-worker.txt && touch $@; \
+	else echo "no Python 3.13: tests/test_real_worker.py will be skipped"; fi
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --silent

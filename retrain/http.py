@@ -64,22 +64,30 @@ class CallTooLate(TransientError):
     again."""
 
 
-_LATEST_START: ContextVar[tuple[Callable[[], float], float] | None] = ContextVar(
-    "retrain_latest_call_start", default=None
+_GUARD: ContextVar[tuple[Callable[[], float], float, Callable[[], None] | None] | None] = (
+    ContextVar("retrain_call_guard", default=None)
 )
 
 
 @contextlib.contextmanager
-def calls_end_by(monotonic: Callable[[], float], end: float, bound: float) -> Iterator[None]:
+def calls_end_by(
+    monotonic: Callable[[], float],
+    end: float,
+    bound: float,
+    *,
+    before_change: Callable[[], None] | None = None,
+) -> Iterator[None]:
     """Inside the block a call is sent only if it ends by `end` (on the `monotonic` clock) even
     at its longest, `bound` seconds (`worst_call`); otherwise `call` raises CallTooLate. Guards
     a lease: however many calls an adapter makes under it, none is still on its way when the
-    lease runs out and another copy may take over."""
-    token = _LATEST_START.set((monotonic, end - bound))
+    lease runs out and another copy may take over. `before_change` runs before each call that
+    may change something (not a GET, HEAD or OPTIONS): it raises to keep the call from being
+    sent (e.g. once the lease is no longer held)."""
+    token = _GUARD.set((monotonic, end - bound, before_change))
     try:
         yield
     finally:
-        _LATEST_START.reset(token)
+        _GUARD.reset(token)
 
 
 def shape_error(what: str, field: str, expected: str, got: Any) -> PermanentRemoteError:
@@ -197,9 +205,13 @@ def call(
     the text the error carries (a service's own error shape); by default, a redacted snippet.
     Inside `calls_end_by`, a call that could end past its end is not sent (CallTooLate).
     """
-    limit = _LATEST_START.get()
-    if limit is not None and limit[0]() > limit[1]:
-        raise CallTooLate(f"{what}: not sent, it could end after the deploy lease runs out")
+    guard = _GUARD.get()
+    if guard is not None:
+        monotonic, latest_start, before_change = guard
+        if monotonic() > latest_start:
+            raise CallTooLate(f"{what}: not sent, it could end after the deploy lease runs out")
+        if before_change is not None and method.upper() not in READS:
+            before_change()
     try:
         response = session.request(
             method,

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from retrain.deploy import DeployTarget, Progress
-from retrain.errors import PermanentError, RemoteError, TransientRemoteError
+from retrain.errors import PermanentError, RemoteError, TransientError, TransientRemoteError
 from retrain.http import CallTooLate, calls_end_by
-from retrain.ledger import Doc, model_key, run_key
+from retrain.ledger import Doc, Ledger, model_key, run_key
 from retrain.messages import EvaluateRun
 from retrain.pipeline.canary import Canary
 from retrain.pipeline.context import (
@@ -61,6 +61,21 @@ def _fenced(token: str, change: Callable[[Doc], None]) -> Callable[[Doc], Doc | 
     return apply
 
 
+class LeaseTaken(TransientError):
+    """The deploy lease is another copy's now: a change of this one's is not sent."""
+
+
+def _holding(ledger: Ledger, key: str, token: str) -> Callable[[], None]:
+    """A check, run before each change sent under the lease `token`, that it is still held."""
+
+    def check() -> None:
+        held = (ledger.get(key) or {}).get("deployment") or {}
+        if held.get("claim") != token:
+            raise LeaseTaken("another copy took the deploy lease over: the change is not sent")
+
+    return check
+
+
 def _reserved(left: timedelta, timing: Timing) -> None:
     """Start a deploy only with its usual calls' worst case left of the lease (a call that would
     end past the lease is refused anyway; this spares starting one that would be cut short)."""
@@ -99,9 +114,9 @@ class Deployment(RunStep):
             return self._runs.fail(
                 spec,
                 run,
-                f"promotion failed: {msg.retries} tries of the target call were sent again "
-                "(no answer: the call timed out or the worker making it ended; the service's "
-                "Retry-After; or too slow to end within the deploy lease)",
+                f"promotion failed: the target call was tried again {msg.retries} times (no "
+                "answer: the call timed out or the worker making it ended; the service's "
+                "Retry-After; or a call not sent, too slow to end within the deploy lease)",
             )
         step = Step()
         try:
@@ -253,8 +268,8 @@ class Deployment(RunStep):
         if isinstance(claimed, str):
             return claimed
         progress = self._call_target(spec, target, ref, msg, key, token, began, step)
-        if progress is None:
-            return "retry"
+        if isinstance(progress, str):
+            return progress
 
         def deployed(d: Doc) -> None:
             d["deployment"].update(operation=progress.operation, deployed=True)
@@ -348,15 +363,22 @@ class Deployment(RunStep):
         token: str,
         began: float,
         step: Step,
-    ) -> Progress | None:
-        """The target calls under the lease; None when too little lease was left to make them
-        (the lease is given back and the message sent again). However many calls the target
-        makes, none starts unless it ends, at its longest, before the lease runs out."""
+    ) -> Progress | str:
+        """The target calls under the lease: what the target answered, or "retry" when too
+        little lease was left to make them (the lease is given back and the message sent again),
+        or "lease lost" when another copy took the lease over meanwhile. However many calls the
+        target makes, none starts unless it ends, at its longest, before the lease runs out, and
+        no change is sent once the lease is another copy's (a redelivery of this message takes
+        it over one call bound after its holder went quiet, e.g. stood still past the queue's
+        visibility)."""
         ctx = self._ctx
         lease = ctx.timing.deploy_lease
         bound = ctx.timing.call_bound.total_seconds()
+        holding = _holding(ctx.ledger, key, token)
         try:
-            with calls_end_by(ctx.clock.monotonic, began + lease.total_seconds(), bound):
+            with calls_end_by(
+                ctx.clock.monotonic, began + lease.total_seconds(), bound, before_change=holding
+            ):
                 state = ctx.ledger.get(model_key(spec.name)) or {}
                 if not state.get("champion"):
                     target.preflight()  # a first promotion checks the target is set up right
@@ -374,7 +396,12 @@ class Deployment(RunStep):
             ctx.ledger.update(key, _fenced(token, _give_back))
             again = msg.model_copy(update={"retries": msg.retries + 1})
             ctx.outbox.send(ctx.places.evaluations_queue, again, delay=MIN_POLL_GAP)
-            return None
+            return "retry"
+        except LeaseTaken as exc:
+            log.warning(
+                "run %s of %s: %s", msg.run_id, spec.name, exc, extra=dims(spec.name, msg.run_id)
+            )
+            return "lease lost"
         except TransientRemoteError as exc:
             if unanswered(exc):
                 step.lease = token  # kept: see `Step.lease`

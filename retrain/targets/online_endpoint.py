@@ -23,6 +23,7 @@ from retrain.azureml.spec import OnlineEndpointSpec
 from retrain.azureml.workspace import ArmClient
 from retrain.deploy import SUCCEEDED, Progress
 from retrain.errors import PermanentError, PermanentRemoteError, RemoteError, TransientError
+from retrain.http import CallTooLate
 from retrain.ports import ModelRef
 
 STEPS = ("deploy", "traffic", "settle", "staged")
@@ -203,7 +204,7 @@ class OnlineEndpoint:
         text = detail or f"deployment {deployment} did not provision"
         try:
             logs = self._endpoints.logs(self._name, deployment, tail=20).strip()
-        except RemoteError:
+        except (RemoteError, CallTooLate):  # the logs only add to the reason: go on without
             logs = ""
         if logs:
             text += f"; its log ends: {' | '.join(logs.splitlines()[-3:])[:300]}"

@@ -8,6 +8,8 @@ it ends before the lease runs out."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import requests
 import responses
@@ -111,3 +113,50 @@ def test_a_service_too_slow_for_the_lease_every_time_fails_the_run_saying_so() -
     assert outcomes == ["retry"] * (MAX_UNANSWERED + 1) + ["failed"]
     assert "too slow to end within the deploy lease" in w.run()["error"]
     assert [m for m, _, _ in target.spans].count("PUT") == 0
+
+
+class StalledTarget(FakeTarget):
+    """Each deploy makes a GET, then a PUT, through `retrain.http.call`; the first deploy
+    stands still between the two (`stall` runs there), as a holder whose process stood still
+    past the queue's visibility."""
+
+    def __init__(self, stall: Callable[[], None]) -> None:
+        super().__init__()
+        self.stall: Callable[[], None] | None = stall
+        self.session = requests.Session()
+        self.sent: list[str] = []
+
+    def deploy(self, model: ModelRef) -> Progress:
+        call(self.session, "GET", URL, what="GET endpoint", timeout=(1, 1), headers={})
+        if self.stall is not None:
+            stall, self.stall = self.stall, None
+            stall()
+        call(self.session, "PUT", URL, what="PUT endpoint", timeout=(1, 1), headers={})
+        self.sent.append("PUT")
+        return super().deploy(model)
+
+
+@responses.activate
+def test_a_holder_that_stood_still_sends_no_change_once_its_lease_was_taken_over() -> None:
+    """The host hands the holder's message to another instance (its visibility ran out while
+    the holder stood still); that copy takes the lease one call bound later and deploys. The
+    holder, going on within its own lease, sends no change: one PUT in all."""
+    responses.add(responses.GET, URL, json={})
+    responses.add(responses.PUT, URL, json={})
+    w = World()
+    msg = evaluated(w)
+    taken: list[str] = []
+
+    def redelivered_meanwhile() -> None:
+        w.clock.advance(seconds=25)
+        assert w.retrainer.on_evaluate(msg, delivery=Delivery("e-1", 2)) == "resent"
+        ((_, copy, delay),) = w.outbox.take()
+        w.clock.advance(seconds=delay.total_seconds())
+        taken.append(w.retrainer.on_evaluate(copy, delivery=Delivery("e-2")))
+
+    target = StalledTarget(redelivered_meanwhile)
+    w.target = target
+    assert w.retrainer.on_evaluate(msg, delivery=Delivery("e-1", 1)) == "lease lost"
+    assert taken == ["promoted"]
+    assert target.sent == ["PUT"]  # the new holder's; the old one's was not sent
+    assert [c.request.method for c in responses.calls].count("PUT") == 1

@@ -3,6 +3,7 @@ fake of the endpoint's ARM routes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import Any
@@ -14,6 +15,7 @@ from requests import PreparedRequest
 from retrain.azureml.spec import OnlineEndpointSpec
 from retrain.deploy import Progress
 from retrain.errors import PermanentError
+from retrain.http import calls_end_by
 from retrain.ports import ModelRef
 from retrain.targets.online_endpoint import OnlineEndpoint
 from tests.azureml_support import ARM, WS, WS_PATH, arm
@@ -177,6 +179,23 @@ def test_a_deployment_that_fails_to_provision_fails_with_its_log_and_leaves_traf
     assert "model failed to load" in (progress.detail or "")
     assert fake.traffic == {"blue": 100}
     assert t.serves(M1)
+
+
+@responses.activate
+def test_a_failed_deployment_fails_even_when_its_log_cannot_be_asked_in_the_lease() -> None:
+    """The log only adds to the reason: a call refused as too late for the deploy lease leaves
+    it out, and the run still fails (not given back, to PUT the failed deployment again)."""
+    fake = FakeEndpoint({"blue": 100}, {"blue": M1})
+    fake.fail_next_deployment = True
+    t = target()
+    operation = t.deploy(M2).operation
+    checks = itertools.count()
+    with calls_end_by(lambda: float(next(checks)), 0.5, 0):  # the second call is too late
+        progress = t.progress(operation)
+    assert progress.state == "failed"
+    assert "the container crashed" in (progress.detail or "")
+    assert "model failed to load" not in (progress.detail or "")  # the log was not asked
+    assert not any(c.endswith("/getLogs") for c in fake.calls)
 
 
 @responses.activate

@@ -95,7 +95,7 @@ def test_a_target_that_never_answers_fails_the_run_after_its_tries() -> None:
     assert w.target.calls == MAX_UNANSWERED + 1
     run = w.run()
     assert run["state"] == "failed"
-    assert "were sent again (no answer" in run["error"]
+    assert "tried again 6 times (no answer" in run["error"]
     assert "target_after" in run  # the restore check ran, a call bound after the last call
 
 
