@@ -47,13 +47,17 @@ def unanswered(exc: TransientRemoteError) -> bool:
     return exc.change_unanswered
 
 
+def _holds(d: Doc, token: str) -> bool:
+    """Whether lease `token` still holds the run `d`: its claim, on a run still promoting (the
+    claim alone is not enough: a run failed, e.g. by another copy's poison, keeps its claim)."""
+    return d["state"] == RunState.PROMOTING and (d.get("deployment") or {}).get("claim") == token
+
+
 def _fenced(token: str, change: Callable[[Doc], None]) -> Callable[[Doc], Doc | None]:
     """A run update that applies only while lease `token` still holds a promoting run."""
 
     def apply(d: Doc) -> Doc | None:
-        # The claim alone is not enough: a run that was failed (e.g. its message went to
-        # poison) while this holder was calling the target keeps its claim.
-        if d["state"] != RunState.PROMOTING or (d.get("deployment") or {}).get("claim") != token:
+        if not _holds(d, token):
             return None
         change(d)
         return d
@@ -62,16 +66,17 @@ def _fenced(token: str, change: Callable[[Doc], None]) -> Callable[[Doc], Doc | 
 
 
 class LeaseTaken(TransientError):
-    """The deploy lease is another copy's now: a change of this one's is not sent."""
+    """The deploy lease no longer holds (another copy took it over, or the run was failed):
+    a change of this holder's is not sent."""
 
 
 def _holding(ledger: Ledger, key: str, token: str) -> Callable[[], None]:
-    """A check, run before each change sent under the lease `token`, that it is still held."""
+    """A check, run before each change sent under the lease `token`, that it still holds."""
 
     def check() -> None:
-        held = (ledger.get(key) or {}).get("deployment") or {}
-        if held.get("claim") != token:
-            raise LeaseTaken("another copy took the deploy lease over: the change is not sent")
+        run = ledger.get(key)
+        if run is None or not _holds(run, token):
+            raise LeaseTaken("the deploy lease no longer holds: the change is not sent")
 
     return check
 
@@ -268,32 +273,39 @@ class Deployment(RunStep):
         if isinstance(claimed, str):
             return claimed
         progress = self._call_target(spec, target, ref, msg, key, token, began, step)
-        if isinstance(progress, str):
+        if progress == "retry":
             return progress
+        if isinstance(progress, str):  # no change sent: the lease no longer held
+            return self._lease_lost(spec, self._ctx.ledger.get(key) or run)
 
         def deployed(d: Doc) -> None:
             d["deployment"].update(operation=progress.operation, deployed=True)
 
         run, recorded = self._ctx.ledger.update(key, _fenced(token, deployed))
         if not recorded:
-            log.error(
-                "run %s of %s: the deploy lease was lost during the target call (run now %s); "
-                "the holder that took it over finishes the promotion, or the restore check runs",
-                run["run_id"],
-                spec.name,
-                run["state"],
-                extra=dims(spec.name, run["run_id"]),
-            )
-            if is_terminal(run["state"]):
-                # Failed while this call was changing the target: its restore check, if still
-                # owed, runs now, after the change; if it already ran (before this call
-                # landed) and the model is idle, the target is compared with the champion now.
-                self._slot.release(spec, run["run_id"])
-                state = self._ctx.ledger.get(model_key(spec.name)) or {}
-                if state.get("champion") and not state.get("active_run"):
-                    self._slot.reconcile(spec, state["champion"], by="holder")
-            return "lease lost"
+            return self._lease_lost(spec, run)
         return run, progress
+
+    def _lease_lost(self, spec: ModelSpec, run: Doc) -> str:
+        """The lease no longer held during the target calls: the holder that took it over
+        finishes the promotion; a run failed meanwhile gets its restore check now."""
+        log.error(
+            "run %s of %s: the deploy lease was lost during the target call (run now %s); "
+            "the holder that took it over finishes the promotion, or the restore check runs",
+            run["run_id"],
+            spec.name,
+            run["state"],
+            extra=dims(spec.name, run["run_id"]),
+        )
+        if is_terminal(run["state"]):
+            # Failed while this call was changing the target: its restore check, if still
+            # owed, runs now, after the change; if it already ran (before this call
+            # landed) and the model is idle, the target is compared with the champion now.
+            self._slot.release(spec, run["run_id"])
+            state = self._ctx.ledger.get(model_key(spec.name)) or {}
+            if state.get("champion") and not state.get("active_run"):
+                self._slot.reconcile(spec, state["champion"], by="holder")
+        return "lease lost"
 
     def _claim_lease(
         self,
@@ -397,10 +409,7 @@ class Deployment(RunStep):
             again = msg.model_copy(update={"retries": msg.retries + 1})
             ctx.outbox.send(ctx.places.evaluations_queue, again, delay=MIN_POLL_GAP)
             return "retry"
-        except LeaseTaken as exc:
-            log.warning(
-                "run %s of %s: %s", msg.run_id, spec.name, exc, extra=dims(spec.name, msg.run_id)
-            )
+        except LeaseTaken:
             return "lease lost"
         except TransientRemoteError as exc:
             if unanswered(exc):

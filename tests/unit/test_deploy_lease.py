@@ -160,3 +160,19 @@ def test_a_holder_that_stood_still_sends_no_change_once_its_lease_was_taken_over
     assert taken == ["promoted"]
     assert target.sent == ["PUT"]  # the new holder's; the old one's was not sent
     assert [c.request.method for c in responses.calls].count("PUT") == 1
+
+
+@responses.activate
+def test_a_holder_sends_no_change_once_its_run_was_failed_from_outside() -> None:
+    """Another copy's message went to poison (the run is failed) while the holder was between
+    its read and its change: the run keeps the claim, but the change is not sent."""
+    responses.add(responses.GET, URL, json={})
+    responses.add(responses.PUT, URL, json={})
+    w = World()
+    msg = evaluated(w)
+    target = StalledTarget(lambda: w.retrainer.on_poison("evals", msg.model_dump_json().encode()))
+    w.target = target
+    assert w.retrainer.on_evaluate(msg, delivery=Delivery("e-1")) == "lease lost"
+    assert target.sent == []
+    assert [c.request.method for c in responses.calls] == ["GET"]
+    assert w.run()["state"] == "failed"
